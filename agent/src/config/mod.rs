@@ -1,0 +1,593 @@
+//! Agent configuration: TOML parsed into serde structs, then validated with
+//! errors that name the key, the bad value and what is allowed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The board config used when none is given: a laptop simulation.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../../board-configs/sim.toml");
+
+/// A configuration error, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config: `{key}` = {value}: {allowed}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+}
+
+fn invalid(key: &'static str, value: impl fmt::Debug, allowed: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: format!("{value:?}"),
+        allowed: allowed.into(),
+    }
+}
+
+/// Top-level agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Identity of this gateway. Keys the exactly-once marker in Kafka and
+    /// derives the Kafka `transactional.id`: it must be stable across restarts
+    /// and unique per gateway.
+    pub gateway_id: String,
+    /// Folder for the SQLite database (outbox, device state, quarantine).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Where readings come from.
+    #[serde(default)]
+    pub sources: SourcesConfig,
+    /// Input checks.
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    /// The durable store-and-forward buffer.
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    /// The exactly-once uplink to Kafka.
+    pub kafka: KafkaConfig,
+    /// Live progress line on stderr.
+    #[serde(default)]
+    pub progress: ProgressConfig,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourcesConfig {
+    /// Devices publishing JSON readings to an MQTT broker.
+    pub mqtt: Option<MqttSourceConfig>,
+    /// Simulated devices, so the agent runs with no hardware.
+    pub demo: Option<DemoSourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSourceConfig {
+    /// Broker host name or address.
+    pub host: String,
+    /// Broker port (1883 plain, 8883 TLS by convention).
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    /// MQTT client id. With a persistent session (the default) the broker
+    /// keeps unacknowledged readings for this id across agent restarts.
+    pub client_id: String,
+    /// Topic filters to subscribe to (QoS 1). Topics that do not have the
+    /// shape `{topic_prefix}devices/{device_id}/telemetry` are counted as
+    /// rejected with reason `unknown_topic`.
+    #[serde(default = "default_mqtt_topics")]
+    pub topics: Vec<String>,
+    /// Prefix in front of `devices/...`, for brokers shared by several sites.
+    #[serde(default)]
+    pub topic_prefix: String,
+    /// Keep the broker session across reconnects and restarts so readings
+    /// not yet acknowledged are redelivered.
+    #[serde(default = "default_true")]
+    pub persistent_session: bool,
+    /// Keep-alive interval.
+    #[serde(default = "default_keep_alive_seconds")]
+    pub keep_alive_seconds: u64,
+    /// Largest MQTT packet accepted from the broker. Payloads above
+    /// `validation.max_payload_bytes` but below this are counted and rejected;
+    /// configure the broker's `message_size_limit` at or below this value.
+    #[serde(default = "default_mqtt_max_packet_bytes")]
+    pub max_packet_bytes: usize,
+    /// Optional user name for broker authentication.
+    pub username: Option<String>,
+    /// File holding the broker password (never put secrets in the config).
+    pub password_file: Option<PathBuf>,
+    /// TLS to the broker.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS settings shared by clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the CA certificates that sign the server certificate.
+    pub ca_file: PathBuf,
+    /// PEM client certificate for mutual TLS.
+    pub client_cert_file: Option<PathBuf>,
+    /// PEM private key for `client_cert_file`.
+    pub client_key_file: Option<PathBuf>,
+}
+
+const fn default_mqtt_port() -> u16 {
+    1883
+}
+fn default_mqtt_topics() -> Vec<String> {
+    vec!["devices/#".to_string()]
+}
+const fn default_true() -> bool {
+    true
+}
+const fn default_keep_alive_seconds() -> u64 {
+    30
+}
+const fn default_mqtt_max_packet_bytes() -> usize {
+    256 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DemoSourceConfig {
+    /// Number of simulated devices.
+    #[serde(default = "default_demo_devices")]
+    pub devices: u32,
+    /// Readings per second over all devices.
+    #[serde(default = "default_demo_rate")]
+    pub readings_per_second: u32,
+    /// Fraction of readings made deliberately invalid, 0.0 to 1.0.
+    #[serde(default = "default_demo_invalid_fraction")]
+    pub invalid_fraction: f64,
+    /// Seed of the random generator, for reproducible runs.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+const fn default_demo_devices() -> u32 {
+    300
+}
+const fn default_demo_rate() -> u32 {
+    1000
+}
+const fn default_demo_invalid_fraction() -> f64 {
+    0.02
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Largest accepted payload; larger ones are rejected as `payload_too_large`.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: usize,
+    /// How far in the future a reading's `ts` may be.
+    #[serde(default = "default_max_future_skew_seconds")]
+    pub max_future_skew_seconds: u64,
+    /// How old a reading's `ts` may be (backfill of offline logs needs days).
+    #[serde(default = "default_max_age_seconds")]
+    pub max_age_seconds: u64,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: default_max_payload_bytes(),
+            max_future_skew_seconds: default_max_future_skew_seconds(),
+            max_age_seconds: default_max_age_seconds(),
+        }
+    }
+}
+
+const fn default_max_payload_bytes() -> usize {
+    4096
+}
+const fn default_max_future_skew_seconds() -> u64 {
+    300
+}
+const fn default_max_age_seconds() -> u64 {
+    30 * 24 * 3600
+}
+
+/// SQLite `synchronous` level of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync on every batch commit: an acknowledged reading survives power
+    /// loss. The default, because acknowledging means the device may forget.
+    Full,
+    /// WAL `NORMAL`: fsync only at checkpoints. Faster on slow SD cards, but
+    /// a power cut can lose the last acknowledged batches.
+    Normal,
+}
+
+/// What happens when the outbox reaches `max_size_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Stop taking input (and so stop acknowledging): devices and the broker
+    /// keep the data until the uplink drains the outbox.
+    Block,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Durability of each batch commit.
+    #[serde(default = "default_sync_mode")]
+    pub synchronous: SyncMode,
+    /// Most readings per outbox batch (one SQLite transaction).
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// Most encoded bytes per outbox batch.
+    #[serde(default = "default_batch_max_bytes")]
+    pub batch_max_bytes: usize,
+    /// Extra time to wait for more readings before committing a batch. 0
+    /// means group commit only: a batch holds what arrived while the previous
+    /// one was being written, so latency stays at one commit when idle.
+    #[serde(default)]
+    pub batch_linger_ms: u64,
+    /// Bound on the outbox size (records not yet committed to Kafka).
+    #[serde(default = "default_outbox_max_size_bytes")]
+    pub max_size_bytes: u64,
+    /// Overflow policy when `max_size_bytes` is reached.
+    #[serde(default = "default_when_full")]
+    pub when_full: WhenFull,
+    /// Rejected inputs kept for inspection in the quarantine table; the
+    /// oldest are deleted beyond this (they are still counted and sent to
+    /// the dead-letter topic).
+    #[serde(default = "default_quarantine_max_rows")]
+    pub quarantine_max_rows: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        Self {
+            synchronous: default_sync_mode(),
+            batch_max_records: default_batch_max_records(),
+            batch_max_bytes: default_batch_max_bytes(),
+            batch_linger_ms: 0,
+            max_size_bytes: default_outbox_max_size_bytes(),
+            when_full: default_when_full(),
+            quarantine_max_rows: default_quarantine_max_rows(),
+        }
+    }
+}
+
+const fn default_sync_mode() -> SyncMode {
+    SyncMode::Full
+}
+const fn default_batch_max_records() -> usize {
+    5000
+}
+const fn default_batch_max_bytes() -> usize {
+    4 * 1024 * 1024
+}
+const fn default_outbox_max_size_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+const fn default_when_full() -> WhenFull {
+    WhenFull::Block
+}
+const fn default_quarantine_max_rows() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated `host:port`.
+    pub brokers: String,
+    /// Topic for valid, enriched readings.
+    #[serde(default = "default_topic_data")]
+    pub topic_data: String,
+    /// Topic for rejected input with its reason.
+    #[serde(default = "default_topic_dlq")]
+    pub topic_dlq: String,
+    /// Compacted topic holding each gateway's exactly-once marker.
+    #[serde(default = "default_topic_offsets")]
+    pub topic_offsets: String,
+    /// Producer compression.
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// Producer linger: how long librdkafka waits to fill a request.
+    #[serde(default = "default_linger_ms")]
+    pub linger_ms: u64,
+    /// Most outbox batches carried by one Kafka transaction.
+    #[serde(default = "default_max_batches_per_transaction")]
+    pub max_batches_per_transaction: usize,
+    /// Kafka `transaction.timeout.ms`: the broker aborts a transaction left
+    /// open longer than this.
+    #[serde(default = "default_transaction_timeout_seconds")]
+    pub transaction_timeout_seconds: u64,
+    /// Cap of the reconnect backoff while Kafka is unreachable.
+    #[serde(default = "default_retry_backoff_max_seconds")]
+    pub retry_backoff_max_seconds: u64,
+    /// Extra librdkafka properties (for example `security.protocol`,
+    /// `sasl.mechanisms`, `sasl.username`). Values are never logged.
+    #[serde(default)]
+    pub librdkafka_options: BTreeMap<String, String>,
+}
+
+fn default_topic_data() -> String {
+    "rich-iot-data".into()
+}
+fn default_topic_dlq() -> String {
+    "iot-dlq".into()
+}
+fn default_topic_offsets() -> String {
+    "edge-offsets".into()
+}
+fn default_compression() -> String {
+    "lz4".into()
+}
+const fn default_linger_ms() -> u64 {
+    2
+}
+const fn default_max_batches_per_transaction() -> usize {
+    64
+}
+const fn default_transaction_timeout_seconds() -> u64 {
+    60
+}
+const fn default_retry_backoff_max_seconds() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProgressConfig {
+    /// Seconds between progress lines; 0 turns them off.
+    #[serde(default = "default_progress_interval_seconds")]
+    pub interval_seconds: u64,
+}
+
+impl Default for ProgressConfig {
+    fn default() -> Self {
+        Self {
+            interval_seconds: default_progress_interval_seconds(),
+        }
+    }
+}
+
+const fn default_progress_interval_seconds() -> u64 {
+    1
+}
+
+/// Checks a device or gateway identifier: 1 to 64 characters of
+/// `[A-Za-z0-9._-]`, so it is safe in MQTT topics, file names and SQL.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+const ID_RULE: &str = "1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'";
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    /// The built-in default (`board-configs/sim.toml`).
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_CONFIG_TOML, "board-configs/sim.toml (built in)")
+    }
+
+    /// Parses and validates TOML text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_string(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value against what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !is_valid_id(&self.gateway_id) {
+            return Err(invalid("gateway_id", &self.gateway_id, ID_RULE));
+        }
+        if self.sources.mqtt.is_none() && self.sources.demo.is_none() {
+            return Err(invalid(
+                "sources",
+                "{}",
+                "configure at least one of [sources.mqtt] or [sources.demo]",
+            ));
+        }
+        if let Some(mqtt) = &self.sources.mqtt {
+            if mqtt.host.trim().is_empty() {
+                return Err(invalid("sources.mqtt.host", &mqtt.host, "a host name or address"));
+            }
+            if mqtt.port == 0 {
+                return Err(invalid("sources.mqtt.port", mqtt.port, "1 to 65535"));
+            }
+            if mqtt.client_id.is_empty() || mqtt.client_id.len() > 128 {
+                return Err(invalid("sources.mqtt.client_id", &mqtt.client_id, "1 to 128 characters"));
+            }
+            if mqtt.topics.is_empty() {
+                return Err(invalid("sources.mqtt.topics", &mqtt.topics, "at least one topic filter"));
+            }
+            for topic in &mqtt.topics {
+                if !valid_topic_filter(topic) {
+                    return Err(invalid(
+                        "sources.mqtt.topics",
+                        topic,
+                        "an MQTT topic filter: '+' and '#' only as whole levels, '#' last",
+                    ));
+                }
+            }
+            if !mqtt.topic_prefix.is_empty() && !mqtt.topic_prefix.ends_with('/') {
+                return Err(invalid("sources.mqtt.topic_prefix", &mqtt.topic_prefix, "empty, or ending with '/'"));
+            }
+            if !(5..=3600).contains(&mqtt.keep_alive_seconds) {
+                return Err(invalid("sources.mqtt.keep_alive_seconds", mqtt.keep_alive_seconds, "5 to 3600"));
+            }
+            if !(1024..=16 * 1024 * 1024).contains(&mqtt.max_packet_bytes) {
+                return Err(invalid("sources.mqtt.max_packet_bytes", mqtt.max_packet_bytes, "1024 to 16777216"));
+            }
+            if mqtt.max_packet_bytes < self.validation.max_payload_bytes {
+                return Err(invalid(
+                    "sources.mqtt.max_packet_bytes",
+                    mqtt.max_packet_bytes,
+                    format!("at least validation.max_payload_bytes ({})", self.validation.max_payload_bytes),
+                ));
+            }
+            if mqtt.password_file.is_some() && mqtt.username.is_none() {
+                return Err(invalid("sources.mqtt.username", "none", "set a username when password_file is given"));
+            }
+            if let Some(tls) = &mqtt.tls
+                && tls.client_cert_file.is_some() != tls.client_key_file.is_some()
+            {
+                return Err(invalid(
+                    "sources.mqtt.tls.client_key_file",
+                    &tls.client_key_file,
+                    "give both client_cert_file and client_key_file, or neither",
+                ));
+            }
+        }
+        if let Some(demo) = &self.sources.demo {
+            if !(1..=1_000_000).contains(&demo.devices) {
+                return Err(invalid("sources.demo.devices", demo.devices, "1 to 1000000"));
+            }
+            if !(1..=10_000_000).contains(&demo.readings_per_second) {
+                return Err(invalid("sources.demo.readings_per_second", demo.readings_per_second, "1 to 10000000"));
+            }
+            if !(0.0..=1.0).contains(&demo.invalid_fraction) {
+                return Err(invalid("sources.demo.invalid_fraction", demo.invalid_fraction, "0.0 to 1.0"));
+            }
+        }
+        let v = &self.validation;
+        if !(256..=1024 * 1024).contains(&v.max_payload_bytes) {
+            return Err(invalid("validation.max_payload_bytes", v.max_payload_bytes, "256 to 1048576"));
+        }
+        let o = &self.outbox;
+        if !(1..=100_000).contains(&o.batch_max_records) {
+            return Err(invalid("outbox.batch_max_records", o.batch_max_records, "1 to 100000"));
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&o.batch_max_bytes) {
+            return Err(invalid("outbox.batch_max_bytes", o.batch_max_bytes, "4096 to 67108864"));
+        }
+        if o.batch_linger_ms > 1000 {
+            return Err(invalid("outbox.batch_linger_ms", o.batch_linger_ms, "0 to 1000"));
+        }
+        if o.max_size_bytes < 4 * o.batch_max_bytes as u64 {
+            return Err(invalid(
+                "outbox.max_size_bytes",
+                o.max_size_bytes,
+                format!("at least 4 x outbox.batch_max_bytes ({})", 4 * o.batch_max_bytes),
+            ));
+        }
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", &k.brokers, "comma-separated host:port list"));
+        }
+        for (key, topic) in [
+            ("kafka.topic_data", &k.topic_data),
+            ("kafka.topic_dlq", &k.topic_dlq),
+            ("kafka.topic_offsets", &k.topic_offsets),
+        ] {
+            if !valid_kafka_topic(topic) {
+                return Err(invalid(key, topic, "1 to 249 characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
+            }
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
+            return Err(invalid("kafka.compression", &k.compression, "one of none, gzip, snappy, lz4, zstd"));
+        }
+        if k.linger_ms > 1000 {
+            return Err(invalid("kafka.linger_ms", k.linger_ms, "0 to 1000"));
+        }
+        if !(1..=10_000).contains(&k.max_batches_per_transaction) {
+            return Err(invalid("kafka.max_batches_per_transaction", k.max_batches_per_transaction, "1 to 10000"));
+        }
+        if !(10..=900).contains(&k.transaction_timeout_seconds) {
+            return Err(invalid("kafka.transaction_timeout_seconds", k.transaction_timeout_seconds, "10 to 900"));
+        }
+        if !(1..=3600).contains(&k.retry_backoff_max_seconds) {
+            return Err(invalid("kafka.retry_backoff_max_seconds", k.retry_backoff_max_seconds, "1 to 3600"));
+        }
+        for key in k.librdkafka_options.keys() {
+            if RESERVED_KAFKA_KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.librdkafka_options",
+                    value: format!("{key:?}"),
+                    allowed: "any librdkafka property except those the exactly-once uplink sets itself \
+                              (transactional.id, enable.idempotence, isolation.level, bootstrap.servers); \
+                              please delete it"
+                        .into(),
+                });
+            }
+        }
+        if self.progress.interval_seconds > 3600 {
+            return Err(invalid("progress.interval_seconds", self.progress.interval_seconds, "0 to 3600"));
+        }
+        Ok(())
+    }
+
+    /// Path of the agent's SQLite database.
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("edge-agent.db")
+    }
+
+    /// Kafka `transactional.id`: stable per gateway, so a restarted agent
+    /// fences its previous incarnation.
+    pub fn transactional_id(&self) -> String {
+        format!("edge-agent-{}", self.gateway_id)
+    }
+}
+
+const RESERVED_KAFKA_KEYS: &[&str] = &[
+    "transactional.id",
+    "enable.idempotence",
+    "isolation.level",
+    "bootstrap.servers",
+];
+
+fn valid_kafka_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn valid_topic_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.len() > 1024 {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, level)| match *level {
+        "#" => i == levels.len() - 1,
+        "+" => true,
+        other => !other.contains(['+', '#']),
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,109 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+gateway_id = "gw-1"
+[sources.demo]
+[kafka]
+brokers = "127.0.0.1:9092"
+"#;
+
+fn error_of(text: &str) -> String {
+    Config::from_toml(text, "test.toml").unwrap_err().to_string()
+}
+
+#[test]
+fn embedded_default_is_valid_and_uses_demo_source() {
+    let config = Config::embedded_default().expect("sim.toml must validate");
+    assert!(config.sources.demo.is_some());
+    assert!(config.sources.mqtt.is_none());
+    assert_eq!(config.outbox.synchronous, SyncMode::Full);
+    assert_eq!(config.transactional_id(), "edge-agent-sim-gateway-1");
+}
+
+#[test]
+fn every_board_config_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../board-configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("board-configs folder") {
+        let path = entry.expect("dir entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::from_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no board config found in {}", dir.display());
+}
+
+#[test]
+fn minimal_config_gets_documented_defaults() {
+    let c = Config::from_toml(MINIMAL, "t").unwrap();
+    assert_eq!(c.validation.max_payload_bytes, 4096);
+    assert_eq!(c.outbox.batch_max_records, 5000);
+    assert_eq!(c.outbox.max_size_bytes, 256 * 1024 * 1024);
+    assert_eq!(c.kafka.topic_data, "rich-iot-data");
+    assert_eq!(c.kafka.topic_offsets, "edge-offsets");
+    assert_eq!(c.data_dir, PathBuf::from("./data"));
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let text = MINIMAL.replace("[kafka]", "[kafka]\nbrokres = \"x\"");
+    let err = error_of(&text);
+    assert!(err.contains("unknown field `brokres`"), "{err}");
+    assert!(err.contains("test.toml"), "{err}");
+}
+
+#[test]
+fn bad_values_name_key_value_and_allowed() {
+    let err = error_of(&MINIMAL.replace("gw-1", "gw 1/x"));
+    assert_eq!(
+        err,
+        "invalid config: `gateway_id` = \"gw 1/x\": 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+    );
+    let err = error_of(&format!("{MINIMAL}\n[outbox]\nbatch_max_records = 0\n"));
+    assert_eq!(err, "invalid config: `outbox.batch_max_records` = 0: 1 to 100000");
+    let err = error_of(&MINIMAL.replace("brokers = \"127.0.0.1:9092\"", "brokers = \"x\"\ncompression = \"brotli\""));
+    assert_eq!(
+        err,
+        "invalid config: `kafka.compression` = \"brotli\": one of none, gzip, snappy, lz4, zstd"
+    );
+}
+
+#[test]
+fn wrong_type_is_reported_by_key() {
+    let err = error_of(&format!("{MINIMAL}\n[validation]\nmax_payload_bytes = \"4k\"\n"));
+    assert!(err.contains("max_payload_bytes"), "{err}");
+}
+
+#[test]
+fn a_source_is_required() {
+    let err = error_of("gateway_id = \"g\"\n[kafka]\nbrokers = \"b:1\"\n");
+    assert!(err.contains("configure at least one of [sources.mqtt] or [sources.demo]"), "{err}");
+}
+
+#[test]
+fn reserved_librdkafka_options_are_refused() {
+    let text = format!("{MINIMAL}\n[kafka.librdkafka_options]\n\"transactional.id\" = \"x\"\n");
+    let err = error_of(&text);
+    assert!(err.contains("`kafka.librdkafka_options` = \"transactional.id\""), "{err}");
+    assert!(err.contains("please delete it"), "{err}");
+}
+
+#[test]
+fn mqtt_topic_filters_are_checked() {
+    let text = MINIMAL.replace(
+        "[sources.demo]",
+        "[sources.mqtt]\nhost = \"h\"\nclient_id = \"c\"\ntopics = [\"devices/#/x\"]",
+    );
+    let err = error_of(&text);
+    assert!(err.starts_with("invalid config: `sources.mqtt.topics` = \"devices/#/x\""), "{err}");
+}
+
+#[test]
+fn ids() {
+    assert!(is_valid_id("dev-001.a_b"));
+    assert!(!is_valid_id(""));
+    assert!(!is_valid_id("a/b"));
+    assert!(!is_valid_id("a+b"));
+    assert!(!is_valid_id(&"x".repeat(65)));
+}

@@ -1,0 +1,175 @@
+//! `edge-agent`: the gateway daemon.
+//!
+//! Sources hand raw inputs to the batch writer, which validates them and
+//! commits them to the SQLite outbox in group-committed batches; the Kafka
+//! uplink ships committed batches in transactions, exactly once.
+
+pub mod config;
+pub mod outbox;
+pub mod pipeline;
+pub mod signal;
+pub mod sinks;
+pub mod sources;
+pub mod stats;
+pub mod transforms;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info};
+
+pub use config::Config;
+pub use stats::Stats;
+
+use crate::pipeline::{AckRouter, BatchWriter};
+use crate::signal::OutboxSignals;
+use crate::sinks::kafka::{KafkaUplink, UplinkError};
+
+/// Capacity of the queue between the sources and the batch writer.
+const INPUT_QUEUE: usize = 16 * 1024;
+
+/// Why the agent stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Fenced(UplinkError),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Runs the agent until `shutdown` resolves (or a fatal error). On shutdown
+/// the sources stop, the batch in progress is committed, acknowledgements of
+/// committed input are sent, and the uplink finishes its transaction.
+pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+    let db = config.database_path();
+    let (outbox, uplink_conn) = {
+        let (db, cfg) = (db.clone(), config.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let outbox = outbox::Outbox::open(&db, cfg.outbox.synchronous, &cfg.gateway_id, cfg.outbox.quarantine_max_rows)?;
+            let conn = outbox::open_connection(&db, cfg.outbox.synchronous)?;
+            Ok((outbox, conn))
+        })
+        .await
+        .context("opening the outbox")??
+    };
+    let (batches, bytes) = outbox::backlog(&uplink_conn).context("reading the outbox backlog")?;
+    stats.outbox_batches.store(batches, Relaxed);
+    stats.outbox_bytes.store(bytes, Relaxed);
+    info!(
+        db = %db.display(),
+        backlog_batches = batches,
+        backlog_bytes = bytes,
+        known_devices = outbox.known_devices(),
+        "outbox open"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let signals = Arc::new(OutboxSignals::default());
+    let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE);
+    let rt = tokio::runtime::Handle::current();
+
+    // Sources.
+    let mut acks = AckRouter::default();
+    let mut sources = tokio::task::JoinSet::new();
+    if let Some(mqtt) = config.sources.mqtt.clone() {
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        acks.mqtt = Some(ack_tx);
+        let source = sources::mqtt::MqttSource { config: mqtt, stats: stats.clone() };
+        source.check()?;
+        sources.spawn(source.run(input_tx.clone(), ack_rx, stop_rx.clone()));
+    }
+    if let Some(demo) = config.sources.demo.clone() {
+        let topic_prefix = config.sources.mqtt.as_ref().map(|m| m.topic_prefix.clone()).unwrap_or_default();
+        let source = sources::demo::DemoSource { config: demo, topic_prefix, stats: stats.clone() };
+        sources.spawn(source.run(input_tx.clone(), stop_rx.clone()));
+    }
+    drop(input_tx);
+
+    // Batch writer thread.
+    let writer = BatchWriter::new(&config, outbox, stats.clone(), signals.clone(), acks);
+    let (writer_done_tx, writer_done) = oneshot::channel();
+    let writer_thread = {
+        let (rt, stop) = (rt.clone(), stop_rx.clone());
+        std::thread::Builder::new()
+            .name("batch-writer".into())
+            .spawn(move || {
+                writer.run(rt, input_rx, stop);
+                let _ = writer_done_tx.send(());
+            })
+            .context("starting the batch writer thread")?
+    };
+
+    // Uplink thread.
+    let uplink = KafkaUplink::new(config.clone(), uplink_conn, stats.clone(), signals.clone(), rt.clone(), stop_rx.clone());
+    let (uplink_done_tx, mut uplink_done) = oneshot::channel();
+    let uplink_thread = std::thread::Builder::new()
+        .name("kafka-uplink".into())
+        .spawn(move || {
+            let result = uplink.run();
+            let _ = uplink_done_tx.send(());
+            result
+        })
+        .context("starting the Kafka uplink thread")?;
+
+    // Progress line.
+    let progress = (config.progress.interval_seconds > 0).then(|| {
+        let stats = stats.clone();
+        let every = Duration::from_secs(config.progress.interval_seconds);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                eprintln!("{}", stats.progress_line());
+            }
+        })
+    });
+
+    let mut source_error = None;
+    tokio::select! {
+        _ = shutdown => info!("shutting down: stopping sources, committing the batch in progress"),
+        _ = &mut uplink_done => {}
+        Some(result) = sources.join_next() => {
+            if let Ok(Err(e)) = result {
+                error!(error = format!("{e:#}"), "a source failed");
+                source_error = Some(e);
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(result) = sources.join_next().await {
+        if let Ok(Err(e)) = result {
+            error!(error = format!("{e:#}"), "a source failed while stopping");
+        }
+    }
+    let _ = writer_done.await;
+    let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
+    let uplink_result = tokio::task::spawn_blocking(move || uplink_thread.join())
+        .await
+        .map_err(|e| anyhow::anyhow!("uplink thread: {e}"))?
+        .map_err(|_| anyhow::anyhow!("the Kafka uplink thread panicked"))?;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    if config.progress.interval_seconds > 0 {
+        eprintln!("{}", stats.progress_line());
+    }
+    if let Err(e) = uplink_result {
+        sinks::kafka::report_fatal(&e);
+        return Err(match e {
+            e @ UplinkError::Fenced { .. } => AgentError::Fenced(e),
+            other => AgentError::Other(other.into()),
+        });
+    }
+    if let Some(e) = source_error {
+        return Err(AgentError::Other(e));
+    }
+    info!("stopped cleanly");
+    Ok(())
+}

@@ -1,0 +1,424 @@
+//! The durable store-and-forward outbox, in SQLite.
+//!
+//! The outbox is an append-only log of batches with a monotonically
+//! increasing `batch_seq` (AUTOINCREMENT, so a number is never reused even
+//! after the log is trimmed empty). One SQLite transaction per batch writes
+//! the batch, advances the per-device high-water marks used for dedupe, and
+//! records rejects: a reading is either fully accepted or not at all.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::config::SyncMode;
+use crate::transforms::validate::{DeadLetterRecord, EnrichedRecord, Reading, Rejection};
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outbox_batch (
+    batch_seq  INTEGER PRIMARY KEY AUTOINCREMENT,
+    created_ms INTEGER NOT NULL,
+    records    INTEGER NOT NULL,
+    bytes      INTEGER NOT NULL,
+    body       BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS device_hwm (
+    device_id TEXT PRIMARY KEY,
+    seq       INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS reject_count (
+    reason TEXT PRIMARY KEY,
+    count  INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS quarantine (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    source      TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    reason      TEXT NOT NULL,
+    message     TEXT NOT NULL,
+    payload     BLOB NOT NULL
+);
+";
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("outbox database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("outbox database was written by a newer edge-agent (schema {found}, this build knows {SCHEMA_VERSION}); upgrade edge-agent or move the data folder aside")]
+    NewerSchema { found: i64 },
+    #[error("outbox SQLite error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("outbox batch {batch_seq} is corrupt: {what}")]
+    Corrupt { batch_seq: i64, what: &'static str },
+}
+
+/// Which Kafka topic a record goes to; the names come from config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TopicId {
+    Data = 0,
+    DeadLetter = 1,
+}
+
+impl TopicId {
+    fn from_u8(b: u8) -> Option<Self> {
+        match b {
+            0 => Some(Self::Data),
+            1 => Some(Self::DeadLetter),
+            _ => None,
+        }
+    }
+}
+
+/// One record of a batch, ready for Kafka.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutRecord {
+    pub topic: TopicId,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
+
+/// A rejected input with where it came from.
+#[derive(Debug, Clone)]
+pub struct RejectedInput {
+    pub source: &'static str,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub rejection: Rejection,
+}
+
+/// What the batch writer hands to [`Outbox::write_batch`].
+#[derive(Debug, Clone)]
+pub enum Item {
+    Reading(Reading),
+    Rejected(RejectedInput),
+}
+
+/// What one batch commit did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// The batch written, if any record needed sending.
+    pub batch_seq: Option<i64>,
+    pub valid: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    /// Encoded bytes of the batch body.
+    pub bytes: u64,
+}
+
+/// A batch read back for the uplink.
+#[derive(Debug, Clone)]
+pub struct StoredBatch {
+    pub batch_seq: i64,
+    pub bytes: u64,
+    pub records: Vec<OutRecord>,
+}
+
+pub struct Outbox {
+    conn: Connection,
+    gateway_id: String,
+    quarantine_max_rows: u64,
+    /// Per-device high-water marks, mirrored from `device_hwm`.
+    hwm: HashMap<String, u64>,
+}
+
+/// Opens the database with the pragmas every connection needs.
+pub fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, OutboxError> {
+    let open_err = |source| OutboxError::Open {
+        path: path.display().to_string(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+    let sync = match sync {
+        SyncMode::Full => "FULL",
+        SyncMode::Normal => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", sync).map_err(open_err)?;
+    // Checkpoint in large sequential chunks: gentler on SD cards.
+    conn.pragma_update(None, "wal_autocheckpoint", 4000).map_err(open_err)?;
+    Ok(conn)
+}
+
+impl Outbox {
+    pub fn open(path: &Path, sync: SyncMode, gateway_id: &str, quarantine_max_rows: u64) -> Result<Self, OutboxError> {
+        let conn = open_connection(path, sync)?;
+        conn.execute_batch(SCHEMA)?;
+        let version: Option<i64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .optional()?;
+        match version {
+            Some(v) if v > SCHEMA_VERSION => return Err(OutboxError::NewerSchema { found: v }),
+            Some(_) => {}
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    params![SCHEMA_VERSION],
+                )?;
+            }
+        }
+        let mut hwm = HashMap::new();
+        {
+            let mut stmt = conn.prepare("SELECT device_id, seq FROM device_hwm")?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (device, seq) = row?;
+                hwm.insert(device, seq as u64);
+            }
+        }
+        Ok(Self {
+            conn,
+            gateway_id: gateway_id.to_string(),
+            quarantine_max_rows,
+            hwm,
+        })
+    }
+
+    /// Number of devices with a high-water mark.
+    pub fn known_devices(&self) -> usize {
+        self.hwm.len()
+    }
+
+    /// Writes one batch atomically: records to send, dedupe marks, rejects.
+    pub fn write_batch(&mut self, items: &[Item], now_ms: i64) -> Result<BatchOutcome, OutboxError> {
+        let mut outcome = BatchOutcome::default();
+        let mut body = Vec::with_capacity(items.len() * 300);
+        let mut records = 0i64;
+        let mut new_marks: HashMap<&str, u64> = HashMap::new();
+        let tx = self.conn.transaction()?;
+        {
+            let mut quarantine = tx.prepare_cached(
+                "INSERT INTO quarantine (received_ms, source, topic, reason, message, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            let mut count = tx.prepare_cached(
+                "INSERT INTO reject_count (reason, count) VALUES (?1, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1",
+            )?;
+            for item in items {
+                match item {
+                    Item::Reading(reading) => {
+                        let mark = new_marks
+                            .get(reading.device_id.as_str())
+                            .or_else(|| self.hwm.get(&reading.device_id))
+                            .copied();
+                        if mark.is_some_and(|m| reading.seq <= m) {
+                            outcome.duplicates += 1;
+                            continue;
+                        }
+                        new_marks.insert(reading.device_id.as_str(), reading.seq);
+                        let value = serde_json::to_vec(&EnrichedRecord {
+                            reading,
+                            gateway_id: &self.gateway_id,
+                            received_at: now_ms,
+                        })
+                        .expect("serializing a validated reading to JSON cannot fail");
+                        encode_record(&mut body, TopicId::Data, reading.device_id.as_bytes(), &value);
+                        records += 1;
+                        outcome.valid += 1;
+                    }
+                    Item::Rejected(input) => {
+                        let reason = input.rejection.reason.code();
+                        let (payload, payload_hex) = match std::str::from_utf8(&input.payload) {
+                            Ok(s) => (Some(s), None),
+                            Err(_) => (None, Some(hex(&input.payload))),
+                        };
+                        let value = serde_json::to_vec(&DeadLetterRecord {
+                            gateway_id: &self.gateway_id,
+                            received_at: now_ms,
+                            source: input.source,
+                            topic: &input.topic,
+                            reason,
+                            message: &input.rejection.message,
+                            payload,
+                            payload_hex,
+                            payload_bytes: input.payload.len(),
+                        })
+                        .expect("serializing a dead letter to JSON cannot fail");
+                        encode_record(&mut body, TopicId::DeadLetter, input.topic.as_bytes(), &value);
+                        records += 1;
+                        quarantine.execute(params![
+                            now_ms,
+                            input.source,
+                            input.topic,
+                            reason,
+                            input.rejection.message,
+                            input.payload
+                        ])?;
+                        count.execute(params![reason])?;
+                        outcome.rejected += 1;
+                    }
+                }
+            }
+            if records > 0 {
+                tx.execute(
+                    "INSERT INTO outbox_batch (created_ms, records, bytes, body) VALUES (?1, ?2, ?3, ?4)",
+                    params![now_ms, records, body.len() as i64, body],
+                )?;
+                outcome.batch_seq = Some(tx.last_insert_rowid());
+                outcome.bytes = body.len() as u64;
+            }
+            let mut mark = tx.prepare_cached(
+                "INSERT INTO device_hwm (device_id, seq) VALUES (?1, ?2) ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq",
+            )?;
+            for (device, seq) in &new_marks {
+                mark.execute(params![device, *seq as i64])?;
+            }
+            if outcome.rejected > 0 {
+                tx.execute(
+                    "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?1",
+                    params![self.quarantine_max_rows as i64],
+                )?;
+            }
+        }
+        tx.commit()?;
+        for (device, seq) in new_marks {
+            match self.hwm.get_mut(device) {
+                Some(m) => *m = seq,
+                None => {
+                    self.hwm.insert(device.to_string(), seq);
+                }
+            }
+        }
+        Ok(outcome)
+    }
+}
+
+/// Rejections counted per reason, as stored.
+pub fn reject_counts(conn: &Connection) -> Result<Vec<(String, u64)>, OutboxError> {
+    let mut stmt = conn.prepare("SELECT reason, count FROM reject_count ORDER BY reason")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Batches waiting for the uplink, and their bytes.
+pub fn backlog(conn: &Connection) -> Result<(u64, u64), OutboxError> {
+    Ok(conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM outbox_batch",
+        [],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )?)
+}
+
+/// Reads batches after `after`, at most `max_batches` and about `max_bytes`
+/// (always at least one batch).
+pub fn load_batches(conn: &Connection, after: i64, max_batches: usize, max_bytes: u64) -> Result<Vec<StoredBatch>, OutboxError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT batch_seq, bytes, body FROM outbox_batch WHERE batch_seq > ?1 ORDER BY batch_seq LIMIT ?2",
+    )?;
+    let mut rows = stmt.query(params![after, max_batches as i64])?;
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    while let Some(row) = rows.next()? {
+        let batch_seq: i64 = row.get(0)?;
+        let bytes = row.get::<_, i64>(1)? as u64;
+        if !out.is_empty() && total + bytes > max_bytes {
+            break;
+        }
+        let body: Vec<u8> = row.get(2)?;
+        let records = decode_body(&body).map_err(|what| OutboxError::Corrupt { batch_seq, what })?;
+        total += bytes;
+        out.push(StoredBatch { batch_seq, bytes, records });
+    }
+    Ok(out)
+}
+
+/// Deletes batches up to and including `upto` (committed to Kafka); returns
+/// the bytes freed.
+pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
+    let tx = conn.unchecked_transaction()?;
+    let freed: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch WHERE batch_seq <= ?1",
+        params![upto],
+        |r| r.get(0),
+    )?;
+    tx.execute("DELETE FROM outbox_batch WHERE batch_seq <= ?1", params![upto])?;
+    tx.commit()?;
+    Ok(freed as u64)
+}
+
+/// Makes sure new batches are numbered after `committed`. Needed when the
+/// data folder was lost but Kafka remembers a higher marker: without this,
+/// fresh batches would reuse numbers the uplink already counts as sent.
+pub fn ensure_sequence_after(conn: &Connection, committed: i64) -> Result<bool, OutboxError> {
+    let current: i64 = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'outbox_batch'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    if current >= committed {
+        return Ok(false);
+    }
+    let tx = conn.unchecked_transaction()?;
+    let updated = tx.execute(
+        "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'outbox_batch'",
+        params![committed],
+    )?;
+    if updated == 0 {
+        tx.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox_batch', ?1)",
+            params![committed],
+        )?;
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+fn encode_record(out: &mut Vec<u8>, topic: TopicId, key: &[u8], value: &[u8]) {
+    out.push(topic as u8);
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(value);
+}
+
+fn decode_body(mut body: &[u8]) -> Result<Vec<OutRecord>, &'static str> {
+    fn take<'a>(body: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
+        if body.len() < n {
+            return Err("truncated record");
+        }
+        let (head, rest) = body.split_at(n);
+        *body = rest;
+        Ok(head)
+    }
+    fn take_len(body: &mut &[u8]) -> Result<usize, &'static str> {
+        let b = take(body, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let topic = TopicId::from_u8(take(&mut body, 1)?[0]).ok_or("unknown topic id")?;
+        let key_len = take_len(&mut body)?;
+        let key = take(&mut body, key_len)?.to_vec();
+        let value_len = take_len(&mut body)?;
+        let value = take(&mut body, value_len)?.to_vec();
+        out.push(OutRecord { topic, key, value });
+    }
+    Ok(out)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests;

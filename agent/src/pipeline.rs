@@ -1,0 +1,246 @@
+//! The batch writer: takes raw inputs from every source, decodes and
+//! validates them, and commits them to the outbox in group-committed
+//! batches. Runs on its own OS thread: decoding and SQLite are blocking work
+//! that must never stall the async reactor.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use tokio::runtime::Handle;
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+use crate::config::{Config, OutboxConfig, ValidationConfig};
+use crate::outbox::{Item, Outbox, RejectedInput};
+use crate::signal::OutboxSignals;
+use crate::stats::Stats;
+use crate::transforms::validate::{RejectReason, Rejection, TopicKind, decode_reading, parse_topic};
+
+/// An MQTT publish that must be acknowledged once durable.
+pub type MqttPublish = rumqttc::Publish;
+
+/// One input as a source hands it over.
+#[derive(Debug)]
+pub enum Envelope {
+    /// A message from the MQTT source: acknowledged after its batch commits.
+    Mqtt(MqttPublish),
+    /// A message with nothing to acknowledge (demo, import).
+    Raw {
+        source: &'static str,
+        topic: String,
+        payload: Vec<u8>,
+    },
+}
+
+impl Envelope {
+    fn size_hint(&self) -> usize {
+        match self {
+            Envelope::Mqtt(p) => p.payload.len() + p.topic.len(),
+            Envelope::Raw { topic, payload, .. } => payload.len() + topic.len(),
+        }
+    }
+}
+
+/// Where acknowledgements go once a batch is durable.
+#[derive(Clone, Default)]
+pub struct AckRouter {
+    pub mqtt: Option<mpsc::UnboundedSender<Vec<MqttPublish>>>,
+}
+
+pub struct BatchWriter {
+    pub outbox: Outbox,
+    pub outbox_config: OutboxConfig,
+    pub validation: ValidationConfig,
+    pub topic_prefix: String,
+    pub stats: Arc<Stats>,
+    pub signals: Arc<OutboxSignals>,
+    pub acks: AckRouter,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl BatchWriter {
+    pub fn new(config: &Config, outbox: Outbox, stats: Arc<Stats>, signals: Arc<OutboxSignals>, acks: AckRouter) -> Self {
+        Self {
+            outbox,
+            outbox_config: config.outbox.clone(),
+            validation: config.validation.clone(),
+            topic_prefix: config
+                .sources
+                .mqtt
+                .as_ref()
+                .map(|m| m.topic_prefix.clone())
+                .unwrap_or_default(),
+            stats,
+            signals,
+            acks,
+        }
+    }
+
+    /// Runs until every sender is gone (sources stopped) and the queue is
+    /// drained, or until `stop` is set while the writer cannot make progress.
+    pub fn run(mut self, rt: Handle, mut rx: mpsc::Receiver<Envelope>, stop: watch::Receiver<bool>) {
+        let max_records = self.outbox_config.batch_max_records;
+        let max_bytes = self.outbox_config.batch_max_bytes;
+        let linger = Duration::from_millis(self.outbox_config.batch_linger_ms);
+        loop {
+            if !self.wait_for_space(&stop) {
+                info!("batch writer stopping while the outbox is full; unacknowledged input stays with its source");
+                return;
+            }
+            let Some(first) = rt.block_on(rx.recv()) else {
+                return;
+            };
+            let mut bytes = first.size_hint();
+            let mut batch = vec![first];
+            let deadline = Instant::now() + linger;
+            while batch.len() < max_records && bytes < max_bytes {
+                match rx.try_recv() {
+                    Ok(env) => {
+                        bytes += env.size_hint();
+                        batch.push(env);
+                    }
+                    Err(_) => {
+                        let now = Instant::now();
+                        if now >= deadline {
+                            break;
+                        }
+                        match rt.block_on(tokio::time::timeout(deadline - now, rx.recv())) {
+                            Ok(Some(env)) => {
+                                bytes += env.size_hint();
+                                batch.push(env);
+                            }
+                            Ok(None) | Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if !self.commit(batch, &stop) {
+                return;
+            }
+        }
+    }
+
+    /// Blocks while the outbox is at its bound. Returns false if asked to stop.
+    fn wait_for_space(&self, stop: &watch::Receiver<bool>) -> bool {
+        let max = self.outbox_config.max_size_bytes;
+        let mut warned = false;
+        loop {
+            let used = self.stats.outbox_bytes.load(Relaxed);
+            if used < max {
+                if warned {
+                    info!(used_bytes = used, "outbox has room again; taking input");
+                }
+                self.stats.outbox_full.store(false, Relaxed);
+                return true;
+            }
+            if !warned {
+                warn!(
+                    used_bytes = used,
+                    max_size_bytes = max,
+                    "outbox is full: holding input back (sources are not acknowledged) until the uplink drains it"
+                );
+                warned = true;
+                self.stats.outbox_full.store(true, Relaxed);
+            }
+            if *stop.borrow() {
+                return false;
+            }
+            let seen = self.signals.space_freed.current();
+            self.signals.space_freed.wait_past(seen, Duration::from_millis(200));
+        }
+    }
+
+    /// Decodes, writes and acknowledges one batch. Retries a failing write
+    /// (a full disk, say) until it succeeds or the agent stops; returns false
+    /// when stopping.
+    fn commit(&mut self, batch: Vec<Envelope>, stop: &watch::Receiver<bool>) -> bool {
+        let now = now_ms();
+        let mut items = Vec::with_capacity(batch.len());
+        let mut mqtt_acks = Vec::new();
+        for env in batch {
+            match env {
+                Envelope::Mqtt(publish) => {
+                    items.push(self.decode("mqtt", &publish.topic, &publish.payload, now));
+                    mqtt_acks.push(publish);
+                }
+                Envelope::Raw { source, topic, payload } => {
+                    items.push(self.decode(source, &topic, &payload, now));
+                }
+            }
+        }
+        let mut backoff = Duration::from_millis(100);
+        let outcome = loop {
+            match self.outbox.write_batch(&items, now) {
+                Ok(outcome) => break outcome,
+                Err(e) => {
+                    error!(
+                        error = %e,
+                        "cannot write to the outbox; input is held back and not acknowledged. \
+                         Check free space and permissions of the data folder; retrying in {backoff:?}"
+                    );
+                    if *stop.borrow() {
+                        return false;
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let s = &self.stats;
+        s.valid.fetch_add(outcome.valid, Relaxed);
+        s.duplicates.fetch_add(outcome.duplicates, Relaxed);
+        for item in &items {
+            if let Item::Rejected(r) = item {
+                s.count_reject(r.rejection.reason);
+            }
+        }
+        if outcome.batch_seq.is_some() {
+            s.batches_written.fetch_add(1, Relaxed);
+            s.bytes_written.fetch_add(outcome.bytes, Relaxed);
+            s.outbox_batches.fetch_add(1, Relaxed);
+            s.outbox_bytes.fetch_add(outcome.bytes, Relaxed);
+            self.signals.new_batch.bump();
+        }
+        if !mqtt_acks.is_empty()
+            && let Some(tx) = &self.acks.mqtt
+        {
+            // The batch is durable: the broker may forget these now. If the
+            // MQTT task is gone, the broker redelivers and dedupe drops them.
+            let _ = tx.send(mqtt_acks);
+        }
+        true
+    }
+
+    fn decode(&self, source: &'static str, topic: &str, payload: &[u8], now: i64) -> Item {
+        let reject = |rejection: Rejection| {
+            let keep = payload.len().min(self.validation.max_payload_bytes);
+            Item::Rejected(RejectedInput {
+                source,
+                topic: topic.chars().take(256).collect(),
+                payload: payload[..keep].to_vec(),
+                rejection,
+            })
+        };
+        let device = match parse_topic(&self.topic_prefix, topic) {
+            Ok(TopicKind::Telemetry(device)) => device,
+            Ok(TopicKind::TelemetryBin(_)) => {
+                return reject(Rejection::new(
+                    RejectReason::UnsupportedEncoding,
+                    "binary firmware-proto readings are not supported by this build yet",
+                ));
+            }
+            Err(rejection) => return reject(rejection),
+        };
+        match decode_reading(payload, Some(device), now, &self.validation) {
+            Ok(reading) => Item::Reading(reading),
+            Err(rejection) => reject(rejection),
+        }
+    }
+}

@@ -1,0 +1,420 @@
+//! The exactly-once uplink: outbox batches to Kafka in transactions.
+//!
+//! Each transaction carries the records of outbox batches `a..=b` and the
+//! marker `{gateway_id -> b}` in the compacted offsets topic. On start,
+//! `init_transactions` fences any older incarnation of this gateway and
+//! aborts its open transaction; the last committed marker (read with
+//! `read_committed`) says which batches Kafka already has. The outbox is
+//! trimmed only after a commit. Runs on its own OS thread: librdkafka's
+//! transactional calls block.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::outbox::{self, OutboxError, TopicId};
+use crate::signal::OutboxSignals;
+use crate::stats::{Stats, UplinkState};
+
+/// Bytes of outbox batches carried by one transaction, at most.
+const MAX_TRANSACTION_BYTES: u64 = 32 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UplinkError {
+    #[error(
+        "this agent was fenced: another edge-agent with the same gateway_id ({gateway_id}) started and took over the Kafka \
+         transactional id {transactional_id}. Stop one of them; gateway_id must be unique per gateway"
+    )]
+    Fenced {
+        gateway_id: String,
+        transactional_id: String,
+    },
+    #[error("Kafka ({brokers}): {what}: {source}")]
+    Kafka {
+        brokers: String,
+        what: &'static str,
+        #[source]
+        source: KafkaError,
+    },
+    #[error("reading the offsets marker from {topic}: {what}")]
+    Marker { topic: String, what: String },
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+}
+
+/// The exactly-once marker stored in the offsets topic.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Marker {
+    pub gateway_id: String,
+    /// Highest outbox batch whose records are committed to Kafka.
+    pub batch_seq: i64,
+    pub committed_at: i64,
+}
+
+pub struct KafkaUplink {
+    config: Config,
+    conn: Connection,
+    stats: Arc<Stats>,
+    signals: Arc<OutboxSignals>,
+    rt: Handle,
+    stop: watch::Receiver<bool>,
+}
+
+impl KafkaUplink {
+    pub fn new(
+        config: Config,
+        conn: Connection,
+        stats: Arc<Stats>,
+        signals: Arc<OutboxSignals>,
+        rt: Handle,
+        stop: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            config,
+            conn,
+            stats,
+            signals,
+            rt,
+            stop,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    /// Runs until asked to stop. Returns an error only when it must not go
+    /// on (fenced by another agent, or the outbox is unreadable).
+    pub fn run(mut self) -> Result<(), UplinkError> {
+        let max_backoff = Duration::from_secs(self.config.kafka.retry_backoff_max_seconds);
+        let mut backoff = Duration::from_millis(500);
+        while !self.stopping() {
+            self.stats.set_uplink(UplinkState::Connecting);
+            match self.session() {
+                Ok(()) => break,
+                Err(e @ (UplinkError::Fenced { .. } | UplinkError::Outbox(_))) => {
+                    self.stats.set_uplink(if matches!(e, UplinkError::Fenced { .. }) {
+                        UplinkState::Fenced
+                    } else {
+                        UplinkState::Down(e.to_string())
+                    });
+                    return Err(e);
+                }
+                Err(e) => {
+                    let summary = short_error(&e);
+                    self.stats.set_uplink(UplinkState::Down(summary));
+                    warn!(error = %e, "Kafka uplink down; the outbox keeps the data, retrying in {backoff:?}");
+                    let until = Instant::now() + backoff;
+                    while Instant::now() < until && !self.stopping() {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    backoff = (backoff * 2).min(max_backoff);
+                }
+            }
+        }
+        self.stats.set_uplink(UplinkState::Stopped);
+        Ok(())
+    }
+
+    fn kafka_err(&self, what: &'static str) -> impl Fn(KafkaError) -> UplinkError + '_ {
+        move |source| {
+            if is_fenced(&source) {
+                UplinkError::Fenced {
+                    gateway_id: self.config.gateway_id.clone(),
+                    transactional_id: self.config.transactional_id(),
+                }
+            } else {
+                UplinkError::Kafka {
+                    brokers: self.config.kafka.brokers.clone(),
+                    what,
+                    source,
+                }
+            }
+        }
+    }
+
+    fn base_client_config(&self) -> ClientConfig {
+        let k = &self.config.kafka;
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &k.brokers);
+        for (key, value) in &k.librdkafka_options {
+            c.set(key, value);
+        }
+        c
+    }
+
+    /// One connected session: init, recover the marker, then ship batches.
+    fn session(&mut self) -> Result<(), UplinkError> {
+        let k = self.config.kafka.clone();
+        let timeout = Duration::from_secs(30);
+        self.ensure_offsets_topic()?;
+
+        let producer: ThreadedProducer<DefaultProducerContext> = self
+            .base_client_config()
+            .set("transactional.id", self.config.transactional_id())
+            .set("enable.idempotence", "true")
+            .set("compression.type", &k.compression)
+            .set("linger.ms", k.linger_ms.to_string())
+            .set("transaction.timeout.ms", (k.transaction_timeout_seconds * 1000).to_string())
+            // Deliveries must settle well inside the transaction timeout.
+            .set("message.timeout.ms", (k.transaction_timeout_seconds * 1000 / 2).to_string())
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "262144")
+            .create()
+            .map_err(self.kafka_err("creating the producer"))?;
+        producer
+            .init_transactions(timeout)
+            .map_err(self.kafka_err("initialising transactions (fencing older instances)"))?;
+
+        let mut committed = self.read_marker()?;
+        if outbox::ensure_sequence_after(&self.conn, committed)? {
+            warn!(
+                marker = committed,
+                "Kafka holds a marker beyond this outbox (was the data folder replaced?); numbering new batches after it"
+            );
+        }
+        self.trim(committed)?;
+        self.stats.kafka_committed_batch.store(committed, Relaxed);
+        self.stats.set_uplink(UplinkState::Up);
+        info!(brokers = %k.brokers, marker = committed, "Kafka uplink up");
+
+        loop {
+            if self.stopping() {
+                return Ok(());
+            }
+            let seen = self.signals.new_batch.current();
+            let batches = outbox::load_batches(&self.conn, committed, k.max_batches_per_transaction, MAX_TRANSACTION_BYTES)?;
+            let Some(last) = batches.last().map(|b| b.batch_seq) else {
+                self.signals.new_batch.wait_past(seen, Duration::from_millis(250));
+                continue;
+            };
+            let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
+            self.send_transaction(&producer, &batches, last)?;
+            committed = last;
+            self.stats.kafka_committed_batch.store(committed, Relaxed);
+            self.stats.kafka_records_committed.fetch_add(records, Relaxed);
+            self.stats.kafka_transactions.fetch_add(1, Relaxed);
+            self.trim(committed)?;
+        }
+    }
+
+    fn send_transaction(
+        &self,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        batches: &[outbox::StoredBatch],
+        last: i64,
+    ) -> Result<(), UplinkError> {
+        let k = &self.config.kafka;
+        let commit_timeout = Duration::from_secs(k.transaction_timeout_seconds);
+        producer
+            .begin_transaction()
+            .map_err(self.kafka_err("beginning a transaction"))?;
+        let marker = serde_json::to_vec(&Marker {
+            gateway_id: self.config.gateway_id.clone(),
+            batch_seq: last,
+            committed_at: crate::pipeline::now_ms(),
+        })
+        .expect("serializing the marker cannot fail");
+        let result = (|| {
+            for batch in batches {
+                for r in &batch.records {
+                    let topic = match r.topic {
+                        TopicId::Data => &k.topic_data,
+                        TopicId::DeadLetter => &k.topic_dlq,
+                    };
+                    send(producer, BaseRecord::to(topic).key(r.key.as_slice()).payload(r.value.as_slice()))?;
+                }
+            }
+            send(
+                producer,
+                BaseRecord::to(&k.topic_offsets)
+                    .key(self.config.gateway_id.as_bytes())
+                    .payload(marker.as_slice()),
+            )?;
+            producer.commit_transaction(commit_timeout)
+        })();
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let err = self.kafka_err("committing a transaction")(e);
+                if !matches!(err, UplinkError::Fenced { .. }) {
+                    // Abort so the records of this attempt are never visible
+                    // to read_committed consumers; the batches stay in the
+                    // outbox and go out again in the next transaction.
+                    if let Err(abort) = producer.abort_transaction(commit_timeout) {
+                        warn!(error = %abort, "aborting the failed transaction failed; a new producer session will fence it");
+                    }
+                }
+                Err(err)
+            }
+        }
+    }
+
+    fn trim(&self, upto: i64) -> Result<(), UplinkError> {
+        let freed = outbox::trim(&self.conn, upto)?;
+        let (batches, bytes) = outbox::backlog(&self.conn)?;
+        let _ = freed;
+        self.stats.outbox_batches.store(batches, Relaxed);
+        self.stats.outbox_bytes.store(bytes, Relaxed);
+        self.signals.space_freed.bump();
+        Ok(())
+    }
+
+    /// Creates the compacted offsets topic if it does not exist.
+    fn ensure_offsets_topic(&self) -> Result<(), UplinkError> {
+        let admin: AdminClient<DefaultClientContext> = self
+            .base_client_config()
+            .create()
+            .map_err(self.kafka_err("creating the admin client"))?;
+        let topic = NewTopic::new(&self.config.kafka.topic_offsets, 1, TopicReplication::Fixed(-1))
+            .set("cleanup.policy", "compact");
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+        let results = self
+            .rt
+            .block_on(admin.create_topics([&topic], &opts))
+            .map_err(self.kafka_err("creating the offsets topic"))?;
+        for r in results {
+            match r {
+                Ok(_) => info!(topic = %self.config.kafka.topic_offsets, "created the compacted offsets topic"),
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                Err((name, code)) => {
+                    return Err(UplinkError::Marker {
+                        topic: name,
+                        what: format!("cannot create it ({code}); create it as a compacted topic or grant CreateTopics"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the last committed marker of this gateway (0 if none).
+    fn read_marker(&self) -> Result<i64, UplinkError> {
+        let topic = self.config.kafka.topic_offsets.clone();
+        let consumer: BaseConsumer = self
+            .base_client_config()
+            .set("group.id", format!("edge-agent-marker-{}", self.config.gateway_id))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .map_err(self.kafka_err("creating the marker reader"))?;
+        let metadata = consumer
+            .fetch_metadata(Some(&topic), Duration::from_secs(20))
+            .map_err(self.kafka_err("fetching offsets topic metadata"))?;
+        let partitions: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic)
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if partitions.is_empty() {
+            return Err(UplinkError::Marker {
+                topic,
+                what: "the topic has no partitions (does it exist?)".into(),
+            });
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &partitions {
+            tpl.add_partition_offset(&topic, *p, Offset::Beginning)
+                .map_err(self.kafka_err("assigning offsets partitions"))?;
+        }
+        consumer.assign(&tpl).map_err(self.kafka_err("assigning offsets partitions"))?;
+        let mut pending: HashSet<i32> = partitions.into_iter().collect();
+        let mut marker = 0i64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !pending.is_empty() {
+            if Instant::now() > deadline {
+                return Err(UplinkError::Marker {
+                    topic,
+                    what: "timed out before reaching the end of the topic".into(),
+                });
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Ok(msg)) => {
+                    if msg.key() == Some(self.config.gateway_id.as_bytes())
+                        && let Some(payload) = msg.payload()
+                    {
+                        match serde_json::from_slice::<Marker>(payload) {
+                            Ok(m) => marker = m.batch_seq,
+                            Err(e) => {
+                                return Err(UplinkError::Marker {
+                                    topic,
+                                    what: format!("marker at offset {} is not valid: {e}", msg.offset()),
+                                });
+                            }
+                        }
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    pending.remove(&p);
+                }
+                Some(Err(e)) => return Err(self.kafka_err("reading the offsets topic")(e)),
+            }
+        }
+        Ok(marker)
+    }
+}
+
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, [u8], [u8]>,
+) -> Result<(), KafkaError> {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                // The local queue drains as the background thread delivers.
+                record = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+}
+
+fn is_fenced(e: &KafkaError) -> bool {
+    let code = match e {
+        KafkaError::Transaction(t) => t.code(),
+        other => match other.rdkafka_error_code() {
+            Some(c) => c,
+            None => return false,
+        },
+    };
+    matches!(
+        code,
+        RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced
+    )
+}
+
+fn short_error(e: &UplinkError) -> String {
+    let text = e.to_string();
+    let mut short: String = text.chars().take(120).collect();
+    if short.len() < text.len() {
+        short.push('…');
+    }
+    short
+}
+
+/// Logs a fatal uplink error once, with what to do.
+pub fn report_fatal(e: &UplinkError) {
+    error!(error = %e, "Kafka uplink stopped");
+}

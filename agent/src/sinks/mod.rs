@@ -1,0 +1,3 @@
+//! Where the agent sends data.
+
+pub mod kafka;

@@ -1,0 +1,4 @@
+//! Where readings come from.
+
+pub mod demo;
+pub mod mqtt;

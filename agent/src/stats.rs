@@ -1,0 +1,128 @@
+//! Counters shared by the pipeline stages and the live progress line.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
+
+use crate::transforms::validate::RejectReason;
+
+/// State of the Kafka uplink as shown to people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UplinkState {
+    Starting,
+    Connecting,
+    Up,
+    Down(String),
+    Fenced,
+    Stopped,
+}
+
+#[derive(Debug)]
+pub struct Stats {
+    /// Inputs handed over by sources.
+    pub received: AtomicU64,
+    /// Readings accepted into the outbox.
+    pub valid: AtomicU64,
+    /// Inputs rejected (see `rejects`).
+    pub rejected: AtomicU64,
+    /// Readings already seen (same device and seq), dropped.
+    pub duplicates: AtomicU64,
+    /// Outbox batches committed to SQLite by this process.
+    pub batches_written: AtomicU64,
+    /// Bytes of batch bodies written by this process.
+    pub bytes_written: AtomicU64,
+    /// Batches and bytes waiting for the uplink.
+    pub outbox_batches: AtomicU64,
+    pub outbox_bytes: AtomicU64,
+    /// True while the outbox is at its bound and input is held back.
+    pub outbox_full: AtomicBool,
+    /// Highest outbox batch committed to Kafka (the marker).
+    pub kafka_committed_batch: AtomicI64,
+    pub kafka_records_committed: AtomicU64,
+    pub kafka_transactions: AtomicU64,
+    pub uplink: Mutex<UplinkState>,
+    /// Rejections per reason, since start.
+    pub rejects: Mutex<BTreeMap<RejectReason, u64>>,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            received: AtomicU64::new(0),
+            valid: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            batches_written: AtomicU64::new(0),
+            bytes_written: AtomicU64::new(0),
+            outbox_batches: AtomicU64::new(0),
+            outbox_bytes: AtomicU64::new(0),
+            outbox_full: AtomicBool::new(false),
+            kafka_committed_batch: AtomicI64::new(0),
+            kafka_records_committed: AtomicU64::new(0),
+            kafka_transactions: AtomicU64::new(0),
+            uplink: Mutex::new(UplinkState::Starting),
+            rejects: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Stats {
+    pub fn set_uplink(&self, state: UplinkState) {
+        if let Ok(mut s) = self.uplink.lock() {
+            *s = state;
+        }
+    }
+
+    pub fn uplink_state(&self) -> UplinkState {
+        self.uplink.lock().map(|s| s.clone()).unwrap_or(UplinkState::Starting)
+    }
+
+    pub fn count_reject(&self, reason: RejectReason) {
+        self.rejected.fetch_add(1, Relaxed);
+        if let Ok(mut map) = self.rejects.lock() {
+            *map.entry(reason).or_insert(0) += 1;
+        }
+    }
+
+    pub fn rejects_by_reason(&self) -> BTreeMap<RejectReason, u64> {
+        self.rejects.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// One human-readable progress line.
+    pub fn progress_line(&self) -> String {
+        let mut line = format!(
+            "in {} valid {} rejected {} dup {} | outbox {} batches {} KiB{} | uplink ",
+            self.received.load(Relaxed),
+            self.valid.load(Relaxed),
+            self.rejected.load(Relaxed),
+            self.duplicates.load(Relaxed),
+            self.outbox_batches.load(Relaxed),
+            self.outbox_bytes.load(Relaxed) / 1024,
+            if self.outbox_full.load(Relaxed) { " FULL (holding input)" } else { "" },
+        );
+        let _ = match self.uplink_state() {
+            UplinkState::Starting => write!(line, "starting"),
+            UplinkState::Connecting => write!(line, "connecting"),
+            UplinkState::Up => write!(line, "up"),
+            UplinkState::Down(why) => write!(line, "DOWN ({why}), outbox absorbing"),
+            UplinkState::Fenced => write!(line, "FENCED"),
+            UplinkState::Stopped => write!(line, "stopped"),
+        };
+        let _ = write!(
+            line,
+            ", {} records in {} transactions, marker batch {}",
+            self.kafka_records_committed.load(Relaxed),
+            self.kafka_transactions.load(Relaxed),
+            self.kafka_committed_batch.load(Relaxed)
+        );
+        let rejects = self.rejects_by_reason();
+        if !rejects.is_empty() {
+            line.push_str(" | rejects:");
+            for (reason, n) in rejects {
+                let _ = write!(line, " {}={n}", reason.code());
+            }
+        }
+        line
+    }
+}

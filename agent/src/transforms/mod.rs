@@ -1,0 +1,3 @@
+//! Per-reading processing stages.
+
+pub mod validate;

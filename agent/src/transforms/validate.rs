@@ -1,0 +1,372 @@
+//! Decoding and validation of device readings.
+//!
+//! Every rejection carries a stable, machine-readable [`RejectReason`] and a
+//! message for people; nothing here panics on any input.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::config::{ValidationConfig, is_valid_id};
+
+/// Why an input was rejected. The codes are a contract: dashboards and the
+/// dead-letter topic use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum RejectReason {
+    PayloadTooLarge,
+    UnknownTopic,
+    UnsupportedEncoding,
+    InvalidDeviceId,
+    MalformedJson,
+    NotAnObject,
+    MissingField,
+    WrongType,
+    OutOfRange,
+    DeviceIdMismatch,
+    TimestampSkew,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 11] = [
+        Self::PayloadTooLarge,
+        Self::UnknownTopic,
+        Self::UnsupportedEncoding,
+        Self::InvalidDeviceId,
+        Self::MalformedJson,
+        Self::NotAnObject,
+        Self::MissingField,
+        Self::WrongType,
+        Self::OutOfRange,
+        Self::DeviceIdMismatch,
+        Self::TimestampSkew,
+    ];
+
+    /// The stable code.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::UnknownTopic => "unknown_topic",
+            Self::UnsupportedEncoding => "unsupported_encoding",
+            Self::InvalidDeviceId => "invalid_device_id",
+            Self::MalformedJson => "malformed_json",
+            Self::NotAnObject => "not_an_object",
+            Self::MissingField => "missing_field",
+            Self::WrongType => "wrong_type",
+            Self::OutOfRange => "out_of_range",
+            Self::DeviceIdMismatch => "device_id_mismatch",
+            Self::TimestampSkew => "timestamp_skew",
+        }
+    }
+
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+}
+
+/// A rejected input: the reason code and a message naming what was wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub message: String,
+}
+
+impl Rejection {
+    pub fn new(reason: RejectReason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Largest device sequence number when the reading also carries a boot
+/// epoch: the gateway keys on `epoch << 32 | seq`.
+pub const MAX_SEQ_WITH_EPOCH: u64 = u32::MAX as u64;
+/// Largest boot epoch (keeps the folded key a positive SQLite integer).
+pub const MAX_EPOCH: u64 = i32::MAX as u64;
+/// Largest sequence number without an epoch (SQLite integers are i64).
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// A valid reading.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reading {
+    pub device_id: String,
+    /// The key the gateway deduplicates on: the device's `seq`, with its
+    /// boot epoch folded in when one was given.
+    pub seq: u64,
+    /// `seq` exactly as the device sent it.
+    pub device_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    pub ts: i64,
+    pub temperature: f64,
+    pub humidity: f64,
+    pub battery: f64,
+    pub lat: f64,
+    pub lon: f64,
+    pub speed: f64,
+    /// Extra fields the device sent, kept as they were.
+    #[serde(skip_serializing_if = "Map::is_empty")]
+    pub attributes: Map<String, Value>,
+}
+
+/// What an MQTT topic says about its payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TopicKind<'a> {
+    /// `devices/{id}/telemetry`: one JSON reading.
+    Telemetry(&'a str),
+    /// `devices/{id}/telemetry/bin`: a firmware-proto frame.
+    TelemetryBin(&'a str),
+}
+
+/// Parses `{prefix}devices/{device_id}/telemetry[/bin]`.
+pub fn parse_topic<'a>(prefix: &str, topic: &'a str) -> Result<TopicKind<'a>, Rejection> {
+    let unknown = || {
+        Rejection::new(
+            RejectReason::UnknownTopic,
+            format!("topic {topic:?} is not {prefix}devices/{{device_id}}/telemetry"),
+        )
+    };
+    let rest = topic.strip_prefix(prefix).ok_or_else(unknown)?;
+    let mut levels = rest.split('/');
+    let (Some("devices"), Some(device_id), Some("telemetry")) = (levels.next(), levels.next(), levels.next())
+    else {
+        return Err(unknown());
+    };
+    let kind = match (levels.next(), levels.next()) {
+        (None, _) => TopicKind::Telemetry(device_id),
+        (Some("bin"), None) => TopicKind::TelemetryBin(device_id),
+        _ => return Err(unknown()),
+    };
+    if !is_valid_id(device_id) {
+        return Err(Rejection::new(
+            RejectReason::InvalidDeviceId,
+            format!("device id {device_id:?} in topic is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+        ));
+    }
+    Ok(kind)
+}
+
+const KNOWN_FIELDS: [&str; 11] = [
+    "device_id",
+    "seq",
+    "ts",
+    "temperature",
+    "humidity",
+    "battery",
+    "lat",
+    "lon",
+    "speed",
+    "epoch",
+    "attributes",
+];
+
+/// Decodes and validates one JSON reading. `topic_device` is the device id
+/// from the topic, which the payload must repeat.
+pub fn decode_reading(
+    payload: &[u8],
+    topic_device: Option<&str>,
+    now_ms: i64,
+    limits: &ValidationConfig,
+) -> Result<Reading, Rejection> {
+    if payload.len() > limits.max_payload_bytes {
+        return Err(Rejection::new(
+            RejectReason::PayloadTooLarge,
+            format!(
+                "payload of {} bytes exceeds validation.max_payload_bytes ({})",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+    let value: Value = serde_json::from_slice(payload)
+        .map_err(|e| Rejection::new(RejectReason::MalformedJson, format!("not valid JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(Rejection::new(
+            RejectReason::NotAnObject,
+            format!("expected a JSON object, got {}", type_name(&value)),
+        ));
+    };
+
+    let device_id = match obj.remove("device_id") {
+        Some(Value::String(s)) => s,
+        Some(other) => return Err(wrong_type("device_id", "a string", &other)),
+        None => return Err(missing("device_id")),
+    };
+    if !is_valid_id(&device_id) {
+        return Err(Rejection::new(
+            RejectReason::InvalidDeviceId,
+            format!("device_id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+        ));
+    }
+    if let Some(expected) = topic_device
+        && expected != device_id
+    {
+        return Err(Rejection::new(
+            RejectReason::DeviceIdMismatch,
+            format!("payload device_id {device_id:?} differs from topic device {expected:?}"),
+        ));
+    }
+
+    let device_seq = take_u64(&obj, "seq")?;
+    let epoch = match obj.get("epoch") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(take_u64(&obj, "epoch")?),
+    };
+    let seq = match epoch {
+        Some(epoch) => {
+            if epoch > MAX_EPOCH {
+                return Err(out_of_range("epoch", epoch as f64, &format!("0 to {MAX_EPOCH}")));
+            }
+            if device_seq > MAX_SEQ_WITH_EPOCH {
+                return Err(out_of_range(
+                    "seq",
+                    device_seq as f64,
+                    &format!("0 to {MAX_SEQ_WITH_EPOCH} when an epoch is given"),
+                ));
+            }
+            (epoch << 32) | device_seq
+        }
+        None => {
+            if device_seq > MAX_SEQ {
+                return Err(out_of_range("seq", device_seq as f64, &format!("0 to {MAX_SEQ}")));
+            }
+            device_seq
+        }
+    };
+
+    let ts = match obj.get("ts") {
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| wrong_type("ts", "integer epoch milliseconds", &Value::Number(n.clone())))?,
+        Some(other) => return Err(wrong_type("ts", "integer epoch milliseconds", other)),
+        None => return Err(missing("ts")),
+    };
+    let future_limit = now_ms.saturating_add(limits.max_future_skew_seconds.saturating_mul(1000) as i64);
+    let past_limit = now_ms.saturating_sub(limits.max_age_seconds.saturating_mul(1000) as i64);
+    if ts > future_limit || ts < past_limit {
+        return Err(Rejection::new(
+            RejectReason::TimestampSkew,
+            format!(
+                "ts {ts} is more than {} s in the future or {} s in the past of the gateway clock ({now_ms})",
+                limits.max_future_skew_seconds, limits.max_age_seconds
+            ),
+        ));
+    }
+
+    let temperature = take_f64(&obj, "temperature", -100.0, 200.0)?;
+    let humidity = take_f64(&obj, "humidity", 0.0, 100.0)?;
+    let battery = take_f64(&obj, "battery", 0.0, 100.0)?;
+    let lat = take_f64(&obj, "lat", -90.0, 90.0)?;
+    let lon = take_f64(&obj, "lon", -180.0, 180.0)?;
+    let speed = take_f64(&obj, "speed", 0.0, 1000.0)?;
+
+    let mut attributes = match obj.remove("attributes") {
+        Some(Value::Object(map)) => map,
+        Some(Value::Null) | None => Map::new(),
+        Some(other) => return Err(wrong_type("attributes", "an object", &other)),
+    };
+    for (key, value) in obj {
+        if !KNOWN_FIELDS.contains(&key.as_str()) {
+            attributes.insert(key, value);
+        }
+    }
+
+    Ok(Reading {
+        device_id,
+        seq,
+        device_seq,
+        epoch,
+        ts,
+        temperature,
+        humidity,
+        battery,
+        lat,
+        lon,
+        speed,
+        attributes,
+    })
+}
+
+fn take_u64(obj: &Map<String, Value>, field: &str) -> Result<u64, Rejection> {
+    match obj.get(field) {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| wrong_type(field, "a non-negative integer", &Value::Number(n.clone()))),
+        Some(other) => Err(wrong_type(field, "a non-negative integer", other)),
+        None => Err(missing(field)),
+    }
+}
+
+fn take_f64(obj: &Map<String, Value>, field: &str, min: f64, max: f64) -> Result<f64, Rejection> {
+    let value = match obj.get(field) {
+        Some(Value::Number(n)) => n
+            .as_f64()
+            .ok_or_else(|| wrong_type(field, "a number", &Value::Number(n.clone())))?,
+        Some(other) => return Err(wrong_type(field, "a number", other)),
+        None => return Err(missing(field)),
+    };
+    if !(min..=max).contains(&value) {
+        return Err(out_of_range(field, value, &format!("{min} to {max}")));
+    }
+    Ok(value)
+}
+
+fn missing(field: &str) -> Rejection {
+    Rejection::new(RejectReason::MissingField, format!("required field `{field}` is missing"))
+}
+
+fn wrong_type(field: &str, expected: &str, got: &Value) -> Rejection {
+    Rejection::new(
+        RejectReason::WrongType,
+        format!("field `{field}` must be {expected}, got {}", type_name(got)),
+    )
+}
+
+fn out_of_range(field: &str, value: f64, allowed: &str) -> Rejection {
+    Rejection::new(
+        RejectReason::OutOfRange,
+        format!("field `{field}` = {value} is outside {allowed}"),
+    )
+}
+
+fn type_name(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The enriched record sent to `rich-iot-data`.
+#[derive(Serialize)]
+pub struct EnrichedRecord<'a> {
+    #[serde(flatten)]
+    pub reading: &'a Reading,
+    pub gateway_id: &'a str,
+    /// Gateway clock when the reading was accepted, epoch ms.
+    pub received_at: i64,
+}
+
+/// The record sent to `iot-dlq` for a rejected input.
+#[derive(Serialize)]
+pub struct DeadLetterRecord<'a> {
+    pub gateway_id: &'a str,
+    pub received_at: i64,
+    pub source: &'a str,
+    pub topic: &'a str,
+    pub reason: &'static str,
+    pub message: &'a str,
+    /// The raw payload when it is UTF-8 (truncated to the payload limit).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload: Option<&'a str>,
+    /// The raw payload as hex when it is not UTF-8 (truncated likewise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payload_hex: Option<String>,
+    /// Bytes of the original payload.
+    pub payload_bytes: usize,
+}
+
+#[cfg(test)]
+mod tests;

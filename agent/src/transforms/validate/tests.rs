@@ -1,0 +1,157 @@
+use super::*;
+
+const NOW: i64 = 1_790_000_000_000;
+
+fn limits() -> ValidationConfig {
+    ValidationConfig::default()
+}
+
+fn good() -> Value {
+    serde_json::json!({
+        "device_id": "dev-1", "seq": 7, "ts": NOW - 1000,
+        "temperature": 21.5, "humidity": 40.0, "battery": 88.0,
+        "lat": 52.52, "lon": 13.40, "speed": 3.5
+    })
+}
+
+fn decode(v: &Value) -> Result<Reading, Rejection> {
+    decode_reading(v.to_string().as_bytes(), Some("dev-1"), NOW, &limits())
+}
+
+fn reason(v: &Value) -> RejectReason {
+    decode(v).unwrap_err().reason
+}
+
+#[test]
+fn valid_reading_decodes() {
+    let r = decode(&good()).unwrap();
+    assert_eq!(r.device_id, "dev-1");
+    assert_eq!(r.seq, 7);
+    assert_eq!(r.device_seq, 7);
+    assert_eq!(r.temperature, 21.5);
+    assert!(r.attributes.is_empty());
+}
+
+#[test]
+fn extra_fields_are_kept_as_attributes() {
+    let mut v = good();
+    v["firmware"] = "1.2.3".into();
+    v["attributes"] = serde_json::json!({"rssi": -70});
+    let r = decode(&v).unwrap();
+    assert_eq!(r.attributes["firmware"], "1.2.3");
+    assert_eq!(r.attributes["rssi"], -70);
+}
+
+#[test]
+fn epoch_is_folded_into_the_key() {
+    let mut v = good();
+    v["epoch"] = 3.into();
+    let r = decode(&v).unwrap();
+    assert_eq!(r.seq, (3 << 32) | 7);
+    assert_eq!(r.device_seq, 7);
+    assert_eq!(r.epoch, Some(3));
+    v["seq"] = (u32::MAX as u64 + 1).into();
+    assert_eq!(reason(&v), RejectReason::OutOfRange);
+}
+
+#[test]
+fn numbers_as_strings_are_wrong_type() {
+    let mut v = good();
+    v["temperature"] = "21.5".into();
+    let err = decode(&v).unwrap_err();
+    assert_eq!(err.reason, RejectReason::WrongType);
+    assert_eq!(err.message, "field `temperature` must be a number, got a string");
+    let mut v = good();
+    v["seq"] = "7".into();
+    assert_eq!(reason(&v), RejectReason::WrongType);
+    let mut v = good();
+    v["seq"] = (-1).into();
+    assert_eq!(reason(&v), RejectReason::WrongType);
+    let mut v = good();
+    v["ts"] = 1.5.into();
+    assert_eq!(reason(&v), RejectReason::WrongType);
+}
+
+#[test]
+fn missing_fields() {
+    for field in ["device_id", "seq", "ts", "temperature", "humidity", "battery", "lat", "lon", "speed"] {
+        let mut v = good();
+        v.as_object_mut().unwrap().remove(field);
+        let err = decode_reading(v.to_string().as_bytes(), None, NOW, &limits()).unwrap_err();
+        assert_eq!(err.reason, RejectReason::MissingField, "{field}");
+        assert!(err.message.contains(field), "{}", err.message);
+    }
+}
+
+#[test]
+fn ranges() {
+    for (field, bad) in [("lat", 91.0), ("lon", -180.5), ("humidity", 101.0), ("battery", -1.0), ("speed", -0.1)] {
+        let mut v = good();
+        v[field] = bad.into();
+        assert_eq!(reason(&v), RejectReason::OutOfRange, "{field}");
+    }
+}
+
+#[test]
+fn timestamp_skew() {
+    let mut v = good();
+    v["ts"] = (NOW + 301_000).into();
+    assert_eq!(reason(&v), RejectReason::TimestampSkew);
+    v["ts"] = (NOW - 31 * 24 * 3600 * 1000).into();
+    assert_eq!(reason(&v), RejectReason::TimestampSkew);
+}
+
+#[test]
+fn malformed_and_non_object_payloads() {
+    let l = limits();
+    for bad in [&b"{\"device_id\": "[..], b"", b"\xff\xfe", b"nul"] {
+        assert_eq!(decode_reading(bad, None, NOW, &l).unwrap_err().reason, RejectReason::MalformedJson);
+    }
+    assert_eq!(decode_reading(b"[1,2]", None, NOW, &l).unwrap_err().reason, RejectReason::NotAnObject);
+    assert_eq!(decode_reading(b"42", None, NOW, &l).unwrap_err().reason, RejectReason::NotAnObject);
+}
+
+#[test]
+fn oversized_payload_is_rejected_before_parsing() {
+    let big = vec![b' '; limits().max_payload_bytes + 1];
+    let err = decode_reading(&big, None, NOW, &limits()).unwrap_err();
+    assert_eq!(err.reason, RejectReason::PayloadTooLarge);
+    assert!(err.message.contains("4097 bytes"), "{}", err.message);
+}
+
+#[test]
+fn device_id_must_match_topic_and_be_safe() {
+    let mut v = good();
+    v["device_id"] = "dev-2".into();
+    assert_eq!(reason(&v), RejectReason::DeviceIdMismatch);
+    v["device_id"] = "bad id".into();
+    assert_eq!(reason(&v), RejectReason::InvalidDeviceId);
+}
+
+#[test]
+fn topics() {
+    assert_eq!(parse_topic("", "devices/d1/telemetry"), Ok(TopicKind::Telemetry("d1")));
+    assert_eq!(parse_topic("", "devices/d1/telemetry/bin"), Ok(TopicKind::TelemetryBin("d1")));
+    assert_eq!(parse_topic("site/", "site/devices/d1/telemetry"), Ok(TopicKind::Telemetry("d1")));
+    for bad in ["devices/d1/status", "devices/d1", "devices/d1/telemetry/x/y", "other/d1/telemetry", "site/devices/d1/telemetry"] {
+        assert_eq!(parse_topic("", bad).unwrap_err().reason, RejectReason::UnknownTopic, "{bad}");
+    }
+    assert_eq!(parse_topic("", "devices/a b/telemetry").unwrap_err().reason, RejectReason::InvalidDeviceId);
+}
+
+#[test]
+fn reason_codes_round_trip() {
+    for r in RejectReason::ALL {
+        assert_eq!(RejectReason::from_code(r.code()), Some(r));
+    }
+}
+
+#[test]
+fn enriched_record_flattens_the_reading() {
+    let r = decode(&good()).unwrap();
+    let json = serde_json::to_value(EnrichedRecord { reading: &r, gateway_id: "gw", received_at: NOW }).unwrap();
+    assert_eq!(json["device_id"], "dev-1");
+    assert_eq!(json["seq"], 7);
+    assert_eq!(json["gateway_id"], "gw");
+    assert!(json.get("attributes").is_none());
+}

@@ -1,0 +1,180 @@
+//! The `edge-agent` binary: config errors, live progress, clean stop on
+//! Ctrl-C (SIGINT) with a consistent outbox, and a restart that continues.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_edge-agent");
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let path = dir.join("agent.toml");
+    // Port 1 on loopback: nothing listens, so the uplink stays down and the
+    // outbox must absorb everything.
+    let text = format!(
+        r#"
+gateway_id = "cli-test"
+data_dir = "{}"
+[sources.demo]
+devices = 50
+readings_per_second = 2000
+invalid_fraction = 0.05
+seed = 7
+[kafka]
+brokers = "127.0.0.1:1"
+retry_backoff_max_seconds = 1
+{extra}
+"#,
+        dir.join("data").display()
+    );
+    std::fs::write(&path, text).expect("write config");
+    path
+}
+
+struct Running {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+fn start(config: &Path) -> Running {
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("start edge-agent");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, lines) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    Running { child, lines }
+}
+
+impl Running {
+    /// Waits for a stderr line matching `pred`, failing after `limit`.
+    fn wait_line(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if pred(&line) => return line,
+                Ok(line) => seen.push(line),
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {what} within {limit:?}; got:\n{}", seen.join("\n"));
+    }
+
+    fn interrupt_and_wait(mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .arg("-INT")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("edge-agent did not stop within 30 s of SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Number in a progress line after `label`, e.g. "valid 123".
+fn field(line: &str, label: &str) -> u64 {
+    let mut words = line.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == label {
+            return words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+        }
+    }
+    0
+}
+
+fn outbox_state(dir: &Path) -> (String, i64, i64, i64) {
+    let conn = rusqlite::Connection::open(dir.join("data/edge-agent.db")).expect("open db");
+    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity");
+    let (batches, max): (i64, i64) = conn
+        .query_row("SELECT COUNT(*), COALESCE(MAX(batch_seq), 0) FROM outbox_batch", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("outbox");
+    let rejects: i64 = conn
+        .query_row("SELECT COALESCE(SUM(count), 0) FROM reject_count", [], |r| r.get(0))
+        .expect("rejects");
+    (check, batches, max, rejects)
+}
+
+#[test]
+fn bad_config_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), "[outbox]\nbatch_max_records = 0\n");
+    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("`outbox.batch_max_records` = 0: 1 to 100000"), "{err}");
+
+    let out = Command::new(BIN).arg("--config").arg(dir.path().join("missing.toml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
+}
+
+#[test]
+fn check_config_accepts_the_embedded_default() {
+    let out = Command::new(BIN).arg("check-config").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("sim-gateway-1"));
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_a_restart_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+
+    let agent = start(&config);
+    let line = agent.wait_line("progress with valid readings and the uplink down", Duration::from_secs(60), |l| {
+        l.starts_with("in ") && field(l, "valid") > 500 && l.contains("DOWN")
+    });
+    assert!(line.contains("outbox absorbing"), "{line}");
+    let status = agent.interrupt_and_wait();
+    assert!(status.success(), "exit status {status:?}");
+
+    let (check, batches1, max1, rejects1) = outbox_state(dir.path());
+    assert_eq!(check, "ok");
+    assert!(batches1 > 0, "the outbox keeps what Kafka did not take");
+    assert!(rejects1 > 0, "invalid demo readings are counted durably");
+
+    let agent = start(&config);
+    let line = agent.wait_line("an outbox open line", Duration::from_secs(30), |l| l.contains("outbox open"));
+    assert!(line.contains(&format!("backlog_batches={batches1}")), "{line}");
+    agent.wait_line("progress after restart", Duration::from_secs(60), |l| {
+        l.starts_with("in ") && field(l, "valid") > 200
+    });
+    let status = agent.interrupt_and_wait();
+    assert!(status.success(), "exit status {status:?}");
+
+    let (check, batches2, max2, rejects2) = outbox_state(dir.path());
+    assert_eq!(check, "ok");
+    assert!(batches2 > batches1 && max2 > max1, "new batches after restart: {batches1}/{max1} -> {batches2}/{max2}");
+    assert!(rejects2 > rejects1);
+}

@@ -1,0 +1,270 @@
+//! Bridge configuration: an optional TOML file, then environment overrides
+//! (`CLOUD_BRIDGE_*`), validated at load.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config: `{key}` = {value}: {allowed}")]
+    Invalid { key: &'static str, value: String, allowed: String },
+}
+
+fn invalid(key: &'static str, value: impl std::fmt::Debug, allowed: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: format!("{value:?}"),
+        allowed: allowed.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    #[serde(default)]
+    pub kafka: KafkaSourceConfig,
+    #[serde(default)]
+    pub mysql: MysqlSinkConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceConfig {
+    /// Bootstrap servers. Env: `CLOUD_BRIDGE_KAFKA_BROKERS`.
+    #[serde(default = "default_brokers")]
+    pub brokers: String,
+    /// Consumer group; instances in one group share the partitions.
+    /// Env: `CLOUD_BRIDGE_GROUP_ID`.
+    #[serde(default = "default_group_id")]
+    pub group_id: String,
+    /// Topic with the enriched readings. Env: `CLOUD_BRIDGE_TOPIC_DATA`.
+    #[serde(default = "default_topic_data")]
+    pub topic_data: String,
+    /// Extra librdkafka properties (security.protocol, sasl.*); never logged.
+    #[serde(default)]
+    pub librdkafka_options: BTreeMap<String, String>,
+}
+
+impl Default for KafkaSourceConfig {
+    fn default() -> Self {
+        Self {
+            brokers: default_brokers(),
+            group_id: default_group_id(),
+            topic_data: default_topic_data(),
+            librdkafka_options: BTreeMap::new(),
+        }
+    }
+}
+
+fn default_brokers() -> String {
+    "127.0.0.1:9092".into()
+}
+fn default_group_id() -> String {
+    "cloud-bridge".into()
+}
+fn default_topic_data() -> String {
+    "rich-iot-data".into()
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlSinkConfig {
+    /// `mysql://user:password@host:port/database`. Holds a secret: never
+    /// logged. Env: `CLOUD_BRIDGE_MYSQL_URL`.
+    #[serde(default = "default_mysql_url")]
+    pub url: String,
+    /// Name under which this sink stores its Kafka offsets in
+    /// `bridge_offsets`.
+    #[serde(default = "default_sink_name")]
+    pub sink_name: String,
+    /// Most Kafka records per MySQL transaction.
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    /// How long to gather records for a batch after the first arrives.
+    #[serde(default = "default_batch_linger_ms")]
+    pub batch_linger_ms: u64,
+    /// Rows per multi-row INSERT statement.
+    #[serde(default = "default_rows_per_insert")]
+    pub rows_per_insert: usize,
+}
+
+impl std::fmt::Debug for MysqlSinkConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MysqlSinkConfig")
+            .field("url", &redact_url(&self.url))
+            .field("sink_name", &self.sink_name)
+            .field("batch_max_records", &self.batch_max_records)
+            .field("batch_linger_ms", &self.batch_linger_ms)
+            .finish()
+    }
+}
+
+impl Default for MysqlSinkConfig {
+    fn default() -> Self {
+        Self {
+            url: default_mysql_url(),
+            sink_name: default_sink_name(),
+            batch_max_records: default_batch_max_records(),
+            batch_linger_ms: default_batch_linger_ms(),
+            rows_per_insert: default_rows_per_insert(),
+        }
+    }
+}
+
+fn default_mysql_url() -> String {
+    "mysql://edge@127.0.0.1:3306/edge".into()
+}
+fn default_sink_name() -> String {
+    "mysql-metrics".into()
+}
+const fn default_batch_max_records() -> usize {
+    5000
+}
+const fn default_batch_linger_ms() -> u64 {
+    20
+}
+const fn default_rows_per_insert() -> usize {
+    500
+}
+
+/// `mysql://user:secret@host/db` → `mysql://user:***@host/db`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl BridgeConfig {
+    /// Loads the file if given (else defaults), applies `CLOUD_BRIDGE_*`
+    /// environment overrides, validates.
+    pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut config: BridgeConfig = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                toml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    origin: path.display().to_string(),
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::from_str("").map_err(|e| ConfigError::Parse {
+                origin: "defaults".into(),
+                message: e.to_string(),
+            })?,
+        };
+        if let Some(v) = env("CLOUD_BRIDGE_KAFKA_BROKERS") {
+            config.kafka.brokers = v;
+        }
+        if let Some(v) = env("CLOUD_BRIDGE_GROUP_ID") {
+            config.kafka.group_id = v;
+        }
+        if let Some(v) = env("CLOUD_BRIDGE_TOPIC_DATA") {
+            config.kafka.topic_data = v;
+        }
+        if let Some(v) = env("CLOUD_BRIDGE_MYSQL_URL") {
+            config.mysql.url = v;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", &self.kafka.brokers, "comma-separated host:port list"));
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return Err(invalid("kafka.group_id", &self.kafka.group_id, "a non-empty consumer group name"));
+        }
+        if self.kafka.topic_data.is_empty() || self.kafka.topic_data.len() > 249 {
+            return Err(invalid("kafka.topic_data", &self.kafka.topic_data, "a Kafka topic name"));
+        }
+        if !self.mysql.url.starts_with("mysql://") && !self.mysql.url.starts_with("mariadb://") {
+            return Err(invalid(
+                "mysql.url",
+                redact_url(&self.mysql.url),
+                "mysql://user:password@host:port/database",
+            ));
+        }
+        let name_ok = !self.mysql.sink_name.is_empty()
+            && self.mysql.sink_name.len() <= 64
+            && self.mysql.sink_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !name_ok {
+            return Err(invalid("mysql.sink_name", &self.mysql.sink_name, "1 to 64 characters of A-Z, a-z, 0-9, '-' or '_'"));
+        }
+        if !(1..=100_000).contains(&self.mysql.batch_max_records) {
+            return Err(invalid("mysql.batch_max_records", self.mysql.batch_max_records, "1 to 100000"));
+        }
+        if self.mysql.batch_linger_ms > 10_000 {
+            return Err(invalid("mysql.batch_linger_ms", self.mysql.batch_linger_ms, "0 to 10000"));
+        }
+        if !(1..=5000).contains(&self.mysql.rows_per_insert) {
+            return Err(invalid("mysql.rows_per_insert", self.mysql.rows_per_insert, "1 to 5000"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_env_overrides() {
+        let c = BridgeConfig::load(None, |k| match k {
+            "CLOUD_BRIDGE_KAFKA_BROKERS" => Some("kafka:9092".into()),
+            "CLOUD_BRIDGE_MYSQL_URL" => Some("mysql://u:p@db:3306/x".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "kafka:9092");
+        assert_eq!(c.kafka.topic_data, "rich-iot-data");
+        assert_eq!(c.mysql.url, "mysql://u:p@db:3306/x");
+    }
+
+    #[test]
+    fn secrets_are_redacted() {
+        assert_eq!(redact_url("mysql://edge:s3cret@h:1/db"), "mysql://edge:***@h:1/db");
+        assert_eq!(redact_url("mysql://h/db"), "mysql://h/db");
+        let c = BridgeConfig::load(None, |k| (k == "CLOUD_BRIDGE_MYSQL_URL").then(|| "mysql://a:topsecret@h/d".into())).unwrap();
+        assert!(!format!("{c:?}").contains("topsecret"));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let err = BridgeConfig::load(None, |k| (k == "CLOUD_BRIDGE_MYSQL_URL").then(|| "postgres://a:pw@h/d".into()))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid config: `mysql.url` = \"postgres://a:***@h/d\": mysql://user:password@host:port/database"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, "[kafka]\nbroker = \"x\"\n").unwrap();
+        let err = BridgeConfig::load(Some(&path), |_| None).unwrap_err().to_string();
+        assert!(err.contains("unknown field `broker`"), "{err}");
+    }
+}

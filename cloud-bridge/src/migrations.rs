@@ -1,0 +1,109 @@
+//! Versioned, idempotent schema migrations, valid on MySQL 8 and MariaDB
+//! 10.11. Run at start-up under a named lock so that several bridge
+//! instances starting together do not race.
+
+use sqlx::{Acquire, MySqlPool, Row};
+use tracing::info;
+
+/// (version, description, statements). Never edit a released migration;
+/// add a new one.
+const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
+    1,
+    "metrics, offsets and dead letters",
+    &[
+        "CREATE TABLE IF NOT EXISTS iot_metrics (
+            device_id       VARCHAR(64)     NOT NULL,
+            seq             BIGINT UNSIGNED NOT NULL,
+            device_seq      BIGINT UNSIGNED NOT NULL,
+            epoch           BIGINT UNSIGNED NULL,
+            ts_ms           BIGINT          NOT NULL,
+            temperature     DOUBLE          NOT NULL,
+            humidity        DOUBLE          NOT NULL,
+            battery         DOUBLE          NOT NULL,
+            lat             DOUBLE          NOT NULL,
+            lon             DOUBLE          NOT NULL,
+            speed           DOUBLE          NOT NULL,
+            attributes      TEXT            NULL,
+            gateway_id      VARCHAR(64)     NOT NULL,
+            received_at_ms  BIGINT          NOT NULL,
+            kafka_partition INT             NOT NULL,
+            kafka_offset    BIGINT          NOT NULL,
+            stored_at       TIMESTAMP(3)    NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+            PRIMARY KEY (device_id, seq),
+            KEY iot_metrics_ts (ts_ms)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        "CREATE TABLE IF NOT EXISTS bridge_offsets (
+            sink            VARCHAR(64)  NOT NULL,
+            topic           VARCHAR(249) NOT NULL,
+            kafka_partition INT          NOT NULL,
+            next_offset     BIGINT       NOT NULL,
+            updated_at      TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+            PRIMARY KEY (sink, topic, kafka_partition)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        "CREATE TABLE IF NOT EXISTS bridge_dead_letters (
+            id              BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            sink            VARCHAR(64)  NOT NULL,
+            topic           VARCHAR(249) NOT NULL,
+            kafka_partition INT          NOT NULL,
+            kafka_offset    BIGINT       NOT NULL,
+            reason          VARCHAR(64)  NOT NULL,
+            message         TEXT         NOT NULL,
+            payload         MEDIUMBLOB   NULL,
+            created_at      TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+            UNIQUE KEY bridge_dead_letters_origin (sink, topic, kafka_partition, kafka_offset)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    ],
+)];
+
+/// Applies every migration not yet recorded in `schema_migrations`.
+pub async fn migrate(pool: &MySqlPool) -> Result<Vec<i64>, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let conn = conn.acquire().await?;
+    let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK('cloud_bridge_migrations', 60)")
+        .fetch_one(&mut *conn)
+        .await?;
+    if locked != Some(1) {
+        return Err(sqlx::Error::Protocol(
+            "could not take the migration lock within 60 s; is another bridge stuck migrating?".into(),
+        ));
+    }
+    let result = async {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                version     BIGINT       NOT NULL PRIMARY KEY,
+                description VARCHAR(255) NOT NULL,
+                applied_at  TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)
+            ) ENGINE=InnoDB",
+        )
+        .execute(&mut *conn)
+        .await?;
+        let applied: Vec<i64> = sqlx::query("SELECT version FROM schema_migrations")
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| r.get::<i64, _>(0))
+            .collect();
+        let mut newly = Vec::new();
+        for (version, description, statements) in MIGRATIONS {
+            if applied.contains(version) {
+                continue;
+            }
+            for statement in *statements {
+                sqlx::query(statement).execute(&mut *conn).await?;
+            }
+            sqlx::query("INSERT INTO schema_migrations (version, description) VALUES (?, ?)")
+                .bind(version)
+                .bind(description)
+                .execute(&mut *conn)
+                .await?;
+            info!(version, description, "applied migration");
+            newly.push(*version);
+        }
+        Ok::<_, sqlx::Error>(newly)
+    }
+    .await;
+    let _ = sqlx::query("SELECT RELEASE_LOCK('cloud_bridge_migrations')")
+        .execute(&mut *conn)
+        .await;
+    result
+}

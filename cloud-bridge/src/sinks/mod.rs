@@ -1,0 +1,3 @@
+//! Where the bridge writes.
+
+pub mod mysql;
