@@ -284,7 +284,10 @@ impl KafkaUplink {
             .map_err(self.kafka_err("creating the admin client"))?;
         let topic = NewTopic::new(&self.config.kafka.topic_offsets, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact");
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+        // Bounded: an unreachable broker must surface as "down" quickly.
+        let opts = AdminOptions::new()
+            .request_timeout(Some(Duration::from_secs(10)))
+            .operation_timeout(Some(Duration::from_secs(10)));
         let results = self
             .rt
             .block_on(admin.create_topics([&topic], &opts))
@@ -307,14 +310,14 @@ impl KafkaUplink {
     /// Reads the last committed marker of this gateway (0 if none).
     fn read_marker(&self) -> Result<i64, UplinkError> {
         let topic = self.config.kafka.topic_offsets.clone();
-        let consumer: BaseConsumer = self
+        let consumer: BaseConsumer<QuietEof> = self
             .base_client_config()
             .set("group.id", format!("edge-agent-marker-{}", self.config.gateway_id))
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            .create()
+            .create_with_context(QuietEof)
             .map_err(self.kafka_err("creating the marker reader"))?;
         let metadata = consumer
             .fetch_metadata(Some(&topic), Duration::from_secs(20))
@@ -373,6 +376,20 @@ impl KafkaUplink {
         Ok(marker)
     }
 }
+
+/// Client context of the marker reader: reaching the end of a partition is
+/// what it waits for, not an error worth logging.
+struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            warn!(error = %error, reason, "Kafka client error while reading the marker");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
 fn send(
     producer: &ThreadedProducer<DefaultProducerContext>,
