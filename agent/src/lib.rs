@@ -32,6 +32,9 @@ use crate::sinks::kafka::{KafkaUplink, UplinkError};
 /// Capacity of the queue between the sources and the batch writer.
 const INPUT_QUEUE: usize = 16 * 1024;
 
+/// How long shutdown waits for the uplink to finish its transaction.
+const UPLINK_STOP_GRACE: Duration = Duration::from_secs(5);
+
 /// Why the agent stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -132,9 +135,10 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
     });
 
     let mut source_error = None;
+    let mut uplink_finished = false;
     tokio::select! {
         _ = shutdown => info!("shutting down: stopping sources, committing the batch in progress"),
-        _ = &mut uplink_done => {}
+        _ = &mut uplink_done => uplink_finished = true,
         Some(result) = sources.join_next() => {
             if let Ok(Err(e)) = result {
                 error!(error = format!("{e:#}"), "a source failed");
@@ -150,10 +154,20 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
     }
     let _ = writer_done.await;
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;
-    let uplink_result = tokio::task::spawn_blocking(move || uplink_thread.join())
-        .await
-        .map_err(|e| anyhow::anyhow!("uplink thread: {e}"))?
-        .map_err(|_| anyhow::anyhow!("the Kafka uplink thread panicked"))?;
+    // The uplink finishes a transaction in flight, but a call blocked on an
+    // unreachable broker is not worth waiting for: everything is durable in
+    // the outbox, and the next start fences and aborts whatever was open.
+    let finished = uplink_finished || tokio::time::timeout(UPLINK_STOP_GRACE, &mut uplink_done).await.is_ok();
+    let uplink_result = match finished {
+        true => tokio::task::spawn_blocking(move || uplink_thread.join())
+            .await
+            .map_err(|e| anyhow::anyhow!("uplink thread: {e}"))?
+            .map_err(|_| anyhow::anyhow!("the Kafka uplink thread panicked"))?,
+        false => {
+            info!("the Kafka uplink is still waiting on the broker; leaving it (the outbox keeps the data)");
+            Ok(())
+        }
+    };
     if let Some(p) = progress {
         p.abort();
     }

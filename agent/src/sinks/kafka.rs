@@ -282,6 +282,10 @@ impl KafkaUplink {
             .base_client_config()
             .create()
             .map_err(self.kafka_err("creating the admin client"))?;
+        admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map_err(self.kafka_err("cannot reach any broker (check kafka.brokers and the network)"))?;
         let topic = NewTopic::new(&self.config.kafka.topic_offsets, 1, TopicReplication::Fixed(-1))
             .set("cleanup.policy", "compact");
         // Bounded: an unreachable broker must surface as "down" quickly.
