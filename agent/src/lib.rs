@@ -87,6 +87,17 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
         source.check()?;
         sources.spawn(source.run(input_tx.clone(), ack_rx, stop_rx.clone()));
     }
+    for (index, serial) in config.sources.serial.iter().enumerate() {
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        acks.serial.push(ack_tx);
+        let source = sources::serial::SerialSource {
+            config: serial.clone(),
+            index,
+            stats: stats.clone(),
+            port_stats: Arc::new(sources::serial::SerialPortStats::default()),
+        };
+        sources.spawn(source.run(input_tx.clone(), ack_rx, stop_rx.clone()));
+    }
     if let Some(demo) = config.sources.demo.clone() {
         let topic_prefix = config.sources.mqtt.as_ref().map(|m| m.topic_prefix.clone()).unwrap_or_default();
         let source = sources::demo::DemoSource { config: demo, topic_prefix, stats: stats.clone() };

@@ -15,7 +15,7 @@ use crate::config::{Config, OutboxConfig, ValidationConfig};
 use crate::outbox::{Item, Outbox, RejectedInput};
 use crate::signal::OutboxSignals;
 use crate::stats::Stats;
-use crate::transforms::validate::{RejectReason, Rejection, TopicKind, decode_reading, parse_topic};
+use crate::transforms::validate::{Rejection, TopicKind, decode_bin_reading, decode_reading, parse_topic, reading_from_frame};
 
 /// An MQTT publish that must be acknowledged once durable.
 pub type MqttPublish = rumqttc::Publish;
@@ -25,6 +25,13 @@ pub type MqttPublish = rumqttc::Publish;
 pub enum Envelope {
     /// A message from the MQTT source: acknowledged after its batch commits.
     Mqtt(MqttPublish),
+    /// A reading from a serial port, acknowledged over the link once durable.
+    Serial {
+        port: usize,
+        address: u8,
+        device_id: String,
+        reading: firmware_proto::message::Reading,
+    },
     /// A message with nothing to acknowledge (demo, import).
     Raw {
         source: &'static str,
@@ -38,14 +45,27 @@ impl Envelope {
         match self {
             Envelope::Mqtt(p) => p.payload.len() + p.topic.len(),
             Envelope::Raw { topic, payload, .. } => payload.len() + topic.len(),
+            Envelope::Serial { .. } => 64,
         }
     }
+}
+
+/// A serial reading made durable (stored, or rejected and quarantined).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SerialAck {
+    pub address: u8,
+    pub boot_epoch: u32,
+    pub seq: u32,
+    /// Stored as a reject: the device is told with a `Nack`.
+    pub refused: bool,
 }
 
 /// Where acknowledgements go once a batch is durable.
 #[derive(Clone, Default)]
 pub struct AckRouter {
     pub mqtt: Option<mpsc::UnboundedSender<Vec<MqttPublish>>>,
+    /// One channel per serial port, by port index.
+    pub serial: Vec<mpsc::UnboundedSender<Vec<SerialAck>>>,
 }
 
 pub struct BatchWriter {
@@ -164,8 +184,29 @@ impl BatchWriter {
         let now = now_ms();
         let mut items = Vec::with_capacity(batch.len());
         let mut mqtt_acks = Vec::new();
+        let mut serial_acks: Vec<Vec<SerialAck>> = vec![Vec::new(); self.acks.serial.len()];
         for env in batch {
             match env {
+                Envelope::Serial { port, address, device_id, reading } => {
+                    let item = match reading_from_frame(&device_id, &reading, now, &self.validation) {
+                        Ok(r) => Item::Reading(r),
+                        Err(rejection) => Item::Rejected(RejectedInput {
+                            source: "serial",
+                            topic: format!("serial/{port}/{address}/{device_id}"),
+                            payload: format!("{reading:?}").into_bytes(),
+                            rejection,
+                        }),
+                    };
+                    if let Some(acks) = serial_acks.get_mut(port) {
+                        acks.push(SerialAck {
+                            address,
+                            boot_epoch: reading.boot_epoch,
+                            seq: reading.seq,
+                            refused: matches!(item, Item::Rejected(_)),
+                        });
+                    }
+                    items.push(item);
+                }
                 Envelope::Mqtt(publish) => {
                     items.push(self.decode("mqtt", &publish.topic, &publish.payload, now));
                     mqtt_acks.push(publish);
@@ -215,6 +256,13 @@ impl BatchWriter {
             // MQTT task is gone, the broker redelivers and dedupe drops them.
             let _ = tx.send(mqtt_acks);
         }
+        for (port, acks) in serial_acks.into_iter().enumerate() {
+            if !acks.is_empty()
+                && let Some(tx) = self.acks.serial.get(port)
+            {
+                let _ = tx.send(acks);
+            }
+        }
         true
     }
 
@@ -230,11 +278,11 @@ impl BatchWriter {
         };
         let device = match parse_topic(&self.topic_prefix, topic) {
             Ok(TopicKind::Telemetry(device)) => device,
-            Ok(TopicKind::TelemetryBin(_)) => {
-                return reject(Rejection::new(
-                    RejectReason::UnsupportedEncoding,
-                    "binary firmware-proto readings are not supported by this build yet",
-                ));
+            Ok(TopicKind::TelemetryBin(device)) => {
+                return match decode_bin_reading(payload, device, now, &self.validation) {
+                    Ok(reading) => Item::Reading(reading),
+                    Err(rejection) => reject(rejection),
+                };
             }
             Err(rejection) => return reject(rejection),
         };

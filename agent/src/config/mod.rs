@@ -75,6 +75,79 @@ pub struct SourcesConfig {
     pub mqtt: Option<MqttSourceConfig>,
     /// Simulated devices, so the agent runs with no hardware.
     pub demo: Option<DemoSourceConfig>,
+    /// Serial ports (UART, RS-485, USB adapters) speaking firmware-proto.
+    #[serde(default)]
+    pub serial: Vec<SerialSourceConfig>,
+}
+
+/// Parity of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
+/// Flow control of a serial line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlowControl {
+    None,
+    /// XON/XOFF.
+    Software,
+    /// RTS/CTS.
+    Hardware,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialSourceConfig {
+    /// Device path. Prefer the stable `/dev/serial/by-id/...` names of USB
+    /// adapters: `/dev/ttyUSB0` can change after a replug.
+    pub path: PathBuf,
+    /// Line speed.
+    #[serde(default = "default_baud_rate")]
+    pub baud_rate: u32,
+    #[serde(default = "default_parity")]
+    pub parity: Parity,
+    /// 1 or 2.
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    /// 7 or 8.
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default = "default_flow_control")]
+    pub flow_control: FlowControl,
+    /// Cap of the backoff between attempts to (re)open the port, e.g. while
+    /// a USB adapter is unplugged.
+    #[serde(default = "default_reopen_backoff_max_seconds")]
+    pub reopen_backoff_max_seconds: u64,
+    /// Sampling interval pushed to devices in `Config`.
+    #[serde(default = "default_sampling_interval_ms")]
+    pub sampling_interval_ms: u32,
+}
+
+const fn default_baud_rate() -> u32 {
+    115_200
+}
+const fn default_parity() -> Parity {
+    Parity::None
+}
+const fn default_stop_bits() -> u8 {
+    1
+}
+const fn default_data_bits() -> u8 {
+    8
+}
+const fn default_flow_control() -> FlowControl {
+    FlowControl::None
+}
+const fn default_reopen_backoff_max_seconds() -> u64 {
+    10
+}
+const fn default_sampling_interval_ms() -> u32 {
+    1000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -412,12 +485,36 @@ impl Config {
         if !is_valid_id(&self.gateway_id) {
             return Err(invalid("gateway_id", &self.gateway_id, ID_RULE));
         }
-        if self.sources.mqtt.is_none() && self.sources.demo.is_none() {
+        if self.sources.mqtt.is_none() && self.sources.demo.is_none() && self.sources.serial.is_empty() {
             return Err(invalid(
                 "sources",
                 "{}",
-                "configure at least one of [sources.mqtt] or [sources.demo]",
+                "configure at least one of [sources.mqtt], [sources.demo] or [[sources.serial]]",
             ));
+        }
+        let mut paths = std::collections::BTreeSet::new();
+        for serial in &self.sources.serial {
+            if serial.path.as_os_str().is_empty() {
+                return Err(invalid("sources.serial.path", &serial.path, "a device path such as /dev/ttyUSB0"));
+            }
+            if !paths.insert(serial.path.clone()) {
+                return Err(invalid("sources.serial.path", &serial.path, "each port only once; please delete the duplicate"));
+            }
+            if !(300..=4_000_000).contains(&serial.baud_rate) {
+                return Err(invalid("sources.serial.baud_rate", serial.baud_rate, "300 to 4000000"));
+            }
+            if !matches!(serial.stop_bits, 1 | 2) {
+                return Err(invalid("sources.serial.stop_bits", serial.stop_bits, "1 or 2"));
+            }
+            if !matches!(serial.data_bits, 7 | 8) {
+                return Err(invalid("sources.serial.data_bits", serial.data_bits, "7 or 8 (frames are binary: use 8 unless the line forces 7)"));
+            }
+            if !(1..=3600).contains(&serial.reopen_backoff_max_seconds) {
+                return Err(invalid("sources.serial.reopen_backoff_max_seconds", serial.reopen_backoff_max_seconds, "1 to 3600"));
+            }
+            if !(10..=86_400_000).contains(&serial.sampling_interval_ms) {
+                return Err(invalid("sources.serial.sampling_interval_ms", serial.sampling_interval_ms, "10 to 86400000"));
+            }
         }
         if let Some(mqtt) = &self.sources.mqtt {
             if mqtt.host.trim().is_empty() {

@@ -78,7 +78,7 @@ fn wrong_type_is_reported_by_key() {
 #[test]
 fn a_source_is_required() {
     let err = error_of("gateway_id = \"g\"\n[kafka]\nbrokers = \"b:1\"\n");
-    assert!(err.contains("configure at least one of [sources.mqtt] or [sources.demo]"), "{err}");
+    assert!(err.contains("configure at least one of [sources.mqtt], [sources.demo] or [[sources.serial]]"), "{err}");
 }
 
 #[test]
@@ -106,4 +106,21 @@ fn ids() {
     assert!(!is_valid_id("a/b"));
     assert!(!is_valid_id("a+b"));
     assert!(!is_valid_id(&"x".repeat(65)));
+}
+
+#[test]
+fn serial_ports_are_checked() {
+    let ok = MINIMAL.replace("[sources.demo]", "[[sources.serial]]\npath = \"/dev/serial/by-id/usb-FTDI-if00\"\nparity = \"even\"\nflow_control = \"hardware\"");
+    let c = Config::from_toml(&ok, "t").unwrap();
+    assert_eq!(c.sources.serial[0].baud_rate, 115_200);
+    assert_eq!(c.sources.serial[0].parity, Parity::Even);
+    let bad = MINIMAL.replace("[sources.demo]", "[[sources.serial]]\npath = \"/dev/ttyS0\"\nstop_bits = 3");
+    assert_eq!(error_of(&bad), "invalid config: `sources.serial.stop_bits` = 3: 1 or 2");
+    let twice = MINIMAL.replace(
+        "[sources.demo]",
+        "[[sources.serial]]\npath = \"/dev/ttyS0\"\n[[sources.serial]]\npath = \"/dev/ttyS0\"",
+    );
+    assert!(error_of(&twice).contains("each port only once"));
+    let parity = MINIMAL.replace("[sources.demo]", "[[sources.serial]]\npath = \"/dev/ttyS0\"\nparity = \"mark\"");
+    assert!(error_of(&parity).contains("unknown variant `mark`"), "{}", error_of(&parity));
 }

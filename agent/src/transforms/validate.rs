@@ -16,6 +16,7 @@ pub enum RejectReason {
     PayloadTooLarge,
     UnknownTopic,
     UnsupportedEncoding,
+    MalformedFrame,
     InvalidDeviceId,
     MalformedJson,
     NotAnObject,
@@ -27,10 +28,11 @@ pub enum RejectReason {
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 11] = [
+    pub const ALL: [RejectReason; 12] = [
         Self::PayloadTooLarge,
         Self::UnknownTopic,
         Self::UnsupportedEncoding,
+        Self::MalformedFrame,
         Self::InvalidDeviceId,
         Self::MalformedJson,
         Self::NotAnObject,
@@ -47,6 +49,7 @@ impl RejectReason {
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnknownTopic => "unknown_topic",
             Self::UnsupportedEncoding => "unsupported_encoding",
+            Self::MalformedFrame => "malformed_frame",
             Self::InvalidDeviceId => "invalid_device_id",
             Self::MalformedJson => "malformed_json",
             Self::NotAnObject => "not_an_object",
@@ -240,24 +243,15 @@ pub fn decode_reading(
         Some(other) => return Err(wrong_type("ts", "integer epoch milliseconds", other)),
         None => return Err(missing("ts")),
     };
-    let future_limit = now_ms.saturating_add(limits.max_future_skew_seconds.saturating_mul(1000) as i64);
-    let past_limit = now_ms.saturating_sub(limits.max_age_seconds.saturating_mul(1000) as i64);
-    if ts > future_limit || ts < past_limit {
-        return Err(Rejection::new(
-            RejectReason::TimestampSkew,
-            format!(
-                "ts {ts} is more than {} s in the future or {} s in the past of the gateway clock ({now_ms})",
-                limits.max_future_skew_seconds, limits.max_age_seconds
-            ),
-        ));
-    }
+    check_timestamp(ts, now_ms, limits)?;
 
-    let temperature = take_f64(&obj, "temperature", -100.0, 200.0)?;
-    let humidity = take_f64(&obj, "humidity", 0.0, 100.0)?;
-    let battery = take_f64(&obj, "battery", 0.0, 100.0)?;
-    let lat = take_f64(&obj, "lat", -90.0, 90.0)?;
-    let lon = take_f64(&obj, "lon", -180.0, 180.0)?;
-    let speed = take_f64(&obj, "speed", 0.0, 1000.0)?;
+    let temperature = take_f64(&obj, "temperature")?;
+    let humidity = take_f64(&obj, "humidity")?;
+    let battery = take_f64(&obj, "battery")?;
+    let lat = take_f64(&obj, "lat")?;
+    let lon = take_f64(&obj, "lon")?;
+    let speed = take_f64(&obj, "speed")?;
+    check_ranges(temperature, humidity, battery, lat, lon, speed)?;
 
     let mut attributes = match obj.remove("attributes") {
         Some(Value::Object(map)) => map,
@@ -296,18 +290,134 @@ fn take_u64(obj: &Map<String, Value>, field: &str) -> Result<u64, Rejection> {
     }
 }
 
-fn take_f64(obj: &Map<String, Value>, field: &str, min: f64, max: f64) -> Result<f64, Rejection> {
-    let value = match obj.get(field) {
+fn take_f64(obj: &Map<String, Value>, field: &str) -> Result<f64, Rejection> {
+    match obj.get(field) {
         Some(Value::Number(n)) => n
             .as_f64()
-            .ok_or_else(|| wrong_type(field, "a number", &Value::Number(n.clone())))?,
-        Some(other) => return Err(wrong_type(field, "a number", other)),
-        None => return Err(missing(field)),
-    };
-    if !(min..=max).contains(&value) {
-        return Err(out_of_range(field, value, &format!("{min} to {max}")));
+            .ok_or_else(|| wrong_type(field, "a number", &Value::Number(n.clone()))),
+        Some(other) => Err(wrong_type(field, "a number", other)),
+        None => Err(missing(field)),
     }
-    Ok(value)
+}
+
+fn check_timestamp(ts: i64, now_ms: i64, limits: &ValidationConfig) -> Result<(), Rejection> {
+    let future_limit = now_ms.saturating_add(limits.max_future_skew_seconds.saturating_mul(1000) as i64);
+    let past_limit = now_ms.saturating_sub(limits.max_age_seconds.saturating_mul(1000) as i64);
+    if ts > future_limit || ts < past_limit {
+        return Err(Rejection::new(
+            RejectReason::TimestampSkew,
+            format!(
+                "ts {ts} is more than {} s in the future or {} s in the past of the gateway clock ({now_ms})",
+                limits.max_future_skew_seconds, limits.max_age_seconds
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Physical ranges of the schema's values. NaN and infinities are outside
+/// every range.
+fn check_ranges(temperature: f64, humidity: f64, battery: f64, lat: f64, lon: f64, speed: f64) -> Result<(), Rejection> {
+    for (field, value, min, max) in [
+        ("temperature", temperature, -100.0, 200.0),
+        ("humidity", humidity, 0.0, 100.0),
+        ("battery", battery, 0.0, 100.0),
+        ("lat", lat, -90.0, 90.0),
+        ("lon", lon, -180.0, 180.0),
+        ("speed", speed, 0.0, 1000.0),
+    ] {
+        if !(min..=max).contains(&value) {
+            return Err(out_of_range(field, value, &format!("{min} to {max}")));
+        }
+    }
+    Ok(())
+}
+
+/// Builds a reading from a firmware-proto frame (serial line or the MQTT
+/// `/bin` topic) and checks it like a JSON one.
+pub fn reading_from_frame(
+    device_id: &str,
+    frame: &firmware_proto::message::Reading,
+    now_ms: i64,
+    limits: &ValidationConfig,
+) -> Result<Reading, Rejection> {
+    if !is_valid_id(device_id) {
+        return Err(Rejection::new(
+            RejectReason::InvalidDeviceId,
+            format!("device id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+        ));
+    }
+    let epoch = u64::from(frame.boot_epoch);
+    if epoch > MAX_EPOCH {
+        return Err(out_of_range("boot_epoch", epoch as f64, &format!("0 to {MAX_EPOCH}")));
+    }
+    let ts = i64::try_from(frame.timestamp_ms)
+        .map_err(|_| out_of_range("timestamp_ms", frame.timestamp_ms as f64, "a 63-bit epoch millisecond value"))?;
+    check_timestamp(ts, now_ms, limits)?;
+    let (temperature, humidity, battery, speed) = (
+        f64::from(frame.temperature),
+        f64::from(frame.humidity),
+        f64::from(frame.battery),
+        f64::from(frame.speed),
+    );
+    check_ranges(temperature, humidity, battery, frame.lat, frame.lon, speed)?;
+    let mut attributes = Map::new();
+    for extra in &frame.extras {
+        let value = serde_json::Number::from_f64(f64::from(extra.value))
+            .map(Value::Number)
+            .ok_or_else(|| out_of_range("extras", f64::from(extra.value), "finite numbers"))?;
+        attributes.insert(format!("x{}", extra.key), value);
+    }
+    Ok(Reading {
+        device_id: device_id.to_string(),
+        seq: (epoch << 32) | u64::from(frame.seq),
+        device_seq: u64::from(frame.seq),
+        epoch: Some(epoch),
+        ts,
+        temperature,
+        humidity,
+        battery,
+        lat: frame.lat,
+        lon: frame.lon,
+        speed,
+        attributes,
+    })
+}
+
+/// Decodes an MQTT `/bin` payload: exactly one firmware-proto frame holding
+/// a `Reading`.
+pub fn decode_bin_reading(
+    payload: &[u8],
+    topic_device: &str,
+    now_ms: i64,
+    limits: &ValidationConfig,
+) -> Result<Reading, Rejection> {
+    use firmware_proto::message::Message;
+    if payload.len() > firmware_proto::MAX_FRAME_SIZE_BYTES {
+        return Err(Rejection::new(
+            RejectReason::PayloadTooLarge,
+            format!("binary payload of {} bytes exceeds the {}-byte frame limit", payload.len(), firmware_proto::MAX_FRAME_SIZE_BYTES),
+        ));
+    }
+    let mut deframer = firmware_proto::frame::Deframer::new();
+    let mut first = None;
+    let mut frames = 0;
+    // A trailing delimiter may be missing in a payload: add one.
+    deframer.feed(payload, |f| {
+        frames += 1;
+        first.get_or_insert(f);
+    });
+    if let Some(f) = deframer.push(0) {
+        frames += 1;
+        first.get_or_insert(f);
+    }
+    match first {
+        None => Err(Rejection::new(RejectReason::MalformedFrame, "binary payload holds no frame")),
+        Some(Err(e)) => Err(Rejection::new(RejectReason::MalformedFrame, format!("binary payload is not a valid frame: {e}"))),
+        Some(Ok(_)) if frames > 1 => Err(Rejection::new(RejectReason::MalformedFrame, "binary payload must hold exactly one frame")),
+        Some(Ok((_, Message::Reading(r)))) => reading_from_frame(topic_device, &r, now_ms, limits),
+        Some(Ok(_)) => Err(Rejection::new(RejectReason::UnsupportedEncoding, "binary payload holds a frame that is not a Reading")),
+    }
 }
 
 fn missing(field: &str) -> Rejection {
