@@ -5,6 +5,7 @@
 //! uplink ships committed batches in transactions, exactly once.
 
 pub mod config;
+pub mod doctor;
 pub mod outbox;
 pub mod pipeline;
 pub mod signal;

@@ -22,6 +22,8 @@ enum Command {
     Run,
     /// Validate the config and exit.
     CheckConfig,
+    /// Check config, serial ports, broker, Kafka, disk and clock; print a verdict per check.
+    Doctor,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +53,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run => run(config),
+        Command::Doctor => doctor(&config, cli.config.as_deref()),
     }
 }
 
@@ -74,6 +77,22 @@ fn run(config: Config) -> ExitCode {
             eprintln!("edge-agent: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn doctor(config: &Config, path: Option<&std::path::Path>) -> ExitCode {
+    let origin = path.map_or_else(|| "built-in board-configs/sim.toml".to_string(), |p| p.display().to_string());
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edge-agent: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checks = runtime.block_on(edge_agent::doctor::run(config, &origin));
+    match edge_agent::doctor::print(&checks) {
+        edge_agent::doctor::Verdict::Fail => ExitCode::FAILURE,
+        _ => ExitCode::SUCCESS,
     }
 }
 

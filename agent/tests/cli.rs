@@ -178,3 +178,40 @@ fn ctrl_c_stops_cleanly_and_a_restart_continues() {
     assert!(batches2 > batches1 && max2 > max1, "new batches after restart: {batches1}/{max1} -> {batches2}/{max2}");
     assert!(rejects2 > rejects1);
 }
+
+#[test]
+fn doctor_reports_each_check_with_a_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("doctor.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+gateway_id = "doctor-test"
+data_dir = "{}"
+[[sources.serial]]
+path = "{}"
+[kafka]
+brokers = "127.0.0.1:1"
+"#,
+            dir.path().join("data").display(),
+            dir.path().join("no-such-tty").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&path).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = |prefix: &str| {
+        text.lines()
+            .find(|l| l.contains(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in:\n{text}"))
+            .to_string()
+    };
+    assert!(line("config").starts_with("ok"), "{text}");
+    assert!(line("serial").starts_with("FAIL") && line("serial").contains("not present"), "{text}");
+    assert!(line("kafka 127.0.0.1:1").starts_with("FAIL") && line("kafka").contains("unreachable"), "{text}");
+    assert!(line("disk").starts_with("ok") || line("disk").starts_with("WARN"), "{text}");
+    assert!(line("clock").starts_with("ok") || line("clock").starts_with("WARN"), "{text}");
+    assert!(text.contains("verdict: NOT ready"), "{text}");
+}
