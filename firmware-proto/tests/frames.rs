@@ -97,6 +97,21 @@ proptest! {
     }
 
     #[test]
+    fn feed_equals_pushing_byte_by_byte(chunks in proptest::collection::vec(proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>()], 0..700), 0..6)) {
+        let (mut a, mut b) = (Deframer::new(), Deframer::new());
+        let (mut fed, mut pushed) = (Vec::new(), Vec::new());
+        for chunk in &chunks {
+            a.feed(chunk, |f| fed.push(f));
+            for &byte in chunk {
+                if let Some(f) = b.push(byte) {
+                    pushed.push(f);
+                }
+            }
+        }
+        prop_assert_eq!(fed, pushed);
+    }
+
+    #[test]
     fn a_good_frame_after_garbage_is_recovered(garbage in proptest::collection::vec(any::<u8>(), 0..600), msg in arb_message()) {
         let mut buf = [0u8; MAX_FRAME_SIZE_BYTES];
         let n = encode_frame(3, &msg, &mut buf).unwrap();
