@@ -280,3 +280,31 @@ fn silent_device_is_reported_once() {
     gateway.handle_timeout(deadline + Duration::from_secs(60));
     assert!(gateway.poll_event().is_none());
 }
+
+#[test]
+fn unknown_protocol_version_is_answered_with_an_error_frame() {
+    use firmware_proto::frame::{Deframer, encode_raw};
+    use firmware_proto::message::Message;
+    let now = Instant::from_millis(0);
+    let mut gateway: GatewayLink = GatewayLink::new(CONFIG);
+    // A frame from a future firmware: version 2, address 7, valid CRC.
+    let mut raw = vec![2u8, 7];
+    raw.extend_from_slice(&postcard::to_allocvec(&Message::Heartbeat { uptime_ms: 1 }).unwrap());
+    let crc = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI).checksum(&raw);
+    raw.extend_from_slice(&crc.to_le_bytes());
+    let mut buf = [0u8; MAX_FRAME_SIZE_BYTES];
+    let n = encode_raw(&raw, &mut buf).unwrap();
+    gateway.handle_bytes(&buf[..n], now, 0);
+    assert!(matches!(
+        gateway.poll_event(),
+        Some(GatewayEvent::FrameError(firmware_proto::frame::FrameError::UnsupportedVersion { version: 2, address: 7 }))
+    ));
+    let n = gateway.poll_transmit(&mut buf).expect("an error frame");
+    let mut frames = Vec::new();
+    Deframer::new().feed(&buf[..n], |f| frames.push(f));
+    assert_eq!(frames, vec![Ok((7, Message::Error { code: ErrorCode::UnsupportedVersion }))]);
+    // A device told so reports it to its application.
+    let mut device: DeviceLink = DeviceLink::new(7, "dev-7".try_into().unwrap(), 1, 1, now);
+    device.handle_bytes(&buf[..n], now);
+    assert_eq!(device.poll_event(), Some(DeviceEvent::VersionRefused));
+}
