@@ -16,6 +16,53 @@
 //! * A new boot epoch in `Hello` resets the gateway's state for that
 //!   device; a reading from an unknown device or epoch is answered with
 //!   `Error { NotIdentified }`, and the device says `Hello` again.
+//!
+//! # An embassy task driving the device side
+//!
+//! The firmware owns the UART and the clock; the link only sees bytes and
+//! instants. `Instant::now()` is embassy's clock, chosen at link time:
+//!
+//! ```no_run
+//! use embassy_time::Instant;
+//! use firmware_proto::MAX_FRAME_SIZE_BYTES;
+//! use firmware_proto::link::{DeviceEvent, DeviceLink};
+//! use firmware_proto::message::Reading;
+//!
+//! /// What the task needs from the board's UART (embedded-io-async and
+//! /// embassy's `with_deadline` give the same).
+//! pub trait Uart {
+//!     async fn write_all(&mut self, bytes: &[u8]);
+//!     /// Reads what has arrived; returns 0 once `deadline` passes.
+//!     async fn read_until(&mut self, buf: &mut [u8], deadline: Instant) -> usize;
+//! }
+//!
+//! // In firmware: `#[embassy_executor::task] async fn link_task(uart: BoardUart, ..)`.
+//! pub async fn link_task<U: Uart>(mut uart: U, mut link: DeviceLink, mut sample: impl FnMut() -> Option<Reading>) -> ! {
+//!     let mut frame = [0u8; MAX_FRAME_SIZE_BYTES];
+//!     let mut rx = [0u8; 64];
+//!     loop {
+//!         let now = Instant::now();
+//!         if link.can_send()
+//!             && let Some(mut reading) = sample()
+//!         {
+//!             reading.timestamp_ms = link.unix_time_ms(now).unwrap_or(0);
+//!             let _ = link.send(reading, now);
+//!         }
+//!         link.handle_timeout(now);
+//!         while let Some(n) = link.poll_transmit(now, &mut frame) {
+//!             uart.write_all(&frame[..n]).await;
+//!         }
+//!         let n = uart.read_until(&mut rx, link.poll_timeout()).await;
+//!         link.handle_bytes(&rx[..n], Instant::now());
+//!         while let Some(event) = link.poll_event() {
+//!             if let DeviceEvent::Acked { seq } = event {
+//!                 // Readings up to `seq` are safe: free their flash slots.
+//!                 let _ = seq;
+//!             }
+//!         }
+//!     }
+//! }
+//! ```
 
 use embassy_time::{Duration, Instant};
 use heapless::{Deque, Vec};

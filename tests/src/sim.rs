@@ -75,6 +75,9 @@ pub struct SerialSimConfig {
     pub readings_per_device: u32,
     /// Readings per second over all devices; 0 = as fast as the link allows.
     pub readings_per_second: f64,
+    /// Fraction of readings sent with an impossible latitude, which the
+    /// gateway stores as rejected and answers with a `Nack`.
+    pub invalid_fraction: f64,
     pub seed: u64,
     /// Faults on the device → gateway direction.
     pub uplink_faults: ByteFaults,
@@ -209,7 +212,10 @@ impl SerialSim {
         let total = self.config.readings_per_device;
         for d in &mut self.devices {
             while d.produced < total && d.link.can_send() && (!limited || self.tokens >= 1.0) {
-                let (lat, lon) = d.track.next();
+                let (mut lat, lon) = d.track.next();
+                if self.config.invalid_fraction > 0.0 && self.rng.random_bool(self.config.invalid_fraction) {
+                    lat = 123.0;
+                }
                 let timestamp_ms = d.link.unix_time_ms(now).unwrap_or_else(|| crate::now_ms() as u64);
                 let mut extras = heapless::Vec::new();
                 let _ = extras.push(Extra { key: 1, value: self.rng.random_range(980.0..1040.0) });

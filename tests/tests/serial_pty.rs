@@ -72,6 +72,7 @@ interval_seconds = 0
         devices: DEVICES,
         readings_per_device: PER_DEVICE,
         readings_per_second: 0.0,
+        invalid_fraction: 0.0,
         seed: 20261126,
         uplink_faults: ByteFaults { drop_rate: 0.0005, corrupt_rate: 0.0005 },
         downlink_faults: ByteFaults { drop_rate: 0.0005, corrupt_rate: 0.0005 },

@@ -66,6 +66,9 @@ enum Command {
         /// Probability that a byte towards the gateway is corrupted.
         #[arg(long, default_value_t = 0.0)]
         corrupt_rate: f64,
+        /// Fraction of readings made invalid on purpose (latitude out of range).
+        #[arg(long, default_value_t = 0.0)]
+        invalid_fraction: f64,
         #[command(flatten)]
         common: Common,
     },
@@ -128,7 +131,8 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serial { port, pty, baud, drop_rate, corrupt_rate, common } => {
+        Command::Serial { port, pty, baud, drop_rate, corrupt_rate, invalid_fraction, common } => {
+            check_rate("--invalid-fraction", invalid_fraction)?;
             check_rate("--drop-rate", drop_rate)?;
             check_rate("--corrupt-rate", corrupt_rate)?;
             if !(1..=200).contains(&common.devices) {
@@ -138,6 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 devices: common.devices as u8,
                 readings_per_device: common.readings,
                 readings_per_second: common.rate,
+                invalid_fraction,
                 seed: common.seed,
                 uplink_faults: ByteFaults { drop_rate, corrupt_rate },
                 downlink_faults: ByteFaults::default(),
