@@ -12,6 +12,8 @@ pub mod signal;
 pub mod sinks;
 pub mod sources;
 pub mod stats;
+#[cfg(unix)]
+pub mod systemd;
 pub mod transforms;
 
 use std::future::Future;
@@ -146,6 +148,32 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
         })
     });
 
+    // systemd: ready now; the watchdog is fed while the batch writer shows
+    // signs of life (it wakes at least once a second, even when idle).
+    #[cfg(unix)]
+    let notifier = systemd::Notifier::from_env().map(Arc::new);
+    #[cfg(unix)]
+    let watchdog = notifier.clone().map(|notifier| {
+        if let Err(e) = notifier.notify("READY=1") {
+            tracing::warn!(error = %e, "cannot notify systemd");
+        }
+        let stats = stats.clone();
+        let interval = systemd::watchdog_interval();
+        tokio::spawn(async move {
+            let Some(interval) = interval else { return };
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                let age_ms = pipeline::now_ms() - stats.writer_heartbeat_ms.load(Relaxed);
+                if age_ms < interval.as_millis() as i64 {
+                    let _ = notifier.notify("WATCHDOG=1");
+                } else {
+                    tracing::error!(age_ms, "the batch writer is stuck; not feeding the systemd watchdog");
+                }
+            }
+        })
+    });
+
     let mut source_error = None;
     let mut uplink_finished = false;
     tokio::select! {
@@ -157,6 +185,14 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
                 source_error = Some(e);
             }
         }
+    }
+    #[cfg(unix)]
+    if let Some(n) = &notifier {
+        let _ = n.notify("STOPPING=1");
+    }
+    #[cfg(unix)]
+    if let Some(w) = watchdog {
+        w.abort();
     }
     let _ = stop_tx.send(true);
     while let Some(result) = sources.join_next().await {

@@ -114,8 +114,13 @@ impl BatchWriter {
                 info!("batch writer stopping while the outbox is full; unacknowledged input stays with its source");
                 return;
             }
-            let Some(first) = rt.block_on(rx.recv()) else {
-                return;
+            self.stats.writer_heartbeat_ms.store(now_ms(), Relaxed);
+            // The timer must be created inside the runtime: build it in the
+            // async block that block_on runs.
+            let first = match rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await }) {
+                Ok(Some(first)) => first,
+                Ok(None) => return,
+                Err(_) => continue,
             };
             let mut bytes = first.size_hint();
             let mut batch = vec![first];
@@ -131,7 +136,7 @@ impl BatchWriter {
                         if now >= deadline {
                             break;
                         }
-                        match rt.block_on(tokio::time::timeout(deadline - now, rx.recv())) {
+                        match rt.block_on(async { tokio::time::timeout(deadline - now, rx.recv()).await }) {
                             Ok(Some(env)) => {
                                 bytes += env.size_hint();
                                 batch.push(env);
@@ -172,6 +177,7 @@ impl BatchWriter {
             if *stop.borrow() {
                 return false;
             }
+            self.stats.writer_heartbeat_ms.store(now_ms(), Relaxed);
             let seen = self.signals.space_freed.current();
             self.signals.space_freed.wait_past(seen, Duration::from_millis(200));
         }
@@ -229,6 +235,7 @@ impl BatchWriter {
                     if *stop.borrow() {
                         return false;
                     }
+                    self.stats.writer_heartbeat_ms.store(now_ms(), Relaxed);
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }

@@ -42,6 +42,9 @@ pub struct Stats {
     pub kafka_records_committed: AtomicU64,
     pub kafka_transactions: AtomicU64,
     pub uplink: Mutex<UplinkState>,
+    /// Unix ms of the batch writer's last sign of life (it wakes at least
+    /// once a second); feeds the systemd watchdog.
+    pub writer_heartbeat_ms: AtomicI64,
     /// Rejections per reason, since start.
     pub rejects: Mutex<BTreeMap<RejectReason, u64>>,
 }
@@ -62,6 +65,7 @@ impl Default for Stats {
             kafka_records_committed: AtomicU64::new(0),
             kafka_transactions: AtomicU64::new(0),
             uplink: Mutex::new(UplinkState::Starting),
+            writer_heartbeat_ms: AtomicI64::new(0),
             rejects: Mutex::new(BTreeMap::new()),
         }
     }

@@ -215,3 +215,42 @@ brokers = "127.0.0.1:1"
     assert!(line("clock").starts_with("ok") || line("clock").starts_with("WARN"), "{text}");
     assert!(text.contains("verdict: NOT ready"), "{text}");
 }
+
+#[test]
+fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    // Also covers the batch writer's linger path.
+    let config = write_config(dir.path(), "[outbox]\nbatch_linger_ms = 5\n");
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 128];
+    let mut next = || {
+        let n = sock.recv(&mut buf).expect("a notification within 30 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    assert_eq!(next(), "WATCHDOG=1");
+    assert_eq!(next(), "WATCHDOG=1");
+    Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    let mut rest = Vec::new();
+    loop {
+        let m = next();
+        if m == "STOPPING=1" {
+            break;
+        }
+        rest.push(m);
+        assert!(rest.len() < 20, "no STOPPING=1 after SIGINT: {rest:?}");
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
