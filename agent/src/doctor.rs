@@ -5,7 +5,6 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::producer::{BaseProducer, Producer};
 
 use crate::config::{Config, SerialSourceConfig};
@@ -90,12 +89,12 @@ fn serial_port(serial: &SerialSourceConfig) -> Check {
 fn kafka(config: &Config) -> Check {
     let k = &config.kafka;
     let name = format!("kafka {}", k.brokers);
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &k.brokers);
-    for (key, value) in &k.librdkafka_options {
-        client.set(key, value);
+    if let Some(path) = &k.sasl_password_file
+        && let Err(e) = std::fs::metadata(path)
+    {
+        return check(name, Verdict::Fail, format!("kafka.sasl_password_file {}: {e}", path.display()));
     }
-    let producer: BaseProducer = match client.create() {
+    let producer: BaseProducer = match crate::sinks::kafka::client_config(k).create() {
         Ok(p) => p,
         Err(e) => return check(name, Verdict::Fail, format!("client setup failed: {e}")),
     };

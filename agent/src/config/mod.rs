@@ -396,6 +396,9 @@ pub struct KafkaConfig {
     /// `sasl.mechanisms`, `sasl.username`). Values are never logged.
     #[serde(default)]
     pub librdkafka_options: BTreeMap<String, String>,
+    /// File holding the SASL password (librdkafka's `sasl.password`), so the
+    /// secret stays out of the config file.
+    pub sasl_password_file: Option<PathBuf>,
 }
 
 fn default_topic_data() -> String {
@@ -628,6 +631,13 @@ impl Config {
             return Err(invalid("kafka.retry_backoff_max_seconds", k.retry_backoff_max_seconds, "1 to 3600"));
         }
         for key in k.librdkafka_options.keys() {
+            if key == "sasl.password" {
+                return Err(invalid(
+                    "kafka.librdkafka_options",
+                    key,
+                    "secrets do not belong in the config: put the password in a file and set kafka.sasl_password_file",
+                ));
+            }
             if RESERVED_KAFKA_KEYS.contains(&key.as_str()) {
                 return Err(ConfigError::Invalid {
                     key: "kafka.librdkafka_options",

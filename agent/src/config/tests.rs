@@ -124,3 +124,11 @@ fn serial_ports_are_checked() {
     let parity = MINIMAL.replace("[sources.demo]", "[[sources.serial]]\npath = \"/dev/ttyS0\"\nparity = \"mark\"");
     assert!(error_of(&parity).contains("unknown variant `mark`"), "{}", error_of(&parity));
 }
+
+#[test]
+fn kafka_password_must_come_from_a_file() {
+    let text = format!("{MINIMAL}\n[kafka.librdkafka_options]\n\"sasl.password\" = \"hunter2\"\n");
+    let err = error_of(&text);
+    assert!(err.contains("kafka.sasl_password_file"), "{err}");
+    assert!(!err.contains("hunter2"), "the secret must not be echoed: {err}");
+}

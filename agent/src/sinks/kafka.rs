@@ -150,13 +150,7 @@ impl KafkaUplink {
     }
 
     fn base_client_config(&self) -> ClientConfig {
-        let k = &self.config.kafka;
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &k.brokers);
-        for (key, value) in &k.librdkafka_options {
-            c.set(key, value);
-        }
-        c
+        client_config(&self.config.kafka)
     }
 
     /// One connected session: init, recover the marker, then ship batches.
@@ -433,6 +427,26 @@ fn short_error(e: &UplinkError) -> String {
         short.push('…');
     }
     short
+}
+
+/// librdkafka settings shared by every client of the agent: brokers, the
+/// user's options and the SASL password read from its file. Values are never
+/// logged.
+pub fn client_config(k: &crate::config::KafkaConfig) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    for (key, value) in &k.librdkafka_options {
+        c.set(key, value);
+    }
+    if let Some(path) = &k.sasl_password_file {
+        match std::fs::read_to_string(path) {
+            Ok(password) => {
+                c.set("sasl.password", password.trim_end_matches(['\r', '\n']));
+            }
+            Err(e) => error!(path = %path.display(), error = %e, "cannot read kafka.sasl_password_file; connecting without a password"),
+        }
+    }
+    c
 }
 
 /// Logs a fatal uplink error once, with what to do.
