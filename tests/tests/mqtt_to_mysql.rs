@@ -34,7 +34,7 @@ const BAD_KINDS: [(&str, RejectReason); 8] = [
     ("payload over the size limit", RejectReason::PayloadTooLarge),
     ("unknown topic shape", RejectReason::UnknownTopic),
     ("device id differs from topic", RejectReason::DeviceIdMismatch),
-    ("binary topic not supported yet", RejectReason::UnsupportedEncoding),
+    ("binary payload that is not a frame", RejectReason::MalformedFrame),
 ];
 
 fn now_ms() -> i64 {
@@ -188,9 +188,17 @@ interval_seconds = 0
             next_seq[d] += 1;
             let device = format!("dev-{d:03}");
             expected.insert((device.clone(), next_seq[d]));
-            client
-                .publish(format!("{prefix}devices/{device}/telemetry"), QoS::AtLeastOnce, false, reading(&device, next_seq[d]).to_string())
-                .await?;
+            let topic = format!("{prefix}devices/{device}/telemetry");
+            if i % 10 == 3 {
+                // Every tenth valid reading as a firmware-proto frame on
+                // /bin (boot epoch 0: the same key space as the JSON ones).
+                let mut track = edge_tests::sim::Track { center_lat: 52.5, center_lon: 13.4, radius_deg: 0.01, step_rad: 0.1, angle: 0.0 };
+                let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
+                let frame = edge_tests::sim::bin_reading(next_seq[d] as u32, 0, now_ms() as u64, &mut track, &mut rng);
+                client.publish(format!("{topic}/bin"), QoS::AtLeastOnce, false, frame).await?;
+            } else {
+                client.publish(topic, QoS::AtLeastOnce, false, reading(&device, next_seq[d]).to_string()).await?;
+            }
         }
     }
     let invalid_total: u64 = expected_rejects.values().sum();
