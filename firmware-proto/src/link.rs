@@ -170,7 +170,7 @@ impl<const W: usize> DeviceLink<W> {
     /// Unix time in ms from the gateway's `TimeSync`, if received.
     pub fn unix_time_ms(&self, now: Instant) -> Option<u64> {
         let offset = self.clock_offset_ms?;
-        Some((now.as_millis() as i64 + offset).max(0) as u64)
+        Some(millis_i64(now).saturating_add(offset).max(0) as u64)
     }
 
     /// Queues a reading; the link assigns its `seq` and `boot_epoch` and
@@ -214,8 +214,12 @@ impl<const W: usize> DeviceLink<W> {
                 self.push_event(DeviceEvent::Configured(config));
             }
             Message::TimeSync { unix_ms } => {
-                self.clock_offset_ms = Some(unix_ms as i64 - now.as_millis() as i64);
-                self.push_event(DeviceEvent::TimeSynced { unix_ms });
+                // A clock beyond year 292 million is not a clock: ignore it
+                // rather than overflow.
+                if let Ok(unix) = i64::try_from(unix_ms) {
+                    self.clock_offset_ms = Some(unix.saturating_sub(millis_i64(now)));
+                    self.push_event(DeviceEvent::TimeSynced { unix_ms });
+                }
             }
             Message::Ack { boot_epoch, cumulative } if boot_epoch == self.boot_epoch => {
                 let mut popped = 0;
@@ -331,6 +335,10 @@ impl<const W: usize> DeviceLink<W> {
             }
         }
     }
+}
+
+fn millis_i64(at: Instant) -> i64 {
+    i64::try_from(at.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// `a <= b` in sequence space (wrapping after 2^32 readings).

@@ -308,3 +308,24 @@ fn unknown_protocol_version_is_answered_with_an_error_frame() {
     device.handle_bytes(&buf[..n], now);
     assert_eq!(device.poll_event(), Some(DeviceEvent::VersionRefused));
 }
+
+/// Found by reading the link fuzz target's coverage: absurd gateway clocks
+/// (see fuzz/regressions/link) must not overflow the device's arithmetic.
+#[test]
+fn absurd_time_sync_values_do_not_overflow() {
+    use firmware_proto::frame::encode_frame;
+    use firmware_proto::message::Message;
+    let mut buf = [0u8; MAX_FRAME_SIZE_BYTES];
+    for unix_ms in [u64::MAX, 1 << 63, i64::MAX as u64, i64::MAX as u64 - 1] {
+        let t0 = Instant::from_millis(1_000);
+        let mut device: DeviceLink = DeviceLink::new(1, "d".try_into().unwrap(), 1, 1, t0);
+        let n = encode_frame(1, &Message::TimeSync { unix_ms }, &mut buf).unwrap();
+        device.handle_bytes(&buf[..n], t0);
+        let later = device.unix_time_ms(Instant::from_secs(3600));
+        if unix_ms > i64::MAX as u64 {
+            assert_eq!(later, None, "an impossible clock is ignored");
+        } else {
+            assert!(later.is_some_and(|t| t >= i64::MAX as u64 - 1_000), "{later:?}");
+        }
+    }
+}
