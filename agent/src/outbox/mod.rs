@@ -333,10 +333,18 @@ pub fn load_batches(conn: &Connection, after: i64, max_batches: usize, max_bytes
     Ok(out)
 }
 
+/// Starts a write transaction that takes the lock up front. A deferred
+/// transaction that reads first and then writes fails at once with
+/// SQLITE_BUSY in WAL mode when the batch writer holds the lock (the busy
+/// timeout never applies to such an upgrade); an immediate one waits.
+fn write_transaction(conn: &Connection) -> Result<rusqlite::Transaction<'_>, OutboxError> {
+    Ok(rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?)
+}
+
 /// Deletes batches up to and including `upto` (committed to Kafka); returns
 /// the bytes freed.
 pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
-    let tx = conn.unchecked_transaction()?;
+    let tx = write_transaction(conn)?;
     let freed: i64 = tx.query_row(
         "SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch WHERE batch_seq <= ?1",
         params![upto],
@@ -347,11 +355,16 @@ pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
     Ok(freed as u64)
 }
 
-/// Makes sure new batches are numbered after `committed`. Needed when the
-/// data folder was lost but Kafka remembers a higher marker: without this,
-/// fresh batches would reuse numbers the uplink already counts as sent.
-pub fn ensure_sequence_after(conn: &Connection, committed: i64) -> Result<bool, OutboxError> {
-    let current: i64 = conn
+/// Reconciles batch numbers with the marker Kafka holds. When Kafka
+/// remembers a higher batch than this database ever numbered (the data
+/// folder was lost or replaced), every batch here is unsent under its
+/// current number: they are all moved above the marker (keeping their
+/// order), and new batches are numbered after them. Without this, batches
+/// written since start would be taken for sent and trimmed. Returns how many
+/// batches were renumbered, or `None` when nothing was needed.
+pub fn ensure_sequence_after(conn: &Connection, committed: i64) -> Result<Option<u64>, OutboxError> {
+    let tx = write_transaction(conn)?;
+    let current: i64 = tx
         .query_row(
             "SELECT seq FROM sqlite_sequence WHERE name = 'outbox_batch'",
             [],
@@ -360,21 +373,27 @@ pub fn ensure_sequence_after(conn: &Connection, committed: i64) -> Result<bool, 
         .optional()?
         .unwrap_or(0);
     if current >= committed {
-        return Ok(false);
+        return Ok(None);
     }
-    let tx = conn.unchecked_transaction()?;
+    // Every existing number is <= current < committed, so adding
+    // `committed` cannot collide with an existing row.
+    let moved = tx.execute(
+        "UPDATE outbox_batch SET batch_seq = batch_seq + ?1",
+        params![committed],
+    )? as u64;
+    let next = current + committed;
     let updated = tx.execute(
         "UPDATE sqlite_sequence SET seq = ?1 WHERE name = 'outbox_batch'",
-        params![committed],
+        params![next],
     )?;
     if updated == 0 {
         tx.execute(
             "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox_batch', ?1)",
-            params![committed],
+            params![next],
         )?;
     }
     tx.commit()?;
-    Ok(true)
+    Ok(Some(moved))
 }
 
 fn encode_record(out: &mut Vec<u8>, topic: TopicId, key: &[u8], value: &[u8]) {

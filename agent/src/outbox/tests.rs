@@ -102,20 +102,58 @@ fn trim_and_sequence_never_reuse_numbers() {
     assert_eq!(backlog(&outbox.conn).unwrap(), (0, 0));
     let out = outbox.write_batch(&[reading("a", 3)], NOW).unwrap();
     assert_eq!(out.batch_seq, Some(3), "an emptied outbox must not restart at 1");
-    // Kafka remembers more than this database: jump past it.
-    assert!(ensure_sequence_after(&outbox.conn, 100).unwrap());
-    assert!(!ensure_sequence_after(&outbox.conn, 50).unwrap());
+    // Kafka remembers more than this database: batch 3 (unsent) moves
+    // above the marker, new batches follow it.
+    assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(1));
+    assert_eq!(ensure_sequence_after(&outbox.conn, 50).unwrap(), None);
     let out = outbox.write_batch(&[reading("a", 4)], NOW).unwrap();
-    assert_eq!(out.batch_seq, Some(101));
+    assert_eq!(out.batch_seq, Some(104));
+    let seqs: Vec<i64> = load_batches(&outbox.conn, 100, 10, u64::MAX).unwrap().iter().map(|b| b.batch_seq).collect();
+    assert_eq!(seqs, vec![103, 104], "nothing written before the marker was known is lost");
 }
 
 #[test]
 fn fresh_database_sequence_can_be_moved() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
-    assert!(ensure_sequence_after(&outbox.conn, 7).unwrap());
+    assert_eq!(ensure_sequence_after(&outbox.conn, 7).unwrap(), Some(0));
     let out = outbox.write_batch(&[reading("a", 1)], NOW).unwrap();
     assert_eq!(out.batch_seq, Some(8));
+}
+
+#[test]
+fn batches_written_before_the_marker_was_read_survive_a_lost_data_folder() {
+    // The data folder was replaced; Kafka's marker for this gateway is 100.
+    // The writer already committed (and acknowledged) two batches.
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    outbox.write_batch(&[reading("a", 1)], NOW).unwrap();
+    outbox.write_batch(&[reading("b", 1)], NOW).unwrap();
+    assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(2));
+    trim(&outbox.conn, 100).unwrap();
+    let batches = load_batches(&outbox.conn, 100, 10, u64::MAX).unwrap();
+    let keys: Vec<&[u8]> = batches.iter().map(|b| b.records[0].key.as_slice()).collect();
+    assert_eq!(keys, vec![b"a".as_slice(), b"b".as_slice()]);
+}
+
+#[test]
+fn trim_waits_for_the_writer_instead_of_failing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    outbox.write_batch(&[reading("a", 1)], NOW).unwrap();
+    let other = open_connection(&dir.path().join("o.db"), SyncMode::Full).unwrap();
+    // Another connection holds the write lock for a moment.
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let holder = std::thread::spawn(move || {
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked_tx.send(()).unwrap();
+        // Hold the lock like a batch commit would, a little longer.
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        other.execute_batch("COMMIT").unwrap();
+    });
+    locked_rx.recv().unwrap();
+    assert!(trim(&outbox.conn, 1).unwrap() > 0);
+    holder.join().unwrap();
 }
 
 #[test]

@@ -108,7 +108,7 @@ impl KafkaUplink {
             self.stats.set_uplink(UplinkState::Connecting);
             match self.session() {
                 Ok(()) => break,
-                Err(e @ (UplinkError::Fenced { .. } | UplinkError::Outbox(_))) => {
+                Err(e @ (UplinkError::Fenced { .. } | UplinkError::Outbox(OutboxError::Corrupt { .. } | OutboxError::NewerSchema { .. }))) => {
                     self.stats.set_uplink(if matches!(e, UplinkError::Fenced { .. }) {
                         UplinkState::Fenced
                     } else {
@@ -177,10 +177,11 @@ impl KafkaUplink {
             .map_err(self.kafka_err("initialising transactions (fencing older instances)"))?;
 
         let mut committed = self.read_marker()?;
-        if outbox::ensure_sequence_after(&self.conn, committed)? {
+        if let Some(moved) = outbox::ensure_sequence_after(&self.conn, committed)? {
             warn!(
                 marker = committed,
-                "Kafka holds a marker beyond this outbox (was the data folder replaced?); numbering new batches after it"
+                renumbered_batches = moved,
+                "Kafka holds a marker beyond this outbox (was the data folder replaced?); unsent batches moved after it"
             );
         }
         self.trim(committed)?;
@@ -246,6 +247,16 @@ impl KafkaUplink {
         match result {
             Ok(()) => Ok(()),
             Err(e) => {
+                // Once fenced, librdkafka reports later calls as a generic
+                // fatal error; the fatal error itself says why.
+                if let Some((code, _)) = producer.client().fatal_error()
+                    && is_fenced_code(code)
+                {
+                    return Err(UplinkError::Fenced {
+                        gateway_id: self.config.gateway_id.clone(),
+                        transactional_id: self.config.transactional_id(),
+                    });
+                }
                 let err = self.kafka_err("committing a transaction")(e);
                 if !matches!(err, UplinkError::Fenced { .. }) {
                     // Abort so the records of this attempt are never visible
@@ -337,16 +348,41 @@ impl KafkaUplink {
             tpl.add_partition_offset(&topic, *p, Offset::Beginning)
                 .map_err(self.kafka_err("assigning offsets partitions"))?;
         }
+        // Read up to the high watermark as of now, not just to the first
+        // end-of-partition: read_committed stops at the last stable offset,
+        // and another gateway's open transaction on this shared topic could
+        // hide our newest marker behind it. Open transactions end within
+        // their timeout, so the stable offset passes this snapshot.
+        let mut targets = std::collections::HashMap::new();
+        for p in &partitions {
+            let (_, high) = consumer
+                .fetch_watermarks(&topic, *p, Duration::from_secs(20))
+                .map_err(self.kafka_err("fetching offsets topic watermarks"))?;
+            targets.insert(*p, high);
+        }
         consumer.assign(&tpl).map_err(self.kafka_err("assigning offsets partitions"))?;
-        let mut pending: HashSet<i32> = partitions.into_iter().collect();
+        let mut pending: HashSet<i32> = partitions.into_iter().filter(|p| targets.get(p).is_some_and(|h| *h > 0)).collect();
         let mut marker = 0i64;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let wait = Duration::from_secs(self.config.kafka.transaction_timeout_seconds + 30);
+        let deadline = Instant::now() + wait;
         while !pending.is_empty() {
-            if Instant::now() > deadline {
+            if Instant::now() > deadline || self.stopping() {
                 return Err(UplinkError::Marker {
                     topic,
-                    what: "timed out before reaching the end of the topic".into(),
+                    what: format!("did not reach the end of the topic within {wait:?} (a transaction left open?)"),
                 });
+            }
+            if let Ok(positions) = consumer.position() {
+                for e in positions.elements() {
+                    if let (Offset::Offset(at), Some(high)) = (e.offset(), targets.get(&e.partition()))
+                        && at >= *high
+                    {
+                        pending.remove(&e.partition());
+                    }
+                }
+            }
+            if pending.is_empty() {
+                break;
             }
             match consumer.poll(Duration::from_millis(200)) {
                 None => {}
@@ -365,9 +401,7 @@ impl KafkaUplink {
                         }
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    pending.remove(&p);
-                }
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => return Err(self.kafka_err("reading the offsets topic")(e)),
             }
         }
@@ -414,6 +448,10 @@ fn is_fenced(e: &KafkaError) -> bool {
             None => return false,
         },
     };
+    is_fenced_code(code)
+}
+
+fn is_fenced_code(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
         RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced
