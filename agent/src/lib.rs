@@ -180,9 +180,16 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
         _ = shutdown => info!("shutting down: stopping sources, committing the batch in progress"),
         _ = &mut uplink_done => uplink_finished = true,
         Some(result) = sources.join_next() => {
-            if let Ok(Err(e)) = result {
-                error!(error = format!("{e:#}"), "a source failed");
-                source_error = Some(e);
+            match result {
+                Ok(Err(e)) => {
+                    error!(error = format!("{e:#}"), "a source failed");
+                    source_error = Some(e);
+                }
+                Err(e) if e.is_panic() => {
+                    error!("a source panicked");
+                    source_error = Some(anyhow::anyhow!("a source task panicked: {e}"));
+                }
+                _ => {}
             }
         }
     }

@@ -151,6 +151,15 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+const RESERVED_KAFKA_KEYS: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "isolation.level",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "partition.assignment.strategy",
+];
+
 impl BridgeConfig {
     /// Loads the file if given (else defaults), applies `CLOUD_BRIDGE_*`
     /// environment overrides, validates.
@@ -196,6 +205,17 @@ impl BridgeConfig {
         }
         if self.kafka.topic_data.is_empty() || self.kafka.topic_data.len() > 249 {
             return Err(invalid("kafka.topic_data", &self.kafka.topic_data, "a Kafka topic name"));
+        }
+        for key in self.kafka.librdkafka_options.keys() {
+            if RESERVED_KAFKA_KEYS.contains(&key.as_str()) {
+                return Err(invalid(
+                    "kafka.librdkafka_options",
+                    key,
+                    "any librdkafka property except those exactly-once depends on (bootstrap.servers, group.id, \
+                     isolation.level, enable.auto.commit, enable.auto.offset.store, partition.assignment.strategy); \
+                     please delete it",
+                ));
+            }
         }
         if !self.mysql.url.starts_with("mysql://") && !self.mysql.url.starts_with("mariadb://") {
             return Err(invalid(
@@ -257,6 +277,15 @@ mod tests {
             err,
             "invalid config: `mysql.url` = \"postgres://a:***@h/d\": mysql://user:password@host:port/database"
         );
+    }
+
+    #[test]
+    fn exactly_once_settings_cannot_be_overridden() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(&path, "[kafka.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n").unwrap();
+        let err = BridgeConfig::load(Some(&path), |_| None).unwrap_err().to_string();
+        assert!(err.starts_with("invalid config: `kafka.librdkafka_options` = \"isolation.level\""), "{err}");
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub async fn connect_and_migrate(config: &BridgeConfig) -> anyhow::Result<sqlx::
 struct BridgeContext {
     sink: Arc<MysqlSink>,
     rt: Handle,
+    stop: watch::Receiver<bool>,
 }
 
 impl ClientContext for BridgeContext {}
@@ -59,6 +60,11 @@ impl ConsumerContext for BridgeContext {
                     match self.rt.block_on(self.sink.stored_offsets(&partitions)) {
                         Ok(s) => break s,
                         Err(e) => {
+                            if *self.stop.borrow() {
+                                // Stopping: take nothing rather than guess offsets.
+                                let _ = consumer.unassign();
+                                return;
+                            }
                             warn!(error = %e, "cannot read stored offsets from MySQL on partition assignment; retrying");
                             std::thread::sleep(Duration::from_secs(1));
                         }
@@ -141,7 +147,7 @@ fn consume(
         client.set(k, v);
     }
     let consumer: BaseConsumer<BridgeContext> = client
-        .create_with_context(BridgeContext { sink: sink.clone(), rt: rt.clone() })
+        .create_with_context(BridgeContext { sink: sink.clone(), rt: rt.clone(), stop: stop.clone() })
         .with_context(|| format!("creating the Kafka consumer for {}", config.kafka.brokers))?;
     consumer
         .subscribe(&[&config.kafka.topic_data])

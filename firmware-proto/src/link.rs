@@ -153,6 +153,17 @@ impl<const W: usize> DeviceLink<W> {
         }
     }
 
+    /// The boot epoch readings are currently sent under.
+    pub fn boot_epoch(&self) -> u32 {
+        self.boot_epoch
+    }
+
+    /// Sets the next sequence number (tests of the wrap-around).
+    #[doc(hidden)]
+    pub fn set_next_seq(&mut self, seq: u32) {
+        self.next_seq = seq;
+    }
+
     pub fn is_established(&self) -> bool {
         self.state == DeviceState::Established
     }
@@ -178,6 +189,19 @@ impl<const W: usize> DeviceLink<W> {
     pub fn send(&mut self, mut reading: Reading, now: Instant) -> Result<u32, Reading> {
         if self.window.is_full() {
             return Err(reading);
+        }
+        if self.next_seq == 0 {
+            // 2^32 readings in one boot: the gateway keys on (epoch, seq),
+            // so start a new epoch once everything of this one is safe.
+            if !self.window.is_empty() {
+                return Err(reading);
+            }
+            self.boot_epoch = self.boot_epoch.wrapping_add(1);
+            self.next_seq = 1;
+            self.state = DeviceState::Connecting;
+            self.hello_at = now;
+            self.cursor = 0;
+            self.retransmit_at = None;
         }
         reading.seq = self.next_seq;
         reading.boot_epoch = self.boot_epoch;

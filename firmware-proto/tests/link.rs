@@ -329,3 +329,37 @@ fn absurd_time_sync_values_do_not_overflow() {
         }
     }
 }
+
+#[test]
+fn sequence_wrap_starts_a_new_epoch_once_the_window_is_safe() {
+    let mut now = Instant::from_millis(0);
+    let mut buf = [0u8; MAX_FRAME_SIZE_BYTES];
+    let mut device: DeviceLink<4> = DeviceLink::new(1, "wrap".try_into().unwrap(), 1, 10, now);
+    let mut gateway: GatewayLink = GatewayLink::new(CONFIG);
+    device.set_next_seq(u32::MAX - 1);
+    let mut delivered = Vec::new();
+    let mut queued = 0;
+    for _ in 0..200 {
+        if queued < 4 && device.send(reading(queued), now).is_ok() {
+            queued += 1;
+        }
+        while let Some(n) = device.poll_transmit(now, &mut buf) {
+            gateway.handle_bytes(&buf[..n], now, 0);
+        }
+        while let Some(e) = gateway.poll_event() {
+            if let GatewayEvent::Reading { address, reading, .. } = e {
+                delivered.push((reading.boot_epoch, reading.seq));
+                gateway.handle_durable(address, reading.boot_epoch, reading.seq);
+            }
+        }
+        while let Some(n) = gateway.poll_transmit(&mut buf) {
+            device.handle_bytes(&buf[..n], now);
+        }
+        now = now + Duration::from_millis(10);
+        device.handle_timeout(now);
+    }
+    // Two readings end epoch 10; the next ones start epoch 11 at seq 1, so
+    // the gateway's (epoch, seq) keys keep increasing.
+    assert_eq!(delivered, vec![(10, u32::MAX - 1), (10, u32::MAX), (11, 1), (11, 2)]);
+    assert_eq!(device.boot_epoch(), 11);
+}

@@ -140,8 +140,12 @@ impl SerialSource {
         loop {
             // Write whatever the link wants to say.
             while let Some(n) = link.poll_transmit(&mut out) {
-                if let Err(e) = port.write_all(&out[..n]).await {
-                    return Ended::PortLost(e.to_string());
+                // A line stalled by flow control must not block shutdown.
+                tokio::select! {
+                    _ = shutdown.changed() => return Ended::Shutdown,
+                    written = port.write_all(&out[..n]) => if let Err(e) = written {
+                        return Ended::PortLost(e.to_string());
+                    },
                 }
             }
             // Hand readings to the batch writer (waits when it is full:

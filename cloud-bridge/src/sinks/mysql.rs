@@ -126,7 +126,16 @@ impl MysqlSink {
         // order and cannot deadlock each other.
         for (partition, mut recs) in by_partition {
             recs.sort_by_key(|r| r.offset);
-            sqlx::query("INSERT IGNORE INTO bridge_offsets (sink, topic, kafka_partition, next_offset) VALUES (?, ?, ?, 0)")
+            // A partition revoked and assigned back is read again from the
+            // stored offset while earlier records are still in the batch.
+            recs.dedup_by_key(|r| r.offset);
+            // An upsert takes the row's exclusive lock at once; INSERT IGNORE
+            // on an existing row would take a shared lock first, and two
+            // instances upgrading shared locks deadlock.
+            sqlx::query(
+                "INSERT INTO bridge_offsets (sink, topic, kafka_partition, next_offset) VALUES (?, ?, ?, 0) \
+                 ON DUPLICATE KEY UPDATE next_offset = next_offset",
+            )
                 .bind(&self.sink_name)
                 .bind(&self.topic)
                 .bind(partition)
@@ -140,8 +149,9 @@ impl MysqlSink {
             .bind(partition)
             .fetch_one(&mut *tx)
             .await?;
+            let unique = recs.len();
             let fresh: Vec<&KafkaRecord> = recs.into_iter().filter(|r| r.offset >= next).collect();
-            skipped += records.iter().filter(|r| r.partition == partition).count() as u64 - fresh.len() as u64;
+            skipped += (unique - fresh.len()) as u64;
             let Some(last) = fresh.last().map(|r| r.offset) else {
                 committed.insert(partition, next);
                 continue;
