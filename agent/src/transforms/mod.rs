@@ -1,3 +1,4 @@
 //! Per-reading processing stages.
 
+pub mod geofence;
 pub mod validate;

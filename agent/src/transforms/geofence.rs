@@ -1,0 +1,319 @@
+//! Geofences: polygons from GeoJSON, an R-tree prefilter over their
+//! bounding boxes, and the per-device state machine that turns positions
+//! into `enter`, `exit`, `dwell` and `absent` events.
+//!
+//! The engine is pure: it takes readings (event time = the reading's `ts`)
+//! and returns events; the caller persists [`DeviceFences`] with the outbox
+//! batch so a restart never produces a spurious `enter`.
+
+use std::collections::BTreeMap;
+
+use geo::{Contains, Coord, LineString, MultiPolygon, Point, Polygon, Validation};
+use rstar::{AABB, RTree, RTreeObject};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config::is_valid_id;
+
+/// Most vertices of one fence (all rings): bounds the cost of a lookup.
+pub const MAX_FENCE_VERTICES: usize = 10_000;
+/// Most fences in one file.
+pub const MAX_FENCES: usize = 100_000;
+
+/// Why a fence file was refused. The whole file is refused: a registry is
+/// never half-applied.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FenceError {
+    #[error("fence file is not valid JSON: {0}")]
+    Json(String),
+    #[error("fence file must be a GeoJSON FeatureCollection")]
+    NotAFeatureCollection,
+    #[error("feature {index}: {what}")]
+    Feature { index: usize, what: String },
+    #[error("more than {MAX_FENCES} fences")]
+    TooMany,
+}
+
+/// One geofence.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub id: String,
+    pub area: MultiPolygon<f64>,
+    /// Emit `dwell` once a device stayed inside this long.
+    pub dwell_ms: Option<i64>,
+    /// Emit `absent` once a device left and did not come back this long.
+    pub absent_ms: Option<i64>,
+}
+
+fn feature_err(index: usize, what: impl Into<String>) -> FenceError {
+    FenceError::Feature { index, what: what.into() }
+}
+
+fn ring(index: usize, value: &Value, vertices: &mut usize) -> Result<LineString<f64>, FenceError> {
+    let points = value.as_array().ok_or_else(|| feature_err(index, "a ring must be an array of positions"))?;
+    if points.len() < 4 {
+        return Err(feature_err(index, format!("a ring needs at least 4 positions, got {}", points.len())));
+    }
+    *vertices += points.len();
+    if *vertices > MAX_FENCE_VERTICES {
+        return Err(feature_err(index, format!("more than {MAX_FENCE_VERTICES} vertices")));
+    }
+    let mut coords = Vec::with_capacity(points.len());
+    for p in points {
+        let pair = p.as_array().filter(|a| a.len() >= 2).ok_or_else(|| feature_err(index, "a position must be [lon, lat]"))?;
+        let (Some(lon), Some(lat)) = (pair[0].as_f64(), pair[1].as_f64()) else {
+            return Err(feature_err(index, "positions must be numbers"));
+        };
+        if !(-180.0..=180.0).contains(&lon) || !(-90.0..=90.0).contains(&lat) {
+            return Err(feature_err(index, format!("position [{lon}, {lat}] is outside [-180..180, -90..90]")));
+        }
+        coords.push(Coord { x: lon, y: lat });
+    }
+    if coords.first() != coords.last() {
+        return Err(feature_err(index, "a ring must be closed (first position = last position)"));
+    }
+    Ok(LineString::new(coords))
+}
+
+fn polygon(index: usize, rings: &Value, vertices: &mut usize) -> Result<Polygon<f64>, FenceError> {
+    let rings = rings.as_array().filter(|r| !r.is_empty()).ok_or_else(|| feature_err(index, "a polygon needs at least one ring"))?;
+    let exterior = ring(index, &rings[0], vertices)?;
+    let holes = rings[1..].iter().map(|r| ring(index, r, vertices)).collect::<Result<Vec<_>, _>>()?;
+    Ok(Polygon::new(exterior, holes))
+}
+
+fn optional_seconds(index: usize, props: &Value, key: &str) -> Result<Option<i64>, FenceError> {
+    match props.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(s) if s > 0 && s <= 365 * 24 * 3600 => Ok(Some(s as i64 * 1000)),
+            _ => Err(feature_err(index, format!("properties.{key} must be seconds, 1 to 31536000"))),
+        },
+    }
+}
+
+/// Parses and validates a GeoJSON FeatureCollection of fences. Each
+/// feature needs `properties.id` and a `Polygon` or `MultiPolygon`
+/// geometry (holes allowed); optional `properties.dwell_seconds` and
+/// `properties.absent_seconds`. Self-intersecting, unclosed or oversized
+/// polygons and duplicate ids refuse the whole file.
+pub fn parse_fences(text: &str) -> Result<Vec<Fence>, FenceError> {
+    let doc: Value = serde_json::from_str(text).map_err(|e| FenceError::Json(e.to_string()))?;
+    if doc.get("type").and_then(Value::as_str) != Some("FeatureCollection") {
+        return Err(FenceError::NotAFeatureCollection);
+    }
+    let features = doc.get("features").and_then(Value::as_array).ok_or(FenceError::NotAFeatureCollection)?;
+    if features.len() > MAX_FENCES {
+        return Err(FenceError::TooMany);
+    }
+    let mut fences = Vec::with_capacity(features.len());
+    let mut ids = std::collections::BTreeSet::new();
+    for (index, f) in features.iter().enumerate() {
+        let props = f.get("properties").unwrap_or(&Value::Null);
+        let id = props
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|id| is_valid_id(id))
+            .ok_or_else(|| feature_err(index, "properties.id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"))?;
+        if !ids.insert(id.to_string()) {
+            return Err(feature_err(index, format!("duplicate fence id {id:?}")));
+        }
+        let geometry = f.get("geometry").ok_or_else(|| feature_err(index, "missing geometry"))?;
+        let coordinates = geometry.get("coordinates").ok_or_else(|| feature_err(index, "geometry without coordinates"))?;
+        let mut vertices = 0;
+        let area = match geometry.get("type").and_then(Value::as_str) {
+            Some("Polygon") => MultiPolygon::new(vec![polygon(index, coordinates, &mut vertices)?]),
+            Some("MultiPolygon") => {
+                let parts = coordinates
+                    .as_array()
+                    .filter(|p| !p.is_empty())
+                    .ok_or_else(|| feature_err(index, "a MultiPolygon needs at least one polygon"))?;
+                MultiPolygon::new(parts.iter().map(|p| polygon(index, p, &mut vertices)).collect::<Result<_, _>>()?)
+            }
+            other => return Err(feature_err(index, format!("geometry must be Polygon or MultiPolygon, got {other:?}"))),
+        };
+        if let Err(e) = area.check_validation() {
+            return Err(feature_err(index, format!("fence {id:?} is not a valid polygon: {e}")));
+        }
+        fences.push(Fence {
+            id: id.to_string(),
+            area,
+            dwell_ms: optional_seconds(index, props, "dwell_seconds")?,
+            absent_ms: optional_seconds(index, props, "absent_seconds")?,
+        });
+    }
+    Ok(fences)
+}
+
+struct Indexed {
+    envelope: AABB<[f64; 2]>,
+    fence: usize,
+}
+
+impl RTreeObject for Indexed {
+    type Envelope = AABB<[f64; 2]>;
+    fn envelope(&self) -> Self::Envelope {
+        self.envelope
+    }
+}
+
+/// Fences with an R-tree over their bounding boxes.
+pub struct FenceIndex {
+    fences: Vec<Fence>,
+    tree: RTree<Indexed>,
+}
+
+impl FenceIndex {
+    pub fn new(fences: Vec<Fence>) -> Self {
+        let items = fences
+            .iter()
+            .enumerate()
+            .filter_map(|(i, f)| {
+                let rect = geo::BoundingRect::bounding_rect(&f.area)?;
+                Some(Indexed {
+                    envelope: AABB::from_corners([rect.min().x, rect.min().y], [rect.max().x, rect.max().y]),
+                    fence: i,
+                })
+            })
+            .collect();
+        Self { fences, tree: RTree::bulk_load(items) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.fences.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.fences.is_empty()
+    }
+
+    /// Fences containing the position (boundary excluded), sorted by id.
+    pub fn containing(&self, lat: f64, lon: f64) -> Vec<&Fence> {
+        let point = Point::new(lon, lat);
+        let mut out: Vec<&Fence> = self
+            .tree
+            .locate_in_envelope_intersecting(&AABB::from_point([lon, lat]))
+            .map(|i| &self.fences[i.fence])
+            .filter(|f| f.area.contains(&point))
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    fn get(&self, id: &str) -> Option<&Fence> {
+        self.fences.iter().find(|f| f.id == id)
+    }
+}
+
+/// What happened between a device and a fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FenceEventKind {
+    Enter,
+    Exit,
+    Dwell,
+    Absent,
+}
+
+impl FenceEventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enter => "enter",
+            Self::Exit => "exit",
+            Self::Dwell => "dwell",
+            Self::Absent => "absent",
+        }
+    }
+}
+
+/// A geofence event, ready to become an alert.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FenceEvent {
+    /// Deterministic: the same reading always gives the same id, so a retry
+    /// overwrites the alert instead of duplicating it.
+    pub id: String,
+    pub kind: FenceEventKind,
+    pub device_id: String,
+    pub fence_id: String,
+    /// The device's key (`seq`) of the reading that raised it.
+    pub seq: u64,
+    pub ts: i64,
+    pub lat: f64,
+    pub lon: f64,
+}
+
+/// Per-device fence state; persisted with the outbox batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceFences {
+    /// Fence id → (entered at ts, dwell already reported).
+    pub inside: BTreeMap<String, (i64, bool)>,
+    /// Fence id → left at ts, until `absent` fires or the device is back.
+    pub left: BTreeMap<String, i64>,
+}
+
+impl DeviceFences {
+    /// Advances the state with one position; returns the events it raises.
+    pub fn step(&mut self, index: &FenceIndex, device_id: &str, seq: u64, ts: i64, lat: f64, lon: f64) -> Vec<FenceEvent> {
+        let now_inside = index.containing(lat, lon);
+        let mut events = Vec::new();
+        let mut emit = |kind: FenceEventKind, fence_id: &str| {
+            events.push(FenceEvent {
+                id: format!("{device_id}:{seq}:{fence_id}:{}", kind.as_str()),
+                kind,
+                device_id: device_id.to_string(),
+                fence_id: fence_id.to_string(),
+                seq,
+                ts,
+                lat,
+                lon,
+            });
+        };
+        let exited: Vec<String> = self
+            .inside
+            .keys()
+            .filter(|id| !now_inside.iter().any(|f| &f.id == *id))
+            .cloned()
+            .collect();
+        for id in exited {
+            self.inside.remove(&id);
+            emit(FenceEventKind::Exit, &id);
+            if index.get(&id).is_some_and(|f| f.absent_ms.is_some()) {
+                self.left.insert(id, ts);
+            }
+        }
+        for fence in &now_inside {
+            if !self.inside.contains_key(&fence.id) {
+                self.inside.insert(fence.id.clone(), (ts, false));
+                self.left.remove(&fence.id);
+                emit(FenceEventKind::Enter, &fence.id);
+            }
+        }
+        for (id, (entered, reported)) in self.inside.iter_mut() {
+            if let Some(dwell) = index.get(id).and_then(|f| f.dwell_ms)
+                && !*reported
+                && ts - *entered >= dwell
+            {
+                *reported = true;
+                emit(FenceEventKind::Dwell, id);
+            }
+        }
+        let absent: Vec<String> = self
+            .left
+            .iter()
+            .filter(|(id, left_at)| index.get(id).and_then(|f| f.absent_ms).is_some_and(|t| ts - **left_at >= t))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in absent {
+            self.left.remove(&id);
+            emit(FenceEventKind::Absent, &id);
+        }
+        // Fences removed from the registry leave no state behind.
+        self.inside.retain(|id, _| index.get(id).is_some());
+        self.left.retain(|id, _| index.get(id).is_some());
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests;

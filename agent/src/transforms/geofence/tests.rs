@@ -1,0 +1,143 @@
+use super::*;
+
+/// A square around (lat 48.1, lon 11.5) with a hole in the middle, and a
+/// two-part MultiPolygon to the east.
+const FENCES: &str = r#"{
+  "type": "FeatureCollection",
+  "features": [
+    {"type": "Feature",
+     "properties": {"id": "yard", "dwell_seconds": 60, "absent_seconds": 120},
+     "geometry": {"type": "Polygon", "coordinates": [
+        [[11.49, 48.09], [11.51, 48.09], [11.51, 48.11], [11.49, 48.11], [11.49, 48.09]],
+        [[11.499, 48.099], [11.501, 48.099], [11.501, 48.101], [11.499, 48.101], [11.499, 48.099]]
+     ]}},
+    {"type": "Feature",
+     "properties": {"id": "depots"},
+     "geometry": {"type": "MultiPolygon", "coordinates": [
+        [[[11.60, 48.09], [11.61, 48.09], [11.61, 48.10], [11.60, 48.10], [11.60, 48.09]]],
+        [[[11.70, 48.09], [11.71, 48.09], [11.71, 48.10], [11.70, 48.10], [11.70, 48.09]]]
+     ]}}
+  ]
+}"#;
+
+fn index() -> FenceIndex {
+    FenceIndex::new(parse_fences(FENCES).expect("valid fences"))
+}
+
+fn ids(fences: Vec<&Fence>) -> Vec<&str> {
+    fences.into_iter().map(|f| f.id.as_str()).collect()
+}
+
+#[test]
+fn lookup_respects_holes_and_multipolygons() {
+    let idx = index();
+    assert_eq!(idx.len(), 2);
+    assert_eq!(ids(idx.containing(48.095, 11.495)), vec!["yard"]);
+    assert!(idx.containing(48.1, 11.5).is_empty(), "inside the hole");
+    assert_eq!(ids(idx.containing(48.095, 11.605)), vec!["depots"]);
+    assert_eq!(ids(idx.containing(48.095, 11.705)), vec!["depots"]);
+    assert!(idx.containing(48.095, 11.65).is_empty(), "between the depots");
+    assert!(idx.containing(0.0, 0.0).is_empty());
+}
+
+fn replace_geometry(geometry: &str) -> String {
+    format!(r#"{{"type":"FeatureCollection","features":[{{"type":"Feature","properties":{{"id":"f"}},"geometry":{geometry}}}]}}"#)
+}
+
+#[test]
+fn invalid_polygons_refuse_the_whole_file() {
+    let bowtie = replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[1,1],[1,0],[0,1],[0,0]]]}"#);
+    let err = parse_fences(&bowtie).unwrap_err().to_string();
+    assert!(err.contains("not a valid polygon"), "{err}");
+
+    let unclosed = replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,1]]]}"#);
+    assert!(parse_fences(&unclosed).unwrap_err().to_string().contains("closed"));
+
+    let mut ring: Vec<String> = (0..MAX_FENCE_VERTICES + 1)
+        .map(|i| {
+            let a = i as f64 / (MAX_FENCE_VERTICES + 1) as f64 * std::f64::consts::TAU;
+            format!("[{},{}]", a.cos(), a.sin())
+        })
+        .collect();
+    ring.push(ring[0].clone());
+    let huge = replace_geometry(&format!(r#"{{"type":"Polygon","coordinates":[[{}]]}}"#, ring.join(",")));
+    assert!(parse_fences(&huge).unwrap_err().to_string().contains("vertices"));
+
+    let out_of_range = replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[200,0],[1,1],[0,0]]]}"#);
+    assert!(parse_fences(&out_of_range).unwrap_err().to_string().contains("outside"));
+
+    let point = replace_geometry(r#"{"type":"Point","coordinates":[0,0]}"#);
+    assert!(parse_fences(&point).unwrap_err().to_string().contains("Polygon or MultiPolygon"));
+
+    assert!(matches!(parse_fences("{not json"), Err(FenceError::Json(_))));
+    assert_eq!(parse_fences(r#"{"type":"Feature"}"#).unwrap_err(), FenceError::NotAFeatureCollection);
+}
+
+#[test]
+fn ids_are_checked_and_unique() {
+    let twice = FENCES.replace("\"depots\"", "\"yard\"");
+    assert!(parse_fences(&twice).unwrap_err().to_string().contains("duplicate fence id"));
+    let bad = FENCES.replace("\"depots\"", "\"a/b\"");
+    assert!(parse_fences(&bad).unwrap_err().to_string().contains("properties.id"));
+}
+
+#[test]
+fn enter_dwell_exit_absent() {
+    let idx = index();
+    let mut state = DeviceFences::default();
+    let step = |state: &mut DeviceFences, seq: u64, ts_s: i64, lat: f64, lon: f64| {
+        state
+            .step(&idx, "truck-1", seq, ts_s * 1000, lat, lon)
+            .into_iter()
+            .map(|e| (e.kind, e.fence_id))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(step(&mut state, 1, 0, 48.0, 11.0), vec![]);
+    assert_eq!(step(&mut state, 2, 10, 48.095, 11.495), vec![(FenceEventKind::Enter, "yard".into())]);
+    assert_eq!(step(&mut state, 3, 40, 48.095, 11.496), vec![]);
+    assert_eq!(step(&mut state, 4, 70, 48.095, 11.497), vec![(FenceEventKind::Dwell, "yard".into())]);
+    assert_eq!(step(&mut state, 5, 80, 48.095, 11.497), vec![], "dwell is reported once");
+    assert_eq!(step(&mut state, 6, 90, 48.0, 11.0), vec![(FenceEventKind::Exit, "yard".into())]);
+    assert_eq!(step(&mut state, 7, 150, 48.0, 11.0), vec![]);
+    assert_eq!(step(&mut state, 8, 210, 48.0, 11.0), vec![(FenceEventKind::Absent, "yard".into())]);
+    assert_eq!(step(&mut state, 9, 400, 48.0, 11.0), vec![], "absent is reported once");
+    // Back inside before the absent time: no absent.
+    assert_eq!(step(&mut state, 10, 410, 48.095, 11.495), vec![(FenceEventKind::Enter, "yard".into())]);
+    assert_eq!(step(&mut state, 11, 420, 48.0, 11.0), vec![(FenceEventKind::Exit, "yard".into())]);
+    assert_eq!(step(&mut state, 12, 430, 48.095, 11.495), vec![(FenceEventKind::Enter, "yard".into())]);
+    assert_eq!(step(&mut state, 13, 600, 48.095, 11.495), vec![(FenceEventKind::Dwell, "yard".into())]);
+}
+
+#[test]
+fn persisted_state_gives_no_spurious_enter_after_a_restart() {
+    let idx = index();
+    let mut state = DeviceFences::default();
+    let events = state.step(&idx, "truck-2", 1, 1_000, 48.095, 11.605);
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].id, "truck-2:1:depots:enter");
+    let saved = serde_json::to_string(&state).unwrap();
+    let mut restored: DeviceFences = serde_json::from_str(&saved).unwrap();
+    assert_eq!(restored, state);
+    assert!(restored.step(&idx, "truck-2", 2, 2_000, 48.095, 11.606).is_empty());
+}
+
+#[test]
+fn event_ids_are_deterministic() {
+    let idx = index();
+    let run = || {
+        let mut s = DeviceFences::default();
+        s.step(&idx, "d", 7, 0, 48.095, 11.495)
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn fences_removed_from_the_registry_leave_no_state() {
+    let mut state = DeviceFences::default();
+    state.step(&index(), "d", 1, 0, 48.095, 11.495);
+    assert!(state.inside.contains_key("yard"));
+    let without_yard = FenceIndex::new(parse_fences(FENCES).unwrap().into_iter().filter(|f| f.id != "yard").collect());
+    let events = state.step(&without_yard, "d", 2, 1_000, 48.095, 11.495);
+    assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![FenceEventKind::Exit]);
+    assert!(state.inside.is_empty() && state.left.is_empty());
+}
