@@ -6,6 +6,8 @@
 
 pub mod config;
 pub mod doctor;
+pub mod import;
+pub mod lock;
 pub mod outbox;
 pub mod pipeline;
 pub mod signal;
@@ -53,6 +55,7 @@ pub enum AgentError {
 pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+    let _lock = lock::lock_data_dir(&config.data_dir).map_err(anyhow::Error::from)?;
     let db = config.database_path();
     let (outbox, uplink_conn) = {
         let (db, cfg) = (db.clone(), config.clone());

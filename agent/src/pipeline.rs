@@ -32,7 +32,15 @@ pub enum Envelope {
         device_id: String,
         reading: firmware_proto::message::Reading,
     },
-    /// A message with nothing to acknowledge (demo, import).
+    /// One JSON reading without a topic (import of a JSON-lines file):
+    /// the device id comes from the payload.
+    Line {
+        source: &'static str,
+        /// Where it came from, e.g. `import:file.jsonl:17`.
+        origin: String,
+        payload: Vec<u8>,
+    },
+    /// A message with nothing to acknowledge (demo).
     Raw {
         source: &'static str,
         topic: String,
@@ -46,6 +54,7 @@ impl Envelope {
             Envelope::Mqtt(p) => p.payload.len() + p.topic.len(),
             Envelope::Raw { topic, payload, .. } => payload.len() + topic.len(),
             Envelope::Serial { .. } => 64,
+            Envelope::Line { payload, .. } => payload.len(),
         }
     }
 }
@@ -219,6 +228,20 @@ impl BatchWriter {
                 }
                 Envelope::Raw { source, topic, payload } => {
                     items.push(self.decode(source, &topic, &payload, now));
+                }
+                Envelope::Line { source, origin, payload } => {
+                    items.push(match decode_reading(&payload, None, now, &self.validation) {
+                        Ok(reading) => Item::Reading(reading),
+                        Err(rejection) => {
+                            let keep = payload.len().min(self.validation.max_payload_bytes);
+                            Item::Rejected(RejectedInput {
+                                source,
+                                topic: origin.chars().take(256).collect(),
+                                payload: payload[..keep].to_vec(),
+                                rejection,
+                            })
+                        }
+                    });
                 }
             }
         }

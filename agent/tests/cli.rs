@@ -254,3 +254,53 @@ fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
     let status = child.wait().unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn import_replays_a_jsonl_file_once_and_refuses_a_busy_data_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let file = dir.path().join("backfill.jsonl");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let mut text = String::new();
+    for seq in 1..=500u64 {
+        text.push_str(&format!(
+            "{{\"device_id\":\"imp-{}\",\"seq\":{seq},\"ts\":{},\"temperature\":20.5,\"humidity\":40,\"battery\":90,\"lat\":48.1,\"lon\":11.5,\"speed\":0}}\n",
+            seq % 5,
+            now - 3_600_000 + seq
+        ));
+    }
+    text.push_str("{broken json\n\n");
+    text.push_str(&format!("{{\"device_id\":\"imp-1\",\"padding\":\"{}\"}}\n", "x".repeat(100_000)));
+    std::fs::write(&file, &text).unwrap();
+
+    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("500 valid, 2 rejected, 0 duplicates"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("100.0%"), "a progress bar is shown");
+
+    // Importing the same file again adds nothing.
+    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("0 valid, 2 rejected, 500 duplicates"), "{stdout}");
+
+    let conn = rusqlite::Connection::open(dir.path().join("data/edge-agent.db")).unwrap();
+    let counts: Vec<(String, i64)> = conn
+        .prepare("SELECT reason, count FROM reject_count ORDER BY reason")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(counts, vec![("malformed_json".to_string(), 2), ("payload_too_large".to_string(), 2)]);
+    drop(conn);
+
+    // While an agent runs on the data folder, an import is refused.
+    let agent = start(&config);
+    agent.wait_line("the agent running", Duration::from_secs(30), |l| l.contains("outbox open"));
+    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another edge-agent is using the data folder"), "{err}");
+    assert!(agent.interrupt_and_wait().success());
+}

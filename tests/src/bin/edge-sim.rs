@@ -72,6 +72,17 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Write readings as JSON lines (for `edge-agent import`, and its benchmark).
+    Jsonl {
+        /// Output file.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Fraction of lines made invalid on purpose.
+        #[arg(long, default_value_t = 0.0)]
+        invalid_fraction: f64,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Devices publishing to an MQTT broker with QoS 1.
     Mqtt {
         /// Broker address.
@@ -190,12 +201,50 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 SerialRunEnd::PortLost(e) => bail!("serial port lost after {} acknowledged readings: {e}", p.acked),
             }
         }
+        Command::Jsonl { out, invalid_fraction, common } => {
+            check_rate("--invalid-fraction", invalid_fraction)?;
+            jsonl(&out, invalid_fraction, &common)
+        }
         Command::Mqtt { broker, topic_prefix, invalid_fraction, bin_fraction, common } => {
             check_rate("--invalid-fraction", invalid_fraction)?;
             check_rate("--bin-fraction", bin_fraction)?;
             mqtt(&broker, &topic_prefix, invalid_fraction, bin_fraction, &common).await
         }
     }
+}
+
+fn jsonl(out: &std::path::Path, invalid_fraction: f64, common: &Common) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut rng = StdRng::seed_from_u64(common.seed);
+    let base_epoch = boot_epoch(common);
+    let mut tracks: Vec<Track> = (0..common.devices)
+        .map(|_| {
+            let mut t = track(common).expect("checked");
+            t.angle = rng.random_range(0.0..std::f64::consts::TAU);
+            t
+        })
+        .collect();
+    let started = Instant::now();
+    let ts0 = edge_tests::now_ms() - i64::from(common.readings) * 1000;
+    let mut lines = 0u64;
+    for seq in 1..=common.readings {
+        for d in 0..common.devices {
+            let device = format!("sim-{d:05}");
+            let ts = ts0 + i64::from(seq) * 1000;
+            let mut v = json_reading(&device, u64::from(seq), base_epoch + d, ts, &mut tracks[d as usize], &mut rng);
+            if invalid_fraction > 0.0 && rng.random_bool(invalid_fraction) {
+                v["humidity"] = "wet".into();
+            }
+            serde_json::to_writer(&mut w, &v)?;
+            w.write_all(b"\n")?;
+            lines += 1;
+        }
+    }
+    w.flush()?;
+    println!("wrote {lines} lines to {} in {:.1} s", out.display(), started.elapsed().as_secs_f64());
+    Ok(())
 }
 
 async fn mqtt(broker: &str, prefix: &str, invalid_fraction: f64, bin_fraction: f64, common: &Common) -> anyhow::Result<()> {

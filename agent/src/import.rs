@@ -1,0 +1,187 @@
+//! `edge-agent import FILE.jsonl`: replays a JSON-lines file (backfill of
+//! offline logs) through the same validation and outbox as live input, with
+//! a progress line. The running agent (or its next start) ships the result.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::pipeline::{AckRouter, BatchWriter, Envelope};
+use crate::signal::OutboxSignals;
+use crate::stats::Stats;
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImportSummary {
+    pub lines: u64,
+    pub bytes: u64,
+    pub valid: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+    pub seconds: f64,
+}
+
+/// Reads one line of at most `limit` bytes into `buf` (without the newline).
+/// A longer line is consumed to its end and returned truncated to
+/// `limit + 1` bytes, so the caller rejects it without ever holding it whole.
+/// Returns the bytes consumed, 0 at the end of the input.
+fn read_bounded_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<usize> {
+    buf.clear();
+    let mut consumed = 0;
+    loop {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Ok(consumed);
+        }
+        let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], Some(i)),
+            None => (available, None),
+        };
+        let room = (limit + 1).saturating_sub(buf.len());
+        buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = found.map_or(chunk.len(), |i| i + 1);
+        reader.consume(used);
+        consumed += used;
+        if found.is_some() {
+            return Ok(consumed);
+        }
+    }
+}
+
+/// Imports `path` into the outbox of `config`. The agent must not be running
+/// on the same data folder (the data-folder lock enforces it).
+pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progress: bool) -> anyhow::Result<ImportSummary> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+    let _lock = crate::lock::lock_data_dir(&config.data_dir)?;
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let total = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let db = config.database_path();
+    let outbox = {
+        let (db, cfg) = (db.clone(), config.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::outbox::Outbox::open(&db, cfg.outbox.synchronous, &cfg.gateway_id, cfg.outbox.quarantine_max_rows)
+        })
+        .await
+        .context("opening the outbox")??
+    };
+
+    let (tx, rx) = mpsc::channel(16 * 1024);
+    let (_stop_tx, stop_rx) = watch::channel(false);
+    let signals = Arc::new(OutboxSignals::default());
+    let writer = BatchWriter::new(&config, outbox, stats.clone(), signals, AckRouter::default());
+    let rt = tokio::runtime::Handle::current();
+    let writer_thread = std::thread::Builder::new()
+        .name("batch-writer".into())
+        .spawn(move || writer.run(rt, rx, stop_rx))
+        .context("starting the batch writer thread")?;
+
+    let started = Instant::now();
+    let read_bytes = Arc::new(AtomicU64::new(0));
+    let progress = show_progress.then(|| {
+        let (stats, read_bytes) = (stats.clone(), read_bytes.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                eprintln!("{}", progress_line(&stats, read_bytes.load(Relaxed), total, started.elapsed()));
+            }
+        })
+    });
+
+    let limit = config.validation.max_payload_bytes;
+    let reader_path = path.to_path_buf();
+    let reader_bytes = read_bytes.clone();
+    let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let mut reader = BufReader::with_capacity(1 << 20, file.take(u64::MAX));
+        let mut line = Vec::with_capacity(limit + 1);
+        let mut lines = 0u64;
+        loop {
+            let n = read_bounded_line(&mut reader, &mut line, limit)
+                .with_context(|| format!("reading {}", reader_path.display()))?;
+            if n == 0 {
+                return Ok(lines);
+            }
+            reader_bytes.fetch_add(n as u64, Relaxed);
+            lines += 1;
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let env = Envelope::Line {
+                source: "import",
+                origin: format!("import:{}:{lines}", reader_path.display()),
+                payload: std::mem::replace(&mut line, Vec::with_capacity(limit + 1)),
+            };
+            if tx.blocking_send(env).is_err() {
+                anyhow::bail!("the batch writer stopped early; see the log above");
+            }
+        }
+    })
+    .await
+    .context("reading the import file")??;
+    tokio::task::spawn_blocking(move || writer_thread.join())
+        .await
+        .context("joining the batch writer")?
+        .map_err(|_| anyhow::anyhow!("the batch writer panicked"))?;
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let summary = ImportSummary {
+        lines,
+        bytes: read_bytes.load(Relaxed),
+        valid: stats.valid.load(Relaxed),
+        rejected: stats.rejected.load(Relaxed),
+        duplicates: stats.duplicates.load(Relaxed),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    if show_progress {
+        eprintln!("{}", progress_line(&stats, summary.bytes, total, started.elapsed()));
+    }
+    Ok(summary)
+}
+
+fn progress_line(stats: &Stats, read: u64, total: u64, elapsed: Duration) -> String {
+    let done = stats.valid.load(Relaxed) + stats.rejected.load(Relaxed) + stats.duplicates.load(Relaxed);
+    let pct = if total > 0 { read as f64 * 100.0 / total as f64 } else { 100.0 };
+    let width = 30;
+    let filled = ((pct / 100.0) * width as f64).round() as usize;
+    format!(
+        "[{}{}] {pct:5.1}% {} / {} MiB | {done} readings ({:.0}/s) valid {} rejected {} dup {}",
+        "#".repeat(filled.min(width)),
+        "-".repeat(width - filled.min(width)),
+        read >> 20,
+        total >> 20,
+        done as f64 / elapsed.as_secs_f64().max(1e-3),
+        stats.valid.load(Relaxed),
+        stats.rejected.load(Relaxed),
+        stats.duplicates.load(Relaxed),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_lines_are_bounded_and_consumed() {
+        let input = format!("short\n{}\nafter\nlast-without-newline", "x".repeat(10_000));
+        let mut reader = BufReader::with_capacity(64, input.as_bytes());
+        let mut line = Vec::new();
+        let mut lines = Vec::new();
+        loop {
+            let n = read_bounded_line(&mut reader, &mut line, 100).unwrap();
+            if n == 0 {
+                break;
+            }
+            lines.push((n, line.len()));
+        }
+        assert_eq!(lines, vec![(6, 5), (10_001, 101), (6, 5), (20, 20)]);
+    }
+}
