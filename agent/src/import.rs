@@ -72,10 +72,16 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
         .context("opening the outbox")??
     };
 
+    let conn = crate::outbox::open_connection(&db, config.outbox.synchronous)?;
+    let (batches, bytes) = crate::outbox::backlog(&conn)?;
+    drop(conn);
+    stats.outbox_batches.store(batches, Relaxed);
+    stats.outbox_bytes.store(bytes, Relaxed);
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (_stop_tx, stop_rx) = watch::channel(false);
     let signals = Arc::new(OutboxSignals::default());
-    let writer = BatchWriter::new(&config, outbox, stats.clone(), signals, AckRouter::default());
+    let mut writer = BatchWriter::new(&config, outbox, stats.clone(), signals, AckRouter::default());
+    writer.stop_when_full = true;
     let rt = tokio::runtime::Handle::current();
     let writer_thread = std::thread::Builder::new()
         .name("batch-writer".into())
@@ -120,7 +126,10 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
                 payload: std::mem::replace(&mut line, Vec::with_capacity(limit + 1)),
             };
             if tx.blocking_send(env).is_err() {
-                anyhow::bail!("the batch writer stopped early; see the log above");
+                anyhow::bail!(
+                    "stopped at line {lines}: the outbox is full (outbox.max_size_bytes). Start the agent to ship \
+                     the backlog, then import again: lines already imported are skipped as duplicates"
+                );
             }
         }
     })

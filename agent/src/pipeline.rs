@@ -85,6 +85,9 @@ pub struct BatchWriter {
     pub stats: Arc<Stats>,
     pub signals: Arc<OutboxSignals>,
     pub acks: AckRouter,
+    /// Stop instead of waiting when the outbox is full (import: no uplink
+    /// runs in the same process to make room).
+    pub stop_when_full: bool,
 }
 
 pub fn now_ms() -> i64 {
@@ -109,6 +112,7 @@ impl BatchWriter {
             stats,
             signals,
             acks,
+            stop_when_full: false,
         }
     }
 
@@ -173,6 +177,16 @@ impl BatchWriter {
                 }
                 self.stats.outbox_full.store(false, Relaxed);
                 return true;
+            }
+            if self.stop_when_full {
+                error!(
+                    used_bytes = used,
+                    max_size_bytes = max,
+                    "the outbox is full: stopping here. Start the agent to ship the backlog (or raise \
+                     outbox.max_size_bytes), then run the import again: lines already imported are skipped as duplicates"
+                );
+                self.stats.outbox_full.store(true, Relaxed);
+                return false;
             }
             if !warned {
                 warn!(

@@ -304,3 +304,24 @@ fn import_replays_a_jsonl_file_once_and_refuses_a_busy_data_folder() {
     assert!(err.contains("another edge-agent is using the data folder"), "{err}");
     assert!(agent.interrupt_and_wait().success());
 }
+
+#[test]
+fn import_into_a_full_outbox_stops_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "[outbox]\nbatch_max_bytes = 4096\nbatch_max_records = 10\nmax_size_bytes = 16384\n");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let text: String = (1..=2000u64)
+        .map(|seq| {
+            format!(
+                "{{\"device_id\":\"full-1\",\"seq\":{seq},\"ts\":{now},\"temperature\":20.5,\"humidity\":40,\"battery\":90,\"lat\":48.1,\"lon\":11.5,\"speed\":0}}\n"
+            )
+        })
+        .collect();
+    let file = dir.path().join("big.jsonl");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
+    assert!(!out.status.success(), "an import that did not finish must not exit 0");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the outbox is full"), "{err}");
+    assert!(err.contains("import again"), "{err}");
+}
