@@ -123,7 +123,8 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
             let env = Envelope::Line {
                 source: "import",
                 origin: format!("import:{}:{lines}", reader_path.display()),
-                payload: std::mem::replace(&mut line, Vec::with_capacity(limit + 1)),
+                // An exact-size copy: the queue holds thousands of lines.
+                payload: line.clone(),
             };
             if tx.blocking_send(env).is_err() {
                 anyhow::bail!(
