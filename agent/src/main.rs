@@ -65,13 +65,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
+/// The async runtime, or `None` after saying why it could not start.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("edge-agent: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            None
         }
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let stats = Arc::new(Stats::default());
     let result = runtime.block_on(edge_agent::run(config, stats, shutdown_signal()));
@@ -89,12 +96,8 @@ fn run(config: Config) -> ExitCode {
 }
 
 fn import(config: Config, file: &std::path::Path) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("edge-agent: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let stats = Arc::new(Stats::default());
     match runtime.block_on(edge_agent::import::import(config, stats, file, true)) {
@@ -120,12 +123,8 @@ fn import(config: Config, file: &std::path::Path) -> ExitCode {
 
 fn doctor(config: &Config, path: Option<&std::path::Path>) -> ExitCode {
     let origin = path.map_or_else(|| "built-in board-configs/sim.toml".to_string(), |p| p.display().to_string());
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("edge-agent: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let checks = runtime.block_on(edge_agent::doctor::run(config, &origin));
     match edge_agent::doctor::print(&checks) {

@@ -246,15 +246,7 @@ impl BatchWriter {
                 Envelope::Line { source, origin, payload } => {
                     items.push(match decode_reading(&payload, None, now, &self.validation) {
                         Ok(reading) => Item::Reading(reading),
-                        Err(rejection) => {
-                            let keep = payload.len().min(self.validation.max_payload_bytes);
-                            Item::Rejected(RejectedInput {
-                                source,
-                                topic: origin.chars().take(256).collect(),
-                                payload: payload[..keep].to_vec(),
-                                rejection,
-                            })
-                        }
+                        Err(rejection) => self.rejected(source, &origin, &payload, rejection),
                     });
                 }
             }
@@ -310,16 +302,19 @@ impl BatchWriter {
         true
     }
 
+    /// A rejected input, its payload cut to the payload limit.
+    fn rejected(&self, source: &'static str, topic: &str, payload: &[u8], rejection: Rejection) -> Item {
+        let keep = payload.len().min(self.validation.max_payload_bytes);
+        Item::Rejected(RejectedInput {
+            source,
+            topic: topic.chars().take(256).collect(),
+            payload: payload[..keep].to_vec(),
+            rejection,
+        })
+    }
+
     fn decode(&self, source: &'static str, topic: &str, payload: &[u8], now: i64) -> Item {
-        let reject = |rejection: Rejection| {
-            let keep = payload.len().min(self.validation.max_payload_bytes);
-            Item::Rejected(RejectedInput {
-                source,
-                topic: topic.chars().take(256).collect(),
-                payload: payload[..keep].to_vec(),
-                rejection,
-            })
-        };
+        let reject = |rejection: Rejection| self.rejected(source, topic, payload, rejection);
         let device = match parse_topic(&self.topic_prefix, topic) {
             Ok(TopicKind::Telemetry(device)) => device,
             Ok(TopicKind::TelemetryBin(device)) => {

@@ -116,6 +116,14 @@ fn track(common: &Common) -> anyhow::Result<Track> {
     })
 }
 
+/// One track per device, each starting at a random angle.
+fn device_tracks(common: &Common, rng: &mut StdRng) -> anyhow::Result<Vec<Track>> {
+    let base = track(common)?;
+    Ok((0..common.devices)
+        .map(|_| Track { angle: rng.random_range(0.0..std::f64::consts::TAU), ..base })
+        .collect())
+}
+
 fn boot_epoch(common: &Common) -> u32 {
     common
         .boot_epoch
@@ -219,13 +227,7 @@ fn jsonl(out: &std::path::Path, invalid_fraction: f64, common: &Common) -> anyho
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let mut rng = StdRng::seed_from_u64(common.seed);
     let base_epoch = boot_epoch(common);
-    let mut tracks: Vec<Track> = (0..common.devices)
-        .map(|_| {
-            let mut t = track(common).expect("checked");
-            t.angle = rng.random_range(0.0..std::f64::consts::TAU);
-            t
-        })
-        .collect();
+    let mut tracks = device_tracks(common, &mut rng)?;
     let started = Instant::now();
     let ts0 = edge_tests::now_ms() - i64::from(common.readings) * 1000;
     let mut lines = 0u64;
@@ -274,13 +276,7 @@ async fn mqtt(broker: &str, prefix: &str, invalid_fraction: f64, bin_fraction: f
     });
     let mut rng = StdRng::seed_from_u64(common.seed);
     let base_epoch = boot_epoch(common);
-    let mut tracks: Vec<Track> = (0..common.devices)
-        .map(|_| {
-            let mut t = track(common).expect("checked");
-            t.angle = rng.random_range(0.0..std::f64::consts::TAU);
-            t
-        })
-        .collect();
+    let mut tracks = device_tracks(common, &mut rng)?;
     let total = u64::from(common.devices) * u64::from(common.readings);
     let started = Instant::now();
     let mut last = Instant::now();
