@@ -143,6 +143,15 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
     if let Some(p) = progress {
         p.abort();
     }
+    // The writer stops when the outbox fills; lines still queued then were
+    // read but never stored.
+    let stored = stats.valid.load(Relaxed) + stats.rejected.load(Relaxed) + stats.duplicates.load(Relaxed);
+    if stats.outbox_full.load(Relaxed) {
+        anyhow::bail!(
+            "the outbox is full (outbox.max_size_bytes) after {stored} readings of {lines} lines. Start the agent to \
+             ship the backlog, then import again: lines already imported are skipped as duplicates"
+        );
+    }
     let summary = ImportSummary {
         lines,
         bytes: read_bytes.load(Relaxed),
