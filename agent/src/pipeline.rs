@@ -11,7 +11,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::config::{Config, OutboxConfig, ValidationConfig};
+use crate::config::{Config, OutboxConfig, ValidationConfig, WhenFull};
 use crate::outbox::{Item, Outbox, RejectedInput};
 use crate::signal::OutboxSignals;
 use crate::stats::Stats;
@@ -166,11 +166,32 @@ impl BatchWriter {
     }
 
     /// Blocks while the outbox is at its bound. Returns false if asked to stop.
-    fn wait_for_space(&self, stop: &watch::Receiver<bool>) -> bool {
+    fn wait_for_space(&mut self, stop: &watch::Receiver<bool>) -> bool {
         let max = self.outbox_config.max_size_bytes;
         let mut warned = false;
         loop {
             let used = self.stats.outbox_bytes.load(Relaxed);
+            if used >= max && self.outbox_config.when_full == WhenFull::DropOldest && !self.stop_when_full {
+                match self.outbox.drop_oldest(max / 10 * 9) {
+                    // Nothing to drop: the counter ran ahead of the table;
+                    // wait for the uplink's next trim to correct it.
+                    Ok(d) if d.batches == 0 => {}
+                    Ok(d) => {
+                        self.stats.dropped_records.fetch_add(d.records, Relaxed);
+                        let _ = self.stats.outbox_bytes.fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(d.bytes)));
+                        let _ = self.stats.outbox_batches.fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(d.batches)));
+                        error!(
+                            dropped_readings = d.records,
+                            dropped_batches = d.batches,
+                            dropped_bytes = d.bytes,
+                            "outbox full: DROPPED the oldest unsent readings (outbox.when_full = drop_oldest); \
+                             they will never reach Kafka"
+                        );
+                        continue;
+                    }
+                    Err(e) => error!(error = %e, "outbox full and dropping the oldest batches failed; holding input back"),
+                }
+            }
             if used < max {
                 if warned {
                     info!(used_bytes = used, "outbox has room again; taking input");

@@ -37,6 +37,8 @@ pub struct Stats {
     pub outbox_bytes: AtomicU64,
     /// True while the outbox is at its bound and input is held back.
     pub outbox_full: AtomicBool,
+    /// Readings deleted unsent by the drop-oldest policy.
+    pub dropped_records: AtomicU64,
     /// Highest outbox batch committed to Kafka (the marker).
     pub kafka_committed_batch: AtomicI64,
     pub kafka_records_committed: AtomicU64,
@@ -61,6 +63,7 @@ impl Default for Stats {
             outbox_batches: AtomicU64::new(0),
             outbox_bytes: AtomicU64::new(0),
             outbox_full: AtomicBool::new(false),
+            dropped_records: AtomicU64::new(0),
             kafka_committed_batch: AtomicI64::new(0),
             kafka_records_committed: AtomicU64::new(0),
             kafka_transactions: AtomicU64::new(0),
@@ -120,6 +123,10 @@ impl Stats {
             self.kafka_transactions.load(Relaxed),
             self.kafka_committed_batch.load(Relaxed)
         );
+        let dropped = self.dropped_records.load(Relaxed);
+        if dropped > 0 {
+            let _ = write!(line, " | DROPPED {dropped} readings (outbox.when_full = drop_oldest)");
+        }
         let rejects = self.rejects_by_reason();
         if !rejects.is_empty() {
             line.push_str(" | rejects:");

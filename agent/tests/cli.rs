@@ -325,3 +325,23 @@ fn import_into_a_full_outbox_stops_with_a_clear_message() {
     assert!(err.contains("the outbox is full"), "{err}");
     assert!(err.contains("import again"), "{err}");
 }
+
+#[test]
+fn drop_oldest_keeps_the_outbox_bounded_and_counts_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        "[outbox]\nbatch_max_bytes = 4096\nmax_size_bytes = 65536\nwhen_full = \"drop_oldest\"\n",
+    );
+    let agent = start(&config);
+    let line = agent.wait_line("readings dropped", Duration::from_secs(60), |l| l.contains("DROPPED"));
+    assert!(line.contains("outbox.when_full = drop_oldest"), "{line}");
+    assert!(agent.interrupt_and_wait().success());
+    let conn = rusqlite::Connection::open(dir.path().join("data/edge-agent.db")).unwrap();
+    let bytes: i64 = conn.query_row("SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch", [], |r| r.get(0)).unwrap();
+    assert!(bytes <= 65536 + 4096 * 2, "outbox holds {bytes} bytes");
+    let dropped: i64 = conn
+        .query_row("SELECT value FROM meta WHERE key = 'dropped_records'", [], |r| r.get(0))
+        .unwrap();
+    assert!(dropped > 0);
+}

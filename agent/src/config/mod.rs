@@ -297,6 +297,10 @@ pub enum WhenFull {
     /// Stop taking input (and so stop acknowledging): devices and the broker
     /// keep the data until the uplink drains the outbox.
     Block,
+    /// Delete the oldest unsent batches to make room (down to 90 % of the
+    /// bound), counting every dropped reading and logging it as an error.
+    /// For sites where fresh data matters more than complete history.
+    DropOldest,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -294,6 +294,57 @@ impl Outbox {
     }
 }
 
+/// What [`Outbox::drop_oldest`] deleted.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Dropped {
+    pub batches: u64,
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Outbox {
+    /// Deletes the oldest batches until at most `keep_bytes` remain, and
+    /// adds what was dropped to the durable `dropped_records` counter.
+    pub fn drop_oldest(&mut self, keep_bytes: u64) -> Result<Dropped, OutboxError> {
+        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)?;
+        let total: i64 = tx.query_row("SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch", [], |r| r.get(0))?;
+        let mut excess = (total as u64).saturating_sub(keep_bytes);
+        let mut dropped = Dropped::default();
+        let mut upto = None;
+        {
+            let mut stmt = tx.prepare("SELECT batch_seq, records, bytes FROM outbox_batch ORDER BY batch_seq")?;
+            let mut rows = stmt.query([])?;
+            while excess > 0 {
+                let Some(row) = rows.next()? else { break };
+                let (seq, records, bytes): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                dropped.batches += 1;
+                dropped.records += records as u64;
+                dropped.bytes += bytes as u64;
+                excess = excess.saturating_sub(bytes as u64);
+                upto = Some(seq);
+            }
+        }
+        if let Some(upto) = upto {
+            tx.execute("DELETE FROM outbox_batch WHERE batch_seq <= ?1", params![upto])?;
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('dropped_records', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
+                params![dropped.records as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(dropped)
+    }
+}
+
+/// Readings deleted by the drop-oldest policy, since the database exists.
+pub fn dropped_records(conn: &Connection) -> Result<u64, OutboxError> {
+    Ok(conn
+        .query_row("SELECT value FROM meta WHERE key = 'dropped_records'", [], |r| r.get::<_, i64>(0))
+        .optional()?
+        .unwrap_or(0) as u64)
+}
+
 /// Rejections counted per reason, as stored.
 pub fn reject_counts(conn: &Connection) -> Result<Vec<(String, u64)>, OutboxError> {
     let mut stmt = conn.prepare("SELECT reason, count FROM reject_count ORDER BY reason")?;

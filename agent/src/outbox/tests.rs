@@ -188,3 +188,23 @@ fn newer_schema_is_refused() {
     let err = Outbox::open(&dir.path().join("o.db"), SyncMode::Full, "gw-1", 3).err().unwrap();
     assert!(err.to_string().contains("schema 99"), "{err}");
 }
+
+#[test]
+fn drop_oldest_deletes_the_oldest_batches_and_counts_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    let mut sizes = Vec::new();
+    for seq in 1..=5 {
+        sizes.push(outbox.write_batch(&[reading("a", seq), reading("b", seq)], NOW).unwrap().bytes);
+    }
+    let total: u64 = sizes.iter().sum();
+    // Keep room for about two batches: the three oldest go.
+    let dropped = outbox.drop_oldest(total - sizes[0] - sizes[1] - sizes[2]).unwrap();
+    assert_eq!(dropped, Dropped { batches: 3, records: 6, bytes: sizes[0] + sizes[1] + sizes[2] });
+    let left: Vec<i64> = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap().iter().map(|b| b.batch_seq).collect();
+    assert_eq!(left, vec![4, 5]);
+    assert_eq!(dropped_records(&outbox.conn).unwrap(), 6);
+    assert_eq!(outbox.drop_oldest(u64::MAX).unwrap(), Dropped::default());
+    outbox.drop_oldest(0).unwrap();
+    assert_eq!(dropped_records(&outbox.conn).unwrap(), 10);
+}
