@@ -70,7 +70,9 @@ fn deframe_all(bytes: &[u8]) -> Vec<Result<(u8, Message), FrameError>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    // A fixed seed: CI runs the same cases every time (a failure found
+    // while developing goes into a unit test, not a lucky rerun).
+    #![proptest_config(ProptestConfig { rng_seed: proptest::test_runner::RngSeed::Fixed(0x5eed_f4a3e), ..ProptestConfig::with_cases(2000) })]
 
     #[test]
     fn every_message_round_trips(address in any::<u8>(), msg in arb_message()) {

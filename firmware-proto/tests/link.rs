@@ -161,7 +161,8 @@ fn heavy_loss_duplication_reordering_and_corruption() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(24))]
+    // A fixed seed: the same 24 fault mixes every run.
+    #![proptest_config(ProptestConfig { rng_seed: proptest::test_runner::RngSeed::Fixed(0x11_4b_2026), ..ProptestConfig::with_cases(24) })]
     #[test]
     fn any_fault_mix_delivers_exactly_once(
         seed in any::<u64>(),
