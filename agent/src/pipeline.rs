@@ -18,7 +18,12 @@ use crate::stats::Stats;
 use crate::transforms::validate::{Rejection, TopicKind, decode_bin_reading, decode_reading, parse_topic, reading_from_frame};
 
 /// An MQTT publish that must be acknowledged once durable.
-pub type MqttPublish = rumqttc::Publish;
+#[derive(Debug)]
+pub struct MqttPublish {
+    pub publish: rumqttc::Publish,
+    /// Which broker connection it arrived on (counts reconnections).
+    pub connection: u64,
+}
 
 /// One input as a source hands it over.
 #[derive(Debug)]
@@ -51,7 +56,7 @@ pub enum Envelope {
 impl Envelope {
     fn size_hint(&self) -> usize {
         match self {
-            Envelope::Mqtt(p) => p.payload.len() + p.topic.len(),
+            Envelope::Mqtt(p) => p.publish.payload.len() + p.publish.topic.len(),
             Envelope::Raw { topic, payload, .. } => payload.len() + topic.len(),
             Envelope::Serial { .. } => 64,
             Envelope::Line { payload, .. } => payload.len(),
@@ -257,9 +262,9 @@ impl BatchWriter {
                     }
                     items.push(item);
                 }
-                Envelope::Mqtt(publish) => {
-                    items.push(self.decode("mqtt", &publish.topic, &publish.payload, now));
-                    mqtt_acks.push(publish);
+                Envelope::Mqtt(delivery) => {
+                    items.push(self.decode("mqtt", &delivery.publish.topic, &delivery.publish.payload, now));
+                    mqtt_acks.push(delivery);
                 }
                 Envelope::Raw { source, topic, payload } => {
                     items.push(self.decode(source, &topic, &payload, now));

@@ -72,11 +72,21 @@ impl MqttSource {
         let (client, mut eventloop) = AsyncClient::new(opts, 4096);
         let broker = format!("{}:{}", self.config.host, self.config.port);
 
+        // Counts broker connections. Without a persistent session the broker
+        // forgets unacknowledged messages on reconnect and reuses their
+        // packet ids: an acknowledgement from an older connection could then
+        // acknowledge a different, not yet durable message, so it is dropped.
+        let connection = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let persistent = self.config.persistent_session;
         let acker_client = client.clone();
+        let acker_connection = connection.clone();
         let acker = tokio::spawn(async move {
             while let Some(list) = acks.recv().await {
-                for publish in list {
-                    if acker_client.ack(&publish).await.is_err() {
+                for delivery in list {
+                    if !persistent && delivery.connection != acker_connection.load(Relaxed) {
+                        continue;
+                    }
+                    if acker_client.ack(&delivery.publish).await.is_err() {
                         return;
                     }
                 }
@@ -95,13 +105,14 @@ impl MqttSource {
                     self.stats.received.fetch_add(1, Relaxed);
                     let sent = tokio::select! {
                         _ = shutdown.changed() => break,
-                        sent = tx.send(Envelope::Mqtt(publish)) => sent,
+                        sent = tx.send(Envelope::Mqtt(MqttPublish { publish, connection: connection.load(Relaxed) })) => sent,
                     };
                     if sent.is_err() {
                         break;
                     }
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    connection.fetch_add(1, Relaxed);
                     backoff = Duration::from_millis(250);
                     connected = true;
                     info!(broker = %broker, session_present = ack.session_present, "MQTT connected");
