@@ -43,18 +43,29 @@ fn check(name: impl Into<String>, verdict: Verdict, detail: impl Into<String>) -
 
 /// Runs every check. `origin` says where the config came from.
 pub async fn run(config: &Config, origin: &str) -> Vec<Check> {
-    let mut checks = vec![check("config", Verdict::Ok, format!("{origin} is valid (gateway {})", config.gateway_id))];
+    let mut checks = vec![check(
+        "config",
+        Verdict::Ok,
+        format!("{origin} is valid (gateway {})", config.gateway_id),
+    )];
     for serial in &config.sources.serial {
         checks.push(serial_port(serial));
     }
     if let Some(mqtt) = &config.sources.mqtt {
         let addr = format!("{}:{}", mqtt.host, mqtt.port);
         let name = format!("mqtt broker {addr}");
-        checks.push(match tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(&addr)).await {
-            Ok(Ok(_)) => check(name, Verdict::Ok, "reachable"),
-            Ok(Err(e)) => check(name, Verdict::Fail, format!("cannot connect: {e}")),
-            Err(_) => check(name, Verdict::Fail, "no answer within 3 s"),
-        });
+        checks.push(
+            match tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect(&addr),
+            )
+            .await
+            {
+                Ok(Ok(_)) => check(name, Verdict::Ok, "reachable"),
+                Ok(Err(e)) => check(name, Verdict::Fail, format!("cannot connect: {e}")),
+                Err(_) => check(name, Verdict::Fail, "no answer within 3 s"),
+            },
+        );
     }
     let kafka_config = config.clone();
     checks.push(
@@ -77,11 +88,17 @@ fn serial_port(serial: &SerialSourceConfig) -> Check {
         );
     }
     match tokio_serial::new(serial.path.to_string_lossy(), serial.baud_rate).open() {
-        Ok(_) => check(name, Verdict::Ok, format!("present and opens at {} baud", serial.baud_rate)),
+        Ok(_) => check(
+            name,
+            Verdict::Ok,
+            format!("present and opens at {} baud", serial.baud_rate),
+        ),
         Err(e) => check(
             name,
             Verdict::Fail,
-            format!("present but cannot be opened: {e} (is another program using it, or is the user missing from the dialout group?)"),
+            format!(
+                "present but cannot be opened: {e} (is another program using it, or is the user missing from the dialout group?)"
+            ),
         ),
     }
 }
@@ -92,29 +109,50 @@ fn kafka(config: &Config) -> Check {
     if let Some(path) = &k.sasl_password_file
         && let Err(e) = std::fs::metadata(path)
     {
-        return check(name, Verdict::Fail, format!("kafka.sasl_password_file {}: {e}", path.display()));
+        return check(
+            name,
+            Verdict::Fail,
+            format!("kafka.sasl_password_file {}: {e}", path.display()),
+        );
     }
     let producer: BaseProducer = match crate::sinks::kafka::client_config(k).create() {
         Ok(p) => p,
         Err(e) => return check(name, Verdict::Fail, format!("client setup failed: {e}")),
     };
-    let metadata = match producer.client().fetch_metadata(None, Duration::from_secs(5)) {
+    let metadata = match producer
+        .client()
+        .fetch_metadata(None, Duration::from_secs(5))
+    {
         Ok(m) => m,
         Err(e) => {
             return check(
                 name,
                 Verdict::Fail,
-                format!("unreachable: {e}. The agent keeps working and buffers in the outbox meanwhile"),
+                format!(
+                    "unreachable: {e}. The agent keeps working and buffers in the outbox meanwhile"
+                ),
             );
         }
     };
     let missing: Vec<&str> = [&k.topic_data, &k.topic_dlq, &k.topic_offsets]
         .into_iter()
-        .filter(|t| !metadata.topics().iter().any(|m| m.name() == t.as_str() && m.error().is_none()))
+        .filter(|t| {
+            !metadata
+                .topics()
+                .iter()
+                .any(|m| m.name() == t.as_str() && m.error().is_none())
+        })
         .map(String::as_str)
         .collect();
     if missing.is_empty() {
-        check(name, Verdict::Ok, format!("reachable, {} broker(s), topics present", metadata.brokers().len()))
+        check(
+            name,
+            Verdict::Ok,
+            format!(
+                "reachable, {} broker(s), topics present",
+                metadata.brokers().len()
+            ),
+        )
     } else {
         check(
             name,
@@ -154,11 +192,19 @@ fn disk(config: &Config) -> Check {
     let name = format!("disk {}", config.data_dir.display());
     let need = config.outbox.max_size_bytes;
     match free_bytes(&config.data_dir) {
-        Ok(free) if free >= 2 * need => check(name, Verdict::Ok, format!("{} MiB free, outbox bound {} MiB", free >> 20, need >> 20)),
+        Ok(free) if free >= 2 * need => check(
+            name,
+            Verdict::Ok,
+            format!("{} MiB free, outbox bound {} MiB", free >> 20, need >> 20),
+        ),
         Ok(free) if free >= need => check(
             name,
             Verdict::Warn,
-            format!("{} MiB free: a full outbox ({} MiB) plus WAL would leave little room", free >> 20, need >> 20),
+            format!(
+                "{} MiB free: a full outbox ({} MiB) plus WAL would leave little room",
+                free >> 20,
+                need >> 20
+            ),
         ),
         Ok(free) => check(
             name,
@@ -177,14 +223,27 @@ fn clock() -> Check {
     let now = crate::pipeline::now_ms();
     // 2024-01-01: a clock before this was never set (no RTC, no network).
     if now < 1_704_067_200_000 {
-        return check("clock", Verdict::Fail, format!("system time {now} ms is before 2024: set the clock (timestamps are checked against it)"));
+        return check(
+            "clock",
+            Verdict::Fail,
+            format!(
+                "system time {now} ms is before 2024: set the clock (timestamps are checked against it)"
+            ),
+        );
     }
     // SAFETY: adjtimex only reads the kernel's clock state into the zeroed
     // struct we own (modes = 0 changes nothing).
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
     let state = unsafe { libc::adjtimex(&mut tx) };
     match state {
-        -1 => check("clock", Verdict::Warn, format!("cannot read the clock state: {}", std::io::Error::last_os_error())),
+        -1 => check(
+            "clock",
+            Verdict::Warn,
+            format!(
+                "cannot read the clock state: {}",
+                std::io::Error::last_os_error()
+            ),
+        ),
         libc::TIME_ERROR => check(
             "clock",
             Verdict::Warn,
@@ -200,7 +259,11 @@ pub fn print(checks: &[Check]) -> Verdict {
     for c in checks {
         println!("{}  {:width$}  {}", c.verdict, c.name, c.detail);
     }
-    let worst = checks.iter().map(|c| c.verdict).max().unwrap_or(Verdict::Ok);
+    let worst = checks
+        .iter()
+        .map(|c| c.verdict)
+        .max()
+        .unwrap_or(Verdict::Ok);
     println!(
         "{}",
         match worst {

@@ -31,7 +31,11 @@ pub struct ImportSummary {
 /// A longer line is consumed to its end and returned truncated to
 /// `limit + 1` bytes, so the caller rejects it without ever holding it whole.
 /// Returns the bytes consumed, 0 at the end of the input.
-fn read_bounded_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, limit: usize) -> std::io::Result<usize> {
+fn read_bounded_line(
+    reader: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    limit: usize,
+) -> std::io::Result<usize> {
     buf.clear();
     let mut consumed = 0;
     loop {
@@ -56,7 +60,12 @@ fn read_bounded_line(reader: &mut impl BufRead, buf: &mut Vec<u8>, limit: usize)
 
 /// Imports `path` into the outbox of `config`. The agent must not be running
 /// on the same data folder (the data-folder lock enforces it).
-pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progress: bool) -> anyhow::Result<ImportSummary> {
+pub async fn import(
+    config: Config,
+    stats: Arc<Stats>,
+    path: &Path,
+    show_progress: bool,
+) -> anyhow::Result<ImportSummary> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let _lock = crate::lock::lock_data_dir(&config.data_dir)?;
@@ -66,7 +75,12 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
     let outbox = {
         let (db, cfg) = (db.clone(), config.clone());
         tokio::task::spawn_blocking(move || {
-            crate::outbox::Outbox::open(&db, cfg.outbox.synchronous, &cfg.gateway_id, cfg.outbox.quarantine_max_rows)
+            crate::outbox::Outbox::open(
+                &db,
+                cfg.outbox.synchronous,
+                &cfg.gateway_id,
+                cfg.outbox.quarantine_max_rows,
+            )
         })
         .await
         .context("opening the outbox")??
@@ -80,7 +94,13 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
     let (tx, rx) = mpsc::channel(16 * 1024);
     let (_stop_tx, stop_rx) = watch::channel(false);
     let signals = Arc::new(OutboxSignals::default());
-    let mut writer = BatchWriter::new(&config, outbox, stats.clone(), signals, AckRouter::default());
+    let mut writer = BatchWriter::new(
+        &config,
+        outbox,
+        stats.clone(),
+        signals,
+        AckRouter::default(),
+    );
     writer.stop_when_full = true;
     let rt = tokio::runtime::Handle::current();
     let writer_thread = std::thread::Builder::new()
@@ -97,7 +117,10 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
             tick.tick().await;
             loop {
                 tick.tick().await;
-                eprintln!("{}", progress_line(&stats, read_bytes.load(Relaxed), total, started.elapsed()));
+                eprintln!(
+                    "{}",
+                    progress_line(&stats, read_bytes.load(Relaxed), total, started.elapsed())
+                );
             }
         })
     });
@@ -145,7 +168,8 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
     }
     // The writer stops when the outbox fills; lines still queued then were
     // read but never stored.
-    let stored = stats.valid.load(Relaxed) + stats.rejected.load(Relaxed) + stats.duplicates.load(Relaxed);
+    let stored =
+        stats.valid.load(Relaxed) + stats.rejected.load(Relaxed) + stats.duplicates.load(Relaxed);
     if stats.outbox_full.load(Relaxed) {
         anyhow::bail!(
             "the outbox is full (outbox.max_size_bytes) after {stored} readings of {lines} lines. Start the agent to \
@@ -161,14 +185,22 @@ pub async fn import(config: Config, stats: Arc<Stats>, path: &Path, show_progres
         seconds: started.elapsed().as_secs_f64(),
     };
     if show_progress {
-        eprintln!("{}", progress_line(&stats, summary.bytes, total, started.elapsed()));
+        eprintln!(
+            "{}",
+            progress_line(&stats, summary.bytes, total, started.elapsed())
+        );
     }
     Ok(summary)
 }
 
 fn progress_line(stats: &Stats, read: u64, total: u64, elapsed: Duration) -> String {
-    let done = stats.valid.load(Relaxed) + stats.rejected.load(Relaxed) + stats.duplicates.load(Relaxed);
-    let pct = if total > 0 { read as f64 * 100.0 / total as f64 } else { 100.0 };
+    let done =
+        stats.valid.load(Relaxed) + stats.rejected.load(Relaxed) + stats.duplicates.load(Relaxed);
+    let pct = if total > 0 {
+        read as f64 * 100.0 / total as f64
+    } else {
+        100.0
+    };
     let width = 30;
     let filled = ((pct / 100.0) * width as f64).round() as usize;
     format!(

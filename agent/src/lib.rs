@@ -52,7 +52,11 @@ pub enum AgentError {
 /// Runs the agent until `shutdown` resolves (or a fatal error). On shutdown
 /// the sources stop, the batch in progress is committed, acknowledgements of
 /// committed input are sent, and the uplink finishes its transaction.
-pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+pub async fn run(
+    config: Config,
+    stats: Arc<Stats>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let _lock = lock::lock_data_dir(&config.data_dir).map_err(anyhow::Error::from)?;
@@ -60,7 +64,12 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
     let (outbox, uplink_conn) = {
         let (db, cfg) = (db.clone(), config.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let outbox = outbox::Outbox::open(&db, cfg.outbox.synchronous, &cfg.gateway_id, cfg.outbox.quarantine_max_rows)?;
+            let outbox = outbox::Outbox::open(
+                &db,
+                cfg.outbox.synchronous,
+                &cfg.gateway_id,
+                cfg.outbox.quarantine_max_rows,
+            )?;
             let conn = outbox::open_connection(&db, cfg.outbox.synchronous)?;
             Ok((outbox, conn))
         })
@@ -89,7 +98,10 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
     if let Some(mqtt) = config.sources.mqtt.clone() {
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         acks.mqtt = Some(ack_tx);
-        let source = sources::mqtt::MqttSource { config: mqtt, stats: stats.clone() };
+        let source = sources::mqtt::MqttSource {
+            config: mqtt,
+            stats: stats.clone(),
+        };
         source.check()?;
         sources.spawn(source.run(input_tx.clone(), ack_rx, stop_rx.clone()));
     }
@@ -105,8 +117,17 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
         sources.spawn(source.run(input_tx.clone(), ack_rx, stop_rx.clone()));
     }
     if let Some(demo) = config.sources.demo.clone() {
-        let topic_prefix = config.sources.mqtt.as_ref().map(|m| m.topic_prefix.clone()).unwrap_or_default();
-        let source = sources::demo::DemoSource { config: demo, topic_prefix, stats: stats.clone() };
+        let topic_prefix = config
+            .sources
+            .mqtt
+            .as_ref()
+            .map(|m| m.topic_prefix.clone())
+            .unwrap_or_default();
+        let source = sources::demo::DemoSource {
+            config: demo,
+            topic_prefix,
+            stats: stats.clone(),
+        };
         sources.spawn(source.run(input_tx.clone(), stop_rx.clone()));
     }
     drop(input_tx);
@@ -126,7 +147,14 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
     };
 
     // Uplink thread.
-    let uplink = KafkaUplink::new(config.clone(), uplink_conn, stats.clone(), signals.clone(), rt.clone(), stop_rx.clone());
+    let uplink = KafkaUplink::new(
+        config.clone(),
+        uplink_conn,
+        stats.clone(),
+        signals.clone(),
+        rt.clone(),
+        stop_rx.clone(),
+    );
     let (uplink_done_tx, mut uplink_done) = oneshot::channel();
     let uplink_thread = std::thread::Builder::new()
         .name("kafka-uplink".into())
@@ -171,7 +199,10 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
                 if age_ms < interval.as_millis() as i64 {
                     let _ = notifier.notify("WATCHDOG=1");
                 } else {
-                    tracing::error!(age_ms, "the batch writer is stuck; not feeding the systemd watchdog");
+                    tracing::error!(
+                        age_ms,
+                        "the batch writer is stuck; not feeding the systemd watchdog"
+                    );
                 }
             }
         })
@@ -215,14 +246,19 @@ pub async fn run(config: Config, stats: Arc<Stats>, shutdown: impl Future<Output
     // The uplink finishes a transaction in flight, but a call blocked on an
     // unreachable broker is not worth waiting for: everything is durable in
     // the outbox, and the next start fences and aborts whatever was open.
-    let finished = uplink_finished || tokio::time::timeout(UPLINK_STOP_GRACE, &mut uplink_done).await.is_ok();
+    let finished = uplink_finished
+        || tokio::time::timeout(UPLINK_STOP_GRACE, &mut uplink_done)
+            .await
+            .is_ok();
     let uplink_result = match finished {
         true => tokio::task::spawn_blocking(move || uplink_thread.join())
             .await
             .map_err(|e| anyhow::anyhow!("uplink thread: {e}"))?
             .map_err(|_| anyhow::anyhow!("the Kafka uplink thread panicked"))?,
         false => {
-            info!("the Kafka uplink is still waiting on the broker; leaving it (the outbox keeps the data)");
+            info!(
+                "the Kafka uplink is still waiting on the broker; leaving it (the outbox keeps the data)"
+            );
             Ok(())
         }
     };

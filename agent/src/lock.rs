@@ -37,13 +37,19 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<DataDirLock, LockError> {
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| LockError::Open { path: path.clone(), source })?;
+        .map_err(|source| LockError::Open {
+            path: path.clone(),
+            source,
+        })?;
     // SAFETY: flock on a descriptor we own; no memory is shared.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            return Err(LockError::Busy { data_dir: data_dir.to_path_buf(), path });
+            return Err(LockError::Busy {
+                data_dir: data_dir.to_path_buf(),
+                path,
+            });
         }
         return Err(LockError::Open { path, source: err });
     }
@@ -59,7 +65,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let first = lock_data_dir(dir.path()).unwrap();
         let err = lock_data_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("another edge-agent is using the data folder"), "{err}");
+        assert!(
+            err.contains("another edge-agent is using the data folder"),
+            "{err}"
+        );
         drop(first);
         lock_data_dir(dir.path()).unwrap();
     }

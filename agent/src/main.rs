@@ -67,7 +67,10 @@ fn main() -> ExitCode {
 
 /// The async runtime, or `None` after saying why it could not start.
 fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("edge-agent: cannot start the async runtime: {e}");
@@ -122,7 +125,10 @@ fn import(config: Config, file: &std::path::Path) -> ExitCode {
 }
 
 fn doctor(config: &Config, path: Option<&std::path::Path>) -> ExitCode {
-    let origin = path.map_or_else(|| "built-in board-configs/sim.toml".to_string(), |p| p.display().to_string());
+    let origin = path.map_or_else(
+        || "built-in board-configs/sim.toml".to_string(),
+        |p| p.display().to_string(),
+    );
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };

@@ -15,7 +15,9 @@ use crate::config::{Config, OutboxConfig, ValidationConfig, WhenFull};
 use crate::outbox::{Item, Outbox, RejectedInput};
 use crate::signal::OutboxSignals;
 use crate::stats::Stats;
-use crate::transforms::validate::{Rejection, TopicKind, decode_bin_reading, decode_reading, parse_topic, reading_from_frame};
+use crate::transforms::validate::{
+    Rejection, TopicKind, decode_bin_reading, decode_reading, parse_topic, reading_from_frame,
+};
 
 /// An MQTT publish that must be acknowledged once durable.
 #[derive(Debug)]
@@ -103,7 +105,13 @@ pub fn now_ms() -> i64 {
 }
 
 impl BatchWriter {
-    pub fn new(config: &Config, outbox: Outbox, stats: Arc<Stats>, signals: Arc<OutboxSignals>, acks: AckRouter) -> Self {
+    pub fn new(
+        config: &Config,
+        outbox: Outbox,
+        stats: Arc<Stats>,
+        signals: Arc<OutboxSignals>,
+        acks: AckRouter,
+    ) -> Self {
         Self {
             outbox,
             outbox_config: config.outbox.clone(),
@@ -123,19 +131,28 @@ impl BatchWriter {
 
     /// Runs until every sender is gone (sources stopped) and the queue is
     /// drained, or until `stop` is set while the writer cannot make progress.
-    pub fn run(mut self, rt: Handle, mut rx: mpsc::Receiver<Envelope>, stop: watch::Receiver<bool>) {
+    pub fn run(
+        mut self,
+        rt: Handle,
+        mut rx: mpsc::Receiver<Envelope>,
+        stop: watch::Receiver<bool>,
+    ) {
         let max_records = self.outbox_config.batch_max_records;
         let max_bytes = self.outbox_config.batch_max_bytes;
         let linger = Duration::from_millis(self.outbox_config.batch_linger_ms);
         loop {
             if !self.wait_for_space(&stop) {
-                info!("batch writer stopping while the outbox is full; unacknowledged input stays with its source");
+                info!(
+                    "batch writer stopping while the outbox is full; unacknowledged input stays with its source"
+                );
                 return;
             }
             self.stats.writer_heartbeat_ms.store(now_ms(), Relaxed);
             // The timer must be created inside the runtime: build it in the
             // async block that block_on runs.
-            let first = match rt.block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await }) {
+            let first = match rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await })
+            {
                 Ok(Some(first)) => first,
                 Ok(None) => return,
                 Err(_) => continue,
@@ -154,7 +171,9 @@ impl BatchWriter {
                         if now >= deadline {
                             break;
                         }
-                        match rt.block_on(async { tokio::time::timeout(deadline - now, rx.recv()).await }) {
+                        match rt.block_on(async {
+                            tokio::time::timeout(deadline - now, rx.recv()).await
+                        }) {
                             Ok(Some(env)) => {
                                 bytes += env.size_hint();
                                 batch.push(env);
@@ -176,15 +195,24 @@ impl BatchWriter {
         let mut warned = false;
         loop {
             let used = self.stats.outbox_bytes.load(Relaxed);
-            if used >= max && self.outbox_config.when_full == WhenFull::DropOldest && !self.stop_when_full {
+            if used >= max
+                && self.outbox_config.when_full == WhenFull::DropOldest
+                && !self.stop_when_full
+            {
                 match self.outbox.drop_oldest(max / 10 * 9) {
                     // Nothing to drop: the counter ran ahead of the table;
                     // wait for the uplink's next trim to correct it.
                     Ok(d) if d.batches == 0 => {}
                     Ok(d) => {
                         self.stats.dropped_records.fetch_add(d.records, Relaxed);
-                        let _ = self.stats.outbox_bytes.fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(d.bytes)));
-                        let _ = self.stats.outbox_batches.fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(d.batches)));
+                        let _ = self
+                            .stats
+                            .outbox_bytes
+                            .fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(d.bytes)));
+                        let _ = self
+                            .stats
+                            .outbox_batches
+                            .fetch_update(Relaxed, Relaxed, |b| Some(b.saturating_sub(d.batches)));
                         error!(
                             dropped_readings = d.records,
                             dropped_batches = d.batches,
@@ -194,7 +222,9 @@ impl BatchWriter {
                         );
                         continue;
                     }
-                    Err(e) => error!(error = %e, "outbox full and dropping the oldest batches failed; holding input back"),
+                    Err(e) => {
+                        error!(error = %e, "outbox full and dropping the oldest batches failed; holding input back")
+                    }
                 }
             }
             if used < max {
@@ -228,7 +258,9 @@ impl BatchWriter {
             }
             self.stats.writer_heartbeat_ms.store(now_ms(), Relaxed);
             let seen = self.signals.space_freed.current();
-            self.signals.space_freed.wait_past(seen, Duration::from_millis(200));
+            self.signals
+                .space_freed
+                .wait_past(seen, Duration::from_millis(200));
         }
     }
 
@@ -242,8 +274,14 @@ impl BatchWriter {
         let mut serial_acks: Vec<Vec<SerialAck>> = vec![Vec::new(); self.acks.serial.len()];
         for env in batch {
             match env {
-                Envelope::Serial { port, address, device_id, reading } => {
-                    let item = match reading_from_frame(&device_id, &reading, now, &self.validation) {
+                Envelope::Serial {
+                    port,
+                    address,
+                    device_id,
+                    reading,
+                } => {
+                    let item = match reading_from_frame(&device_id, &reading, now, &self.validation)
+                    {
                         Ok(r) => Item::Reading(r),
                         Err(rejection) => Item::Rejected(RejectedInput {
                             source: "serial",
@@ -263,17 +301,32 @@ impl BatchWriter {
                     items.push(item);
                 }
                 Envelope::Mqtt(delivery) => {
-                    items.push(self.decode("mqtt", &delivery.publish.topic, &delivery.publish.payload, now));
+                    items.push(self.decode(
+                        "mqtt",
+                        &delivery.publish.topic,
+                        &delivery.publish.payload,
+                        now,
+                    ));
                     mqtt_acks.push(delivery);
                 }
-                Envelope::Raw { source, topic, payload } => {
+                Envelope::Raw {
+                    source,
+                    topic,
+                    payload,
+                } => {
                     items.push(self.decode(source, &topic, &payload, now));
                 }
-                Envelope::Line { source, origin, payload } => {
-                    items.push(match decode_reading(&payload, None, now, &self.validation) {
-                        Ok(reading) => Item::Reading(reading),
-                        Err(rejection) => self.rejected(source, &origin, &payload, rejection),
-                    });
+                Envelope::Line {
+                    source,
+                    origin,
+                    payload,
+                } => {
+                    items.push(
+                        match decode_reading(&payload, None, now, &self.validation) {
+                            Ok(reading) => Item::Reading(reading),
+                            Err(rejection) => self.rejected(source, &origin, &payload, rejection),
+                        },
+                    );
                 }
             }
         }
@@ -329,7 +382,13 @@ impl BatchWriter {
     }
 
     /// A rejected input, its payload cut to the payload limit.
-    fn rejected(&self, source: &'static str, topic: &str, payload: &[u8], rejection: Rejection) -> Item {
+    fn rejected(
+        &self,
+        source: &'static str,
+        topic: &str,
+        payload: &[u8],
+        rejection: Rejection,
+    ) -> Item {
         let keep = payload.len().min(self.validation.max_payload_bytes);
         Item::Rejected(RejectedInput {
             source,

@@ -26,7 +26,9 @@ impl Generation {
     /// Waits until the generation differs from `seen` or `timeout` passes.
     pub fn wait_past(&self, seen: u64, timeout: Duration) {
         let Ok(guard) = self.value.lock() else { return };
-        let _ = self.changed.wait_timeout_while(guard, timeout, |v| *v == seen);
+        let _ = self
+            .changed
+            .wait_timeout_while(guard, timeout, |v| *v == seen);
     }
 }
 

@@ -82,7 +82,10 @@ impl Stats {
     }
 
     pub fn uplink_state(&self) -> UplinkState {
-        self.uplink.lock().map(|s| s.clone()).unwrap_or(UplinkState::Starting)
+        self.uplink
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or(UplinkState::Starting)
     }
 
     pub fn count_reject(&self, reason: RejectReason) {
@@ -106,7 +109,11 @@ impl Stats {
             self.duplicates.load(Relaxed),
             self.outbox_batches.load(Relaxed),
             self.outbox_bytes.load(Relaxed) / 1024,
-            if self.outbox_full.load(Relaxed) { " FULL (holding input)" } else { "" },
+            if self.outbox_full.load(Relaxed) {
+                " FULL (holding input)"
+            } else {
+                ""
+            },
         );
         let _ = match self.uplink_state() {
             UplinkState::Starting => write!(line, "starting"),
@@ -125,7 +132,10 @@ impl Stats {
         );
         let dropped = self.dropped_records.load(Relaxed);
         if dropped > 0 {
-            let _ = write!(line, " | DROPPED {dropped} readings (outbox.when_full = drop_oldest)");
+            let _ = write!(
+                line,
+                " | DROPPED {dropped} readings (outbox.when_full = drop_oldest)"
+            );
         }
         let rejects = self.rejects_by_reason();
         if !rejects.is_empty() {

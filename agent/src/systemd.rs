@@ -40,7 +40,10 @@ impl Notifier {
             #[cfg(not(target_os = "linux"))]
             {
                 let _ = name;
-                return Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "abstract NOTIFY_SOCKET outside Linux"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "abstract NOTIFY_SOCKET outside Linux",
+                ));
             }
         }
         self.socket.send_to(state.as_bytes(), &self.path)?;

@@ -71,7 +71,10 @@ impl Running {
                 Err(_) => break,
             }
         }
-        panic!("no line with {what} within {limit:?}; got:\n{}", seen.join("\n"));
+        panic!(
+            "no line with {what} within {limit:?}; got:\n{}",
+            seen.join("\n")
+        );
     }
 
     fn interrupt_and_wait(mut self) -> std::process::ExitStatus {
@@ -115,12 +118,22 @@ fn field(line: &str, label: &str) -> u64 {
 
 fn outbox_state(dir: &Path) -> (String, i64, i64, i64) {
     let conn = rusqlite::Connection::open(dir.join("data/edge-agent.db")).expect("open db");
-    let check: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("integrity");
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity");
     let (batches, max): (i64, i64) = conn
-        .query_row("SELECT COUNT(*), COALESCE(MAX(batch_seq), 0) FROM outbox_batch", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .query_row(
+            "SELECT COUNT(*), COALESCE(MAX(batch_seq), 0) FROM outbox_batch",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
         .expect("outbox");
     let rejects: i64 = conn
-        .query_row("SELECT COALESCE(SUM(count), 0) FROM reject_count", [], |r| r.get(0))
+        .query_row(
+            "SELECT COALESCE(SUM(count), 0) FROM reject_count",
+            [],
+            |r| r.get(0),
+        )
         .expect("rejects");
     (check, batches, max, rejects)
 }
@@ -129,12 +142,23 @@ fn outbox_state(dir: &Path) -> (String, i64, i64, i64) {
 fn bad_config_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), "[outbox]\nbatch_max_records = 0\n");
-    let out = Command::new(BIN).arg("--config").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("`outbox.batch_max_records` = 0: 1 to 100000"), "{err}");
+    assert!(
+        err.contains("`outbox.batch_max_records` = 0: 1 to 100000"),
+        "{err}"
+    );
 
-    let out = Command::new(BIN).arg("--config").arg(dir.path().join("missing.toml")).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
 }
@@ -142,7 +166,11 @@ fn bad_config_exits_2_naming_the_key() {
 #[test]
 fn check_config_accepts_the_embedded_default() {
     let out = Command::new(BIN).arg("check-config").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("sim-gateway-1"));
 }
 
@@ -152,9 +180,11 @@ fn ctrl_c_stops_cleanly_and_a_restart_continues() {
     let config = write_config(dir.path(), "");
 
     let agent = start(&config);
-    let line = agent.wait_line("progress with valid readings and the uplink down", Duration::from_secs(60), |l| {
-        l.starts_with("in ") && field(l, "valid") > 500 && l.contains("DOWN")
-    });
+    let line = agent.wait_line(
+        "progress with valid readings and the uplink down",
+        Duration::from_secs(60),
+        |l| l.starts_with("in ") && field(l, "valid") > 500 && l.contains("DOWN"),
+    );
     assert!(line.contains("outbox absorbing"), "{line}");
     let status = agent.interrupt_and_wait();
     assert!(status.success(), "exit status {status:?}");
@@ -165,8 +195,13 @@ fn ctrl_c_stops_cleanly_and_a_restart_continues() {
     assert!(rejects1 > 0, "invalid demo readings are counted durably");
 
     let agent = start(&config);
-    let line = agent.wait_line("an outbox open line", Duration::from_secs(30), |l| l.contains("outbox open"));
-    assert!(line.contains(&format!("backlog_batches={batches1}")), "{line}");
+    let line = agent.wait_line("an outbox open line", Duration::from_secs(30), |l| {
+        l.contains("outbox open")
+    });
+    assert!(
+        line.contains(&format!("backlog_batches={batches1}")),
+        "{line}"
+    );
     agent.wait_line("progress after restart", Duration::from_secs(60), |l| {
         l.starts_with("in ") && field(l, "valid") > 200
     });
@@ -175,7 +210,10 @@ fn ctrl_c_stops_cleanly_and_a_restart_continues() {
 
     let (check, batches2, max2, rejects2) = outbox_state(dir.path());
     assert_eq!(check, "ok");
-    assert!(batches2 > batches1 && max2 > max1, "new batches after restart: {batches1}/{max1} -> {batches2}/{max2}");
+    assert!(
+        batches2 > batches1 && max2 > max1,
+        "new batches after restart: {batches1}/{max1} -> {batches2}/{max2}"
+    );
     assert!(rejects2 > rejects1);
 }
 
@@ -199,7 +237,12 @@ brokers = "127.0.0.1:1"
         ),
     )
     .unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&path).arg("doctor").output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&path)
+        .arg("doctor")
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     let line = |prefix: &str| {
@@ -209,10 +252,22 @@ brokers = "127.0.0.1:1"
             .to_string()
     };
     assert!(line("config").starts_with("ok"), "{text}");
-    assert!(line("serial").starts_with("FAIL") && line("serial").contains("not present"), "{text}");
-    assert!(line("kafka 127.0.0.1:1").starts_with("FAIL") && line("kafka").contains("unreachable"), "{text}");
-    assert!(line("disk").starts_with("ok") || line("disk").starts_with("WARN"), "{text}");
-    assert!(line("clock").starts_with("ok") || line("clock").starts_with("WARN"), "{text}");
+    assert!(
+        line("serial").starts_with("FAIL") && line("serial").contains("not present"),
+        "{text}"
+    );
+    assert!(
+        line("kafka 127.0.0.1:1").starts_with("FAIL") && line("kafka").contains("unreachable"),
+        "{text}"
+    );
+    assert!(
+        line("disk").starts_with("ok") || line("disk").starts_with("WARN"),
+        "{text}"
+    );
+    assert!(
+        line("clock").starts_with("ok") || line("clock").starts_with("WARN"),
+        "{text}"
+    );
     assert!(text.contains("verdict: NOT ready"), "{text}");
 }
 
@@ -224,7 +279,8 @@ fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
     let config = write_config(dir.path(), "[outbox]\nbatch_linger_ms = 5\n");
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut child = Command::new(BIN)
         .arg("--config")
         .arg(&config)
@@ -241,7 +297,11 @@ fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
     assert_eq!(next(), "READY=1");
     assert_eq!(next(), "WATCHDOG=1");
     assert_eq!(next(), "WATCHDOG=1");
-    Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     let mut rest = Vec::new();
     loop {
         let m = next();
@@ -260,7 +320,10 @@ fn import_replays_a_jsonl_file_once_and_refuses_a_busy_data_folder() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "");
     let file = dir.path().join("backfill.jsonl");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let mut text = String::new();
     for seq in 1..=500u64 {
         text.push_str(&format!(
@@ -270,19 +333,47 @@ fn import_replays_a_jsonl_file_once_and_refuses_a_busy_data_folder() {
         ));
     }
     text.push_str("{broken json\n\n");
-    text.push_str(&format!("{{\"device_id\":\"imp-1\",\"padding\":\"{}\"}}\n", "x".repeat(100_000)));
+    text.push_str(&format!(
+        "{{\"device_id\":\"imp-1\",\"padding\":\"{}\"}}\n",
+        "x".repeat(100_000)
+    ));
     std::fs::write(&file, &text).unwrap();
 
-    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("import")
+        .arg(&file)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("500 valid, 2 rejected, 0 duplicates"), "{stdout}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("100.0%"), "a progress bar is shown");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("500 valid, 2 rejected, 0 duplicates"),
+        "{stdout}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("100.0%"),
+        "a progress bar is shown"
+    );
 
     // Importing the same file again adds nothing.
-    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("import")
+        .arg(&file)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("0 valid, 2 rejected, 500 duplicates"), "{stdout}");
+    assert!(
+        stdout.contains("0 valid, 2 rejected, 500 duplicates"),
+        "{stdout}"
+    );
 
     let conn = rusqlite::Connection::open(dir.path().join("data/edge-agent.db")).unwrap();
     let counts: Vec<(String, i64)> = conn
@@ -292,24 +383,47 @@ fn import_replays_a_jsonl_file_once_and_refuses_a_busy_data_folder() {
         .unwrap()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(counts, vec![("malformed_json".to_string(), 2), ("payload_too_large".to_string(), 2)]);
+    assert_eq!(
+        counts,
+        vec![
+            ("malformed_json".to_string(), 2),
+            ("payload_too_large".to_string(), 2)
+        ]
+    );
     drop(conn);
 
     // While an agent runs on the data folder, an import is refused.
     let agent = start(&config);
-    agent.wait_line("the agent running", Duration::from_secs(30), |l| l.contains("outbox open"));
-    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
+    agent.wait_line("the agent running", Duration::from_secs(30), |l| {
+        l.contains("outbox open")
+    });
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("import")
+        .arg(&file)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another edge-agent is using the data folder"), "{err}");
+    assert!(
+        err.contains("another edge-agent is using the data folder"),
+        "{err}"
+    );
     assert!(agent.interrupt_and_wait().success());
 }
 
 #[test]
 fn import_into_a_full_outbox_stops_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "[outbox]\nbatch_max_bytes = 4096\nbatch_max_records = 10\nmax_size_bytes = 16384\n");
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let config = write_config(
+        dir.path(),
+        "[outbox]\nbatch_max_bytes = 4096\nbatch_max_records = 10\nmax_size_bytes = 16384\n",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
     let text: String = (1..=2000u64)
         .map(|seq| {
             format!(
@@ -319,8 +433,17 @@ fn import_into_a_full_outbox_stops_with_a_clear_message() {
         .collect();
     let file = dir.path().join("big.jsonl");
     std::fs::write(&file, text).unwrap();
-    let out = Command::new(BIN).arg("--config").arg(&config).arg("import").arg(&file).output().unwrap();
-    assert!(!out.status.success(), "an import that did not finish must not exit 0");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("import")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "an import that did not finish must not exit 0"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the outbox is full"), "{err}");
     assert!(err.contains("import again"), "{err}");
@@ -334,14 +457,26 @@ fn drop_oldest_keeps_the_outbox_bounded_and_counts_the_loss() {
         "[outbox]\nbatch_max_bytes = 4096\nmax_size_bytes = 65536\nwhen_full = \"drop_oldest\"\n",
     );
     let agent = start(&config);
-    let line = agent.wait_line("readings dropped", Duration::from_secs(60), |l| l.contains("DROPPED"));
+    let line = agent.wait_line("readings dropped", Duration::from_secs(60), |l| {
+        l.contains("DROPPED")
+    });
     assert!(line.contains("outbox.when_full = drop_oldest"), "{line}");
     assert!(agent.interrupt_and_wait().success());
     let conn = rusqlite::Connection::open(dir.path().join("data/edge-agent.db")).unwrap();
-    let bytes: i64 = conn.query_row("SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch", [], |r| r.get(0)).unwrap();
+    let bytes: i64 = conn
+        .query_row(
+            "SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
     assert!(bytes <= 65536 + 4096 * 2, "outbox holds {bytes} bytes");
     let dropped: i64 = conn
-        .query_row("SELECT value FROM meta WHERE key = 'dropped_records'", [], |r| r.get(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'dropped_records'",
+            [],
+            |r| r.get(0),
+        )
         .unwrap();
     assert!(dropped > 0);
 }

@@ -17,10 +17,18 @@ pub enum ConfigError {
     #[error("invalid config {origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("invalid config: `{key}` = {value}: {allowed}")]
-    Invalid { key: &'static str, value: String, allowed: String },
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
 }
 
-fn invalid(key: &'static str, value: impl std::fmt::Debug, allowed: impl Into<String>) -> ConfigError {
+fn invalid(
+    key: &'static str,
+    value: impl std::fmt::Debug,
+    allowed: impl Into<String>,
+) -> ConfigError {
     ConfigError::Invalid {
         key,
         value: format!("{value:?}"),
@@ -143,7 +151,12 @@ pub fn redact_url(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
             match creds.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
                 None => url.to_string(),
             }
         }
@@ -163,7 +176,10 @@ const RESERVED_KAFKA_KEYS: &[&str] = &[
 impl BridgeConfig {
     /// Loads the file if given (else defaults), applies `CLOUD_BRIDGE_*`
     /// environment overrides, validates.
-    pub fn load(path: Option<&Path>, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
         let mut config: BridgeConfig = match path {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -198,13 +214,25 @@ impl BridgeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.kafka.brokers.trim().is_empty() {
-            return Err(invalid("kafka.brokers", &self.kafka.brokers, "comma-separated host:port list"));
+            return Err(invalid(
+                "kafka.brokers",
+                &self.kafka.brokers,
+                "comma-separated host:port list",
+            ));
         }
         if self.kafka.group_id.trim().is_empty() {
-            return Err(invalid("kafka.group_id", &self.kafka.group_id, "a non-empty consumer group name"));
+            return Err(invalid(
+                "kafka.group_id",
+                &self.kafka.group_id,
+                "a non-empty consumer group name",
+            ));
         }
         if self.kafka.topic_data.is_empty() || self.kafka.topic_data.len() > 249 {
-            return Err(invalid("kafka.topic_data", &self.kafka.topic_data, "a Kafka topic name"));
+            return Err(invalid(
+                "kafka.topic_data",
+                &self.kafka.topic_data,
+                "a Kafka topic name",
+            ));
         }
         for key in self.kafka.librdkafka_options.keys() {
             if RESERVED_KAFKA_KEYS.contains(&key.as_str()) {
@@ -226,18 +254,38 @@ impl BridgeConfig {
         }
         let name_ok = !self.mysql.sink_name.is_empty()
             && self.mysql.sink_name.len() <= 64
-            && self.mysql.sink_name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            && self
+                .mysql
+                .sink_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !name_ok {
-            return Err(invalid("mysql.sink_name", &self.mysql.sink_name, "1 to 64 characters of A-Z, a-z, 0-9, '-' or '_'"));
+            return Err(invalid(
+                "mysql.sink_name",
+                &self.mysql.sink_name,
+                "1 to 64 characters of A-Z, a-z, 0-9, '-' or '_'",
+            ));
         }
         if !(1..=100_000).contains(&self.mysql.batch_max_records) {
-            return Err(invalid("mysql.batch_max_records", self.mysql.batch_max_records, "1 to 100000"));
+            return Err(invalid(
+                "mysql.batch_max_records",
+                self.mysql.batch_max_records,
+                "1 to 100000",
+            ));
         }
         if self.mysql.batch_linger_ms > 10_000 {
-            return Err(invalid("mysql.batch_linger_ms", self.mysql.batch_linger_ms, "0 to 10000"));
+            return Err(invalid(
+                "mysql.batch_linger_ms",
+                self.mysql.batch_linger_ms,
+                "0 to 10000",
+            ));
         }
         if !(1..=5000).contains(&self.mysql.rows_per_insert) {
-            return Err(invalid("mysql.rows_per_insert", self.mysql.rows_per_insert, "1 to 5000"));
+            return Err(invalid(
+                "mysql.rows_per_insert",
+                self.mysql.rows_per_insert,
+                "1 to 5000",
+            ));
         }
         Ok(())
     }
@@ -262,17 +310,25 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted() {
-        assert_eq!(redact_url("mysql://edge:s3cret@h:1/db"), "mysql://edge:***@h:1/db");
+        assert_eq!(
+            redact_url("mysql://edge:s3cret@h:1/db"),
+            "mysql://edge:***@h:1/db"
+        );
         assert_eq!(redact_url("mysql://h/db"), "mysql://h/db");
-        let c = BridgeConfig::load(None, |k| (k == "CLOUD_BRIDGE_MYSQL_URL").then(|| "mysql://a:topsecret@h/d".into())).unwrap();
+        let c = BridgeConfig::load(None, |k| {
+            (k == "CLOUD_BRIDGE_MYSQL_URL").then(|| "mysql://a:topsecret@h/d".into())
+        })
+        .unwrap();
         assert!(!format!("{c:?}").contains("topsecret"));
     }
 
     #[test]
     fn bad_values_are_named() {
-        let err = BridgeConfig::load(None, |k| (k == "CLOUD_BRIDGE_MYSQL_URL").then(|| "postgres://a:pw@h/d".into()))
-            .unwrap_err()
-            .to_string();
+        let err = BridgeConfig::load(None, |k| {
+            (k == "CLOUD_BRIDGE_MYSQL_URL").then(|| "postgres://a:pw@h/d".into())
+        })
+        .unwrap_err()
+        .to_string();
         assert_eq!(
             err,
             "invalid config: `mysql.url` = \"postgres://a:***@h/d\": mysql://user:password@host:port/database"
@@ -283,9 +339,18 @@ mod tests {
     fn exactly_once_settings_cannot_be_overridden() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.toml");
-        std::fs::write(&path, "[kafka.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n").unwrap();
-        let err = BridgeConfig::load(Some(&path), |_| None).unwrap_err().to_string();
-        assert!(err.starts_with("invalid config: `kafka.librdkafka_options` = \"isolation.level\""), "{err}");
+        std::fs::write(
+            &path,
+            "[kafka.librdkafka_options]\n\"isolation.level\" = \"read_uncommitted\"\n",
+        )
+        .unwrap();
+        let err = BridgeConfig::load(Some(&path), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid config: `kafka.librdkafka_options` = \"isolation.level\""),
+            "{err}"
+        );
     }
 
     #[test]
@@ -293,7 +358,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.toml");
         std::fs::write(&path, "[kafka]\nbroker = \"x\"\n").unwrap();
-        let err = BridgeConfig::load(Some(&path), |_| None).unwrap_err().to_string();
+        let err = BridgeConfig::load(Some(&path), |_| None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown field `broker`"), "{err}");
     }
 }

@@ -51,7 +51,12 @@ struct BridgeContext {
 impl ClientContext for BridgeContext {}
 
 impl ConsumerContext for BridgeContext {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -71,10 +76,16 @@ impl ConsumerContext for BridgeContext {
                     }
                 };
                 for p in &partitions {
-                    let offset = stored.get(p).map_or(Offset::Beginning, |o| Offset::Offset(*o));
+                    let offset = stored
+                        .get(p)
+                        .map_or(Offset::Beginning, |o| Offset::Offset(*o));
                     let _ = tpl.set_partition_offset(&self.sink.topic, *p, offset);
                 }
-                info!(?partitions, ?stored, "partitions assigned; resuming at the offsets stored in MySQL");
+                info!(
+                    ?partitions,
+                    ?stored,
+                    "partitions assigned; resuming at the offsets stored in MySQL"
+                );
                 if let Err(e) = consumer.assign(tpl) {
                     error!(error = %e, "assigning partitions failed");
                 }
@@ -97,7 +108,11 @@ impl ConsumerContext for BridgeContext {
 
 /// Runs the bridge until `shutdown` resolves. The batch in progress is
 /// committed to MySQL before the consumer leaves its group.
-pub async fn run(config: BridgeConfig, stats: Arc<MysqlSinkStats>, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run(
+    config: BridgeConfig,
+    stats: Arc<MysqlSinkStats>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
     let pool = connect_and_migrate(&config).await?;
     let sink = Arc::new(MysqlSink {
         pool,
@@ -147,7 +162,11 @@ fn consume(
         client.set(k, v);
     }
     let consumer: BaseConsumer<BridgeContext> = client
-        .create_with_context(BridgeContext { sink: sink.clone(), rt: rt.clone(), stop: stop.clone() })
+        .create_with_context(BridgeContext {
+            sink: sink.clone(),
+            rt: rt.clone(),
+            stop: stop.clone(),
+        })
         .with_context(|| format!("creating the Kafka consumer for {}", config.kafka.brokers))?;
     consumer
         .subscribe(&[&config.kafka.topic_data])
@@ -160,14 +179,19 @@ fn consume(
     let mut first_at = Instant::now();
     loop {
         let stopping = *stop.borrow();
-        let due = !batch.is_empty() && (batch.len() >= max || first_at.elapsed() >= linger || stopping);
+        let due =
+            !batch.is_empty() && (batch.len() >= max || first_at.elapsed() >= linger || stopping);
         if due {
             write_until_done(&sink, &stats, &rt, &consumer, &config, &mut batch, &stop)?;
         }
         if stopping {
             break;
         }
-        match consumer.poll(Duration::from_millis(if batch.is_empty() { 100 } else { 5 })) {
+        match consumer.poll(Duration::from_millis(if batch.is_empty() {
+            100
+        } else {
+            5
+        })) {
             None => {}
             Some(Ok(msg)) => {
                 if batch.is_empty() {
@@ -208,7 +232,8 @@ fn write_until_done(
                 // group start near the end instead of at the beginning.
                 let mut tpl = TopicPartitionList::new();
                 for (p, next) in committed {
-                    let _ = tpl.add_partition_offset(&config.kafka.topic_data, p, Offset::Offset(next));
+                    let _ =
+                        tpl.add_partition_offset(&config.kafka.topic_data, p, Offset::Offset(next));
                 }
                 if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
                     warn!(error = %e, "committing the offsets hint to Kafka failed (harmless: MySQL holds the offsets)");
@@ -216,7 +241,9 @@ fn write_until_done(
                 return Ok(());
             }
             Err(e) => {
-                stats.write_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats
+                    .write_errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 warn!(error = %e, records = batch.len(), "writing to MySQL failed; retrying in {backoff:?}");
                 if *stop.borrow() {
                     batch.clear();

@@ -64,7 +64,8 @@ pub async fn migrate(pool: &MySqlPool) -> Result<Vec<i64>, sqlx::Error> {
         .await?;
     if locked != Some(1) {
         return Err(sqlx::Error::Protocol(
-            "could not take the migration lock within 60 s; is another bridge stuck migrating?".into(),
+            "could not take the migration lock within 60 s; is another bridge stuck migrating?"
+                .into(),
         ));
     }
     let result = async {

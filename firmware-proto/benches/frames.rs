@@ -9,7 +9,10 @@ use firmware_proto::message::{Extra, Message, Reading};
 
 fn reading() -> Message {
     let mut extras = heapless::Vec::new();
-    let _ = extras.push(Extra { key: 1, value: 1013.25 });
+    let _ = extras.push(Extra {
+        key: 1,
+        value: 1013.25,
+    });
     Message::Reading(Reading {
         seq: 123_456,
         boot_epoch: 42,

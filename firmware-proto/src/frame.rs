@@ -53,14 +53,23 @@ pub enum FrameError {
 impl core::fmt::Display for FrameError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            Self::TooLarge => write!(f, "message does not fit a {MAX_FRAME_SIZE_BYTES}-byte frame"),
+            Self::TooLarge => write!(
+                f,
+                "message does not fit a {MAX_FRAME_SIZE_BYTES}-byte frame"
+            ),
             Self::BufferTooSmall => write!(f, "output buffer too small for the frame"),
-            Self::Oversized => write!(f, "more than {MAX_FRAME_SIZE_BYTES} bytes without a frame delimiter"),
+            Self::Oversized => write!(
+                f,
+                "more than {MAX_FRAME_SIZE_BYTES} bytes without a frame delimiter"
+            ),
             Self::BadEncoding => write!(f, "broken COBS encoding"),
             Self::Truncated => write!(f, "frame shorter than header and CRC"),
             Self::BadCrc => write!(f, "CRC mismatch"),
             Self::UnsupportedVersion { version, address } => {
-                write!(f, "protocol version {version} from address {address} is not supported (this side speaks {PROTOCOL_VERSION})")
+                write!(
+                    f,
+                    "protocol version {version} from address {address} is not supported (this side speaks {PROTOCOL_VERSION})"
+                )
             }
             Self::Malformed => write!(f, "frame body is not a valid message"),
         }
@@ -226,7 +235,11 @@ impl Deframer {
     /// Feeds a slice, calling `on_frame` for each frame that ends in it.
     /// Same result as [`Self::push`] per byte, but copies runs of frame
     /// bytes at once.
-    pub fn feed(&mut self, mut bytes: &[u8], mut on_frame: impl FnMut(Result<(u8, Message), FrameError>)) {
+    pub fn feed(
+        &mut self,
+        mut bytes: &[u8],
+        mut on_frame: impl FnMut(Result<(u8, Message), FrameError>),
+    ) {
         while !bytes.is_empty() {
             let run = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
             let (body, rest) = bytes.split_at(run);

@@ -67,9 +67,9 @@
 use embassy_time::{Duration, Instant};
 use heapless::{Deque, Vec};
 
+use crate::PROTOCOL_VERSION;
 use crate::frame::{Deframer, FrameError, encode_frame};
 use crate::message::{Config, DeviceId, ErrorCode, Hello, Message, Reading};
-use crate::PROTOCOL_VERSION;
 
 /// Wait this long for an acknowledgement before retransmitting.
 pub const ACK_TIMEOUT: Duration = Duration::from_millis(150);
@@ -131,7 +131,13 @@ pub struct DeviceLink<const W: usize = DEFAULT_WINDOW> {
 }
 
 impl<const W: usize> DeviceLink<W> {
-    pub fn new(address: u8, device_id: DeviceId, firmware_version: u32, boot_epoch: u32, now: Instant) -> Self {
+    pub fn new(
+        address: u8,
+        device_id: DeviceId,
+        firmware_version: u32,
+        boot_epoch: u32,
+        now: Instant,
+    ) -> Self {
         Self {
             address,
             device_id,
@@ -245,9 +251,16 @@ impl<const W: usize> DeviceLink<W> {
                     self.push_event(DeviceEvent::TimeSynced { unix_ms });
                 }
             }
-            Message::Ack { boot_epoch, cumulative } if boot_epoch == self.boot_epoch => {
+            Message::Ack {
+                boot_epoch,
+                cumulative,
+            } if boot_epoch == self.boot_epoch => {
                 let mut popped = 0;
-                while self.window.front().is_some_and(|r| seq_le(r.seq, cumulative)) {
+                while self
+                    .window
+                    .front()
+                    .is_some_and(|r| seq_le(r.seq, cumulative))
+                {
                     self.window.pop_front();
                     popped += 1;
                 }
@@ -258,7 +271,11 @@ impl<const W: usize> DeviceLink<W> {
                     self.push_event(DeviceEvent::Acked { seq: cumulative });
                 }
             }
-            Message::Nack { boot_epoch, seq, code: ErrorCode::Missing } if boot_epoch == self.boot_epoch => {
+            Message::Nack {
+                boot_epoch,
+                seq,
+                code: ErrorCode::Missing,
+            } if boot_epoch == self.boot_epoch => {
                 // Fast retransmission: resend from the first missing reading
                 // now instead of waiting for the timer.
                 if let Some(index) = self.window.iter().position(|r| r.seq == seq)
@@ -268,17 +285,25 @@ impl<const W: usize> DeviceLink<W> {
                     self.retransmissions += 1;
                 }
             }
-            Message::Nack { boot_epoch, seq, code } if boot_epoch == self.boot_epoch => {
+            Message::Nack {
+                boot_epoch,
+                seq,
+                code,
+            } if boot_epoch == self.boot_epoch => {
                 self.push_event(DeviceEvent::Refused { seq, code });
             }
-            Message::Error { code: ErrorCode::NotIdentified } => {
+            Message::Error {
+                code: ErrorCode::NotIdentified,
+            } => {
                 warn!("gateway does not know this device; saying hello again");
                 self.state = DeviceState::Connecting;
                 self.hello_at = now;
                 self.cursor = 0;
                 self.retransmit_at = None;
             }
-            Message::Error { code: ErrorCode::UnsupportedVersion } => {
+            Message::Error {
+                code: ErrorCode::UnsupportedVersion,
+            } => {
                 self.push_event(DeviceEvent::VersionRefused);
             }
             _ => {}
@@ -377,7 +402,11 @@ pub enum GatewayEvent {
     Hello { address: u8, hello: Hello },
     /// The next reading of a device, in order, exactly once per epoch.
     /// Call [`GatewayLink::handle_durable`] once it is safe.
-    Reading { address: u8, device_id: DeviceId, reading: Reading },
+    Reading {
+        address: u8,
+        device_id: DeviceId,
+        reading: Reading,
+    },
     /// A frame that could not be read; the link resynchronised.
     FrameError(FrameError),
     /// A device was silent for [`LINK_TIMEOUT`].
@@ -441,7 +470,12 @@ impl<const D: usize> GatewayLink<D> {
                 Some(Err(e)) => {
                     self.frame_errors = self.frame_errors.wrapping_add(1);
                     if let FrameError::UnsupportedVersion { address, .. } = e {
-                        self.queue(address, Message::Error { code: ErrorCode::UnsupportedVersion });
+                        self.queue(
+                            address,
+                            Message::Error {
+                                code: ErrorCode::UnsupportedVersion,
+                            },
+                        );
                     }
                     if !self.events.is_full() {
                         let _ = self.events.push_back(GatewayEvent::FrameError(e));
@@ -452,7 +486,11 @@ impl<const D: usize> GatewayLink<D> {
     }
 
     fn queue(&mut self, address: u8, message: Message) {
-        if self.outbox.iter().any(|(a, m)| *a == address && *m == message) {
+        if self
+            .outbox
+            .iter()
+            .any(|(a, m)| *a == address && *m == message)
+        {
             return;
         }
         if self.outbox.is_full() {
@@ -469,12 +507,19 @@ impl<const D: usize> GatewayLink<D> {
         match message {
             Message::Hello(hello) => {
                 if hello.protocol_version != PROTOCOL_VERSION {
-                    self.queue(address, Message::Error { code: ErrorCode::UnsupportedVersion });
+                    self.queue(
+                        address,
+                        Message::Error {
+                            code: ErrorCode::UnsupportedVersion,
+                        },
+                    );
                     return;
                 }
                 let start = hello.next_seq;
                 match self.peers.iter_mut().find(|p| p.address == address) {
-                    Some(p) if p.boot_epoch == hello.boot_epoch && p.device_id == hello.device_id => {
+                    Some(p)
+                        if p.boot_epoch == hello.boot_epoch && p.device_id == hello.device_id =>
+                    {
                         // Same boot: keep what was delivered; the device may
                         // resend readings we already have (duplicates).
                         if seq_le(p.expected, start) {
@@ -508,7 +553,12 @@ impl<const D: usize> GatewayLink<D> {
                             silent_reported: false,
                         };
                         if self.peers.push(peer).is_err() {
-                            self.queue(address, Message::Error { code: ErrorCode::Busy });
+                            self.queue(
+                                address,
+                                Message::Error {
+                                    code: ErrorCode::Busy,
+                                },
+                            );
                             return;
                         }
                     }
@@ -516,13 +566,23 @@ impl<const D: usize> GatewayLink<D> {
                 self.queue(address, Message::Config(self.config));
                 self.queue(address, Message::TimeSync { unix_ms });
                 if !self.events.is_full() {
-                    let _ = self.events.push_back(GatewayEvent::Hello { address, hello });
+                    let _ = self
+                        .events
+                        .push_back(GatewayEvent::Hello { address, hello });
                 }
             }
             Message::Reading(reading) => {
                 let events_full = self.events.is_full();
-                let Some(p) = self.peer(address).filter(|p| p.boot_epoch == reading.boot_epoch) else {
-                    self.queue(address, Message::Error { code: ErrorCode::NotIdentified });
+                let Some(p) = self
+                    .peer(address)
+                    .filter(|p| p.boot_epoch == reading.boot_epoch)
+                else {
+                    self.queue(
+                        address,
+                        Message::Error {
+                            code: ErrorCode::NotIdentified,
+                        },
+                    );
                     return;
                 };
                 p.last_heard = now;
@@ -531,14 +591,22 @@ impl<const D: usize> GatewayLink<D> {
                     p.expected = p.expected.wrapping_add(1);
                     p.gap_reported = false;
                     let device_id = p.device_id.clone();
-                    let _ = self.events.push_back(GatewayEvent::Reading { address, device_id, reading });
+                    let _ = self.events.push_back(GatewayEvent::Reading {
+                        address,
+                        device_id,
+                        reading,
+                    });
                 } else if seq_le(reading.seq, p.expected.wrapping_sub(1)) {
                     p.ack_due = true;
                     self.duplicates = self.duplicates.wrapping_add(1);
                 } else {
                     let missing = (!p.gap_reported && !events_full).then(|| {
                         p.gap_reported = true;
-                        Message::Nack { boot_epoch: p.boot_epoch, seq: p.expected, code: ErrorCode::Missing }
+                        Message::Nack {
+                            boot_epoch: p.boot_epoch,
+                            seq: p.expected,
+                            code: ErrorCode::Missing,
+                        }
                     });
                     self.out_of_order = self.out_of_order.wrapping_add(1);
                     if let Some(nack) = missing {
@@ -552,7 +620,12 @@ impl<const D: usize> GatewayLink<D> {
                     p.silent_reported = false;
                     p.ack_due = true;
                 } else {
-                    self.queue(address, Message::Error { code: ErrorCode::NotIdentified });
+                    self.queue(
+                        address,
+                        Message::Error {
+                            code: ErrorCode::NotIdentified,
+                        },
+                    );
                 }
             }
             // Gateway-to-device messages arriving here are ignored.
@@ -575,7 +648,14 @@ impl<const D: usize> GatewayLink<D> {
 
     /// The application stored reading `seq` but refused it: tell the device.
     pub fn handle_refused(&mut self, address: u8, boot_epoch: u32, seq: u32, code: ErrorCode) {
-        self.queue(address, Message::Nack { boot_epoch, seq, code });
+        self.queue(
+            address,
+            Message::Nack {
+                boot_epoch,
+                seq,
+                code,
+            },
+        );
     }
 
     /// Next event for the application.

@@ -100,12 +100,25 @@ pub enum Message {
     Reading(Reading),
     /// Every reading of `boot_epoch` with `seq <= cumulative` is durable at
     /// the gateway; the device may forget them.
-    Ack { boot_epoch: u32, cumulative: u32 },
+    Ack {
+        boot_epoch: u32,
+        cumulative: u32,
+    },
     /// The reading `seq` was taken (and is covered by an `Ack`) but refused.
-    Nack { boot_epoch: u32, seq: u32, code: ErrorCode },
-    Error { code: ErrorCode },
-    Heartbeat { uptime_ms: u64 },
+    Nack {
+        boot_epoch: u32,
+        seq: u32,
+        code: ErrorCode,
+    },
+    Error {
+        code: ErrorCode,
+    },
+    Heartbeat {
+        uptime_ms: u64,
+    },
     Config(Config),
     /// The gateway's Unix time in ms when it sent this.
-    TimeSync { unix_ms: u64 },
+    TimeSync {
+        unix_ms: u64,
+    },
 }

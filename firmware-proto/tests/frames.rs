@@ -1,6 +1,8 @@
 //! Framing: round trips, bad input, resynchronisation.
 
-use firmware_proto::frame::{Deframer, FrameError, MAX_FRAME_SIZE_BYTES, MAX_RAW_LEN, decode_raw, encode_frame, encode_raw};
+use firmware_proto::frame::{
+    Deframer, FrameError, MAX_FRAME_SIZE_BYTES, MAX_RAW_LEN, decode_raw, encode_frame, encode_raw,
+};
 use firmware_proto::message::*;
 use proptest::prelude::*;
 
@@ -27,7 +29,10 @@ fn arb_reading() -> impl Strategy<Value = Reading> {
             speed: f[3],
             lat: ll[0],
             lon: ll[1],
-            extras: extras.into_iter().map(|(key, value)| Extra { key, value }).collect(),
+            extras: extras
+                .into_iter()
+                .map(|(key, value)| Extra { key, value })
+                .collect(),
         })
 }
 
@@ -43,15 +48,40 @@ fn arb_code() -> impl Strategy<Value = ErrorCode> {
 
 fn arb_message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        (arb_device_id(), any::<u32>(), any::<u8>(), any::<u32>(), any::<u32>()).prop_map(|(device_id, fw, pv, e, n)| {
-            Message::Hello(Hello { device_id, firmware_version: fw, protocol_version: pv, boot_epoch: e, next_seq: n })
-        }),
+        (
+            arb_device_id(),
+            any::<u32>(),
+            any::<u8>(),
+            any::<u32>(),
+            any::<u32>()
+        )
+            .prop_map(|(device_id, fw, pv, e, n)| {
+                Message::Hello(Hello {
+                    device_id,
+                    firmware_version: fw,
+                    protocol_version: pv,
+                    boot_epoch: e,
+                    next_seq: n,
+                })
+            }),
         arb_reading().prop_map(Message::Reading),
-        (any::<u32>(), any::<u32>()).prop_map(|(boot_epoch, cumulative)| Message::Ack { boot_epoch, cumulative }),
-        (any::<u32>(), any::<u32>(), arb_code()).prop_map(|(boot_epoch, seq, code)| Message::Nack { boot_epoch, seq, code }),
+        (any::<u32>(), any::<u32>()).prop_map(|(boot_epoch, cumulative)| Message::Ack {
+            boot_epoch,
+            cumulative
+        }),
+        (any::<u32>(), any::<u32>(), arb_code()).prop_map(|(boot_epoch, seq, code)| {
+            Message::Nack {
+                boot_epoch,
+                seq,
+                code,
+            }
+        }),
         arb_code().prop_map(|code| Message::Error { code }),
         any::<u64>().prop_map(|uptime_ms| Message::Heartbeat { uptime_ms }),
-        (any::<u32>(), any::<u32>()).prop_map(|(a, b)| Message::Config(Config { sampling_interval_ms: a, heartbeat_interval_ms: b })),
+        (any::<u32>(), any::<u32>()).prop_map(|(a, b)| Message::Config(Config {
+            sampling_interval_ms: a,
+            heartbeat_interval_ms: b
+        })),
         any::<u64>().prop_map(|unix_ms| Message::TimeSync { unix_ms }),
     ]
 }
@@ -59,7 +89,8 @@ fn arb_message() -> impl Strategy<Value = Message> {
 /// NaN != NaN: compare messages through their encoding.
 fn same(a: &Message, b: &Message) -> bool {
     let (mut x, mut y) = ([0u8; MAX_FRAME_SIZE_BYTES], [0u8; MAX_FRAME_SIZE_BYTES]);
-    encode_frame(0, a, &mut x).map(|n| x[..n].to_vec()) == encode_frame(0, b, &mut y).map(|n| y[..n].to_vec())
+    encode_frame(0, a, &mut x).map(|n| x[..n].to_vec())
+        == encode_frame(0, b, &mut y).map(|n| y[..n].to_vec())
 }
 
 fn deframe_all(bytes: &[u8]) -> Vec<Result<(u8, Message), FrameError>> {
@@ -198,7 +229,10 @@ fn interleaved_frames_of_two_addresses_decode_in_order() {
     let n = encode_frame(4, &Message::Reading(reading()), &mut b).unwrap();
     stream.extend_from_slice(&b[..n]);
     stream.extend_from_slice(&frame(&Message::Heartbeat { uptime_ms: 2 }));
-    let frames: Vec<_> = deframe_all(&stream).into_iter().map(|f| f.unwrap().0).collect();
+    let frames: Vec<_> = deframe_all(&stream)
+        .into_iter()
+        .map(|f| f.unwrap().0)
+        .collect();
     assert_eq!(frames, vec![9, 4, 9]);
 }
 
@@ -210,7 +244,13 @@ fn unknown_version_is_typed_with_the_address() {
     raw.extend_from_slice(&crc.to_le_bytes());
     let mut buf = [0u8; MAX_FRAME_SIZE_BYTES];
     let n = encode_raw(&raw, &mut buf).unwrap();
-    assert_eq!(deframe_all(&buf[..n]), vec![Err(FrameError::UnsupportedVersion { version: 99, address: 5 })]);
+    assert_eq!(
+        deframe_all(&buf[..n]),
+        vec![Err(FrameError::UnsupportedVersion {
+            version: 99,
+            address: 5
+        })]
+    );
 }
 
 #[test]
@@ -224,7 +264,10 @@ fn valid_crc_with_garbage_body_is_malformed() {
 #[test]
 fn encode_reports_small_buffers() {
     let mut small = [0u8; 8];
-    assert_eq!(encode_frame(1, &Message::Reading(reading()), &mut small), Err(FrameError::BufferTooSmall));
+    assert_eq!(
+        encode_frame(1, &Message::Reading(reading()), &mut small),
+        Err(FrameError::BufferTooSmall)
+    );
     assert!(MAX_RAW_LEN < MAX_FRAME_SIZE_BYTES);
 }
 

@@ -3,8 +3,8 @@
 //! the channel does, the gateway delivers every reading exactly once and in
 //! order, and the device ends with nothing unacknowledged.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use embassy_time::{Duration, Instant};
 use firmware_proto::frame::MAX_FRAME_SIZE_BYTES;
@@ -31,7 +31,11 @@ struct Channel {
 
 impl Channel {
     fn new(faults: Faults) -> Self {
-        Self { queue: BinaryHeap::new(), sent: 0, faults }
+        Self {
+            queue: BinaryHeap::new(),
+            sent: 0,
+            faults,
+        }
     }
 
     fn send(&mut self, rng: &mut StdRng, now: Instant, frame: &[u8]) {
@@ -55,7 +59,11 @@ impl Channel {
     }
 
     fn due(&mut self, now: Instant) -> Option<Vec<u8>> {
-        if self.queue.peek().is_some_and(|Reverse((at, _, _))| *at <= now.as_millis()) {
+        if self
+            .queue
+            .peek()
+            .is_some_and(|Reverse((at, _, _))| *at <= now.as_millis())
+        {
             return self.queue.pop().map(|Reverse((_, _, b))| b);
         }
         None
@@ -81,7 +89,10 @@ fn reading(i: u32) -> Reading {
     }
 }
 
-const CONFIG: Config = Config { sampling_interval_ms: 1000, heartbeat_interval_ms: 5000 };
+const CONFIG: Config = Config {
+    sampling_interval_ms: 1000,
+    heartbeat_interval_ms: 5000,
+};
 
 /// Runs `n` readings through the link; returns the delivered temperatures
 /// and the simulated time taken.
@@ -108,7 +119,12 @@ fn run(seed: u64, n: u32, faults: Faults) -> (Vec<u32>, u64, [u32; 4]) {
             gateway.handle_bytes(&bytes, now, 1_700_000_000_000);
         }
         while let Some(event) = gateway.poll_event() {
-            if let GatewayEvent::Reading { address, reading, device_id } = event {
+            if let GatewayEvent::Reading {
+                address,
+                reading,
+                device_id,
+            } = event
+            {
                 assert_eq!(device_id.as_str(), "dev-1");
                 delivered.push(reading.temperature as u32);
                 gateway.handle_durable(address, reading.boot_epoch, reading.seq);
@@ -124,13 +140,25 @@ fn run(seed: u64, n: u32, faults: Faults) -> (Vec<u32>, u64, [u32; 4]) {
         while device.poll_event().is_some() {}
         // Jump to the next thing that can happen.
         let mut at = device.poll_timeout().as_millis();
-        for t in [up.next_at(), down.next_at(), gateway.poll_timeout().map(|i| i.as_millis())].into_iter().flatten() {
+        for t in [
+            up.next_at(),
+            down.next_at(),
+            gateway.poll_timeout().map(|i| i.as_millis()),
+        ]
+        .into_iter()
+        .flatten()
+        {
             at = at.min(t);
         }
         let at = at.max(now.as_millis() + 1);
         now = Instant::from_millis(at);
     }
-    let effects = [device.retransmissions, gateway.duplicates, gateway.out_of_order, gateway.frame_errors];
+    let effects = [
+        device.retransmissions,
+        gateway.duplicates,
+        gateway.out_of_order,
+        gateway.frame_errors,
+    ];
     (delivered, now.as_millis(), effects)
 }
 
@@ -142,7 +170,12 @@ fn assert_exact(delivered: &[u32], n: u32) {
 
 #[test]
 fn perfect_channel() {
-    let faults = Faults { loss: 0.0, duplicate: 0.0, corrupt: 0.0, max_delay_ms: 0 };
+    let faults = Faults {
+        loss: 0.0,
+        duplicate: 0.0,
+        corrupt: 0.0,
+        max_delay_ms: 0,
+    };
     let (d, _, effects) = run(1, 1000, faults);
     assert_exact(&d, 1000);
     assert_eq!(effects, [0, 0, 0, 0], "a perfect channel needs no recovery");
@@ -150,13 +183,21 @@ fn perfect_channel() {
 
 #[test]
 fn heavy_loss_duplication_reordering_and_corruption() {
-    let faults = Faults { loss: 0.2, duplicate: 0.2, corrupt: 0.05, max_delay_ms: 40 };
+    let faults = Faults {
+        loss: 0.2,
+        duplicate: 0.2,
+        corrupt: 0.05,
+        max_delay_ms: 40,
+    };
     for seed in 0..5 {
-        let (d, elapsed_ms, [retransmissions, duplicates, out_of_order, frame_errors]) = run(seed, 2000, faults);
+        let (d, elapsed_ms, [retransmissions, duplicates, out_of_order, frame_errors]) =
+            run(seed, 2000, faults);
         assert_exact(&d, 2000);
         // The faults really happened and were recovered from.
         assert!(retransmissions > 0 && duplicates > 0 && out_of_order > 0 && frame_errors > 0);
-        println!("seed {seed}: 2000 readings in {elapsed_ms} simulated ms, {retransmissions} retransmission rounds, {duplicates} duplicates, {out_of_order} out of order, {frame_errors} bad frames");
+        println!(
+            "seed {seed}: 2000 readings in {elapsed_ms} simulated ms, {retransmissions} retransmission rounds, {duplicates} duplicates, {out_of_order} out of order, {frame_errors} bad frames"
+        );
     }
 }
 
@@ -192,7 +233,10 @@ fn new_boot_epoch_resets_the_gateway_side() {
                 gateway.handle_bytes(&buf[..n], now, 0);
             }
             while let Some(e) = gateway.poll_event() {
-                if let GatewayEvent::Reading { address, reading, .. } = e {
+                if let GatewayEvent::Reading {
+                    address, reading, ..
+                } = e
+                {
                     seen.push((reading.boot_epoch, reading.seq));
                     gateway.handle_durable(address, reading.boot_epoch, reading.seq);
                 }
@@ -227,20 +271,29 @@ fn restarted_gateway_asks_the_device_to_identify_again() {
     let mut gateway: GatewayLink = GatewayLink::new(CONFIG);
     let n = device.poll_transmit(now, &mut buf).unwrap();
     gateway.handle_bytes(&buf[..n], now, 0);
-    assert!(gateway.poll_event().is_none(), "an unidentified reading is not delivered");
+    assert!(
+        gateway.poll_event().is_none(),
+        "an unidentified reading is not delivered"
+    );
     let n = gateway.poll_transmit(&mut buf).unwrap();
     device.handle_bytes(&buf[..n], now);
     assert!(!device.is_established());
     let n = device.poll_transmit(now, &mut buf).unwrap();
     gateway.handle_bytes(&buf[..n], now, 0);
-    assert!(matches!(gateway.poll_event(), Some(GatewayEvent::Hello { .. })));
+    assert!(matches!(
+        gateway.poll_event(),
+        Some(GatewayEvent::Hello { .. })
+    ));
     while let Some(n) = gateway.poll_transmit(&mut buf) {
         device.handle_bytes(&buf[..n], now);
     }
     assert!(device.is_established());
     let n = device.poll_transmit(now, &mut buf).unwrap();
     gateway.handle_bytes(&buf[..n], now, 0);
-    assert!(matches!(gateway.poll_event(), Some(GatewayEvent::Reading { .. })));
+    assert!(matches!(
+        gateway.poll_event(),
+        Some(GatewayEvent::Reading { .. })
+    ));
 }
 
 #[test]
@@ -252,7 +305,13 @@ fn refused_reading_is_reported_to_the_device() {
     let mut device: DeviceLink = DeviceLink::new(4, "dev-4".try_into().unwrap(), 1, 1, now);
     let n = gateway.poll_transmit(&mut buf).unwrap();
     device.handle_bytes(&buf[..n], now);
-    assert_eq!(device.poll_event(), Some(DeviceEvent::Refused { seq: 10, code: ErrorCode::Rejected }));
+    assert_eq!(
+        device.poll_event(),
+        Some(DeviceEvent::Refused {
+            seq: 10,
+            code: ErrorCode::Rejected
+        })
+    );
 }
 
 #[test]
@@ -277,7 +336,10 @@ fn silent_device_is_reported_once() {
     let deadline = gateway.poll_timeout().unwrap();
     assert_eq!(deadline, now + firmware_proto::link::LINK_TIMEOUT);
     gateway.handle_timeout(deadline);
-    assert!(matches!(gateway.poll_event(), Some(GatewayEvent::DeviceSilent { address: 6, .. })));
+    assert!(matches!(
+        gateway.poll_event(),
+        Some(GatewayEvent::DeviceSilent { address: 6, .. })
+    ));
     gateway.handle_timeout(deadline + Duration::from_secs(60));
     assert!(gateway.poll_event().is_none());
 }
@@ -298,12 +360,25 @@ fn unknown_protocol_version_is_answered_with_an_error_frame() {
     gateway.handle_bytes(&buf[..n], now, 0);
     assert!(matches!(
         gateway.poll_event(),
-        Some(GatewayEvent::FrameError(firmware_proto::frame::FrameError::UnsupportedVersion { version: 2, address: 7 }))
+        Some(GatewayEvent::FrameError(
+            firmware_proto::frame::FrameError::UnsupportedVersion {
+                version: 2,
+                address: 7
+            }
+        ))
     ));
     let n = gateway.poll_transmit(&mut buf).expect("an error frame");
     let mut frames = Vec::new();
     Deframer::new().feed(&buf[..n], |f| frames.push(f));
-    assert_eq!(frames, vec![Ok((7, Message::Error { code: ErrorCode::UnsupportedVersion }))]);
+    assert_eq!(
+        frames,
+        vec![Ok((
+            7,
+            Message::Error {
+                code: ErrorCode::UnsupportedVersion
+            }
+        ))]
+    );
     // A device told so reports it to its application.
     let mut device: DeviceLink = DeviceLink::new(7, "dev-7".try_into().unwrap(), 1, 1, now);
     device.handle_bytes(&buf[..n], now);
@@ -326,7 +401,10 @@ fn absurd_time_sync_values_do_not_overflow() {
         if unix_ms > i64::MAX as u64 {
             assert_eq!(later, None, "an impossible clock is ignored");
         } else {
-            assert!(later.is_some_and(|t| t >= i64::MAX as u64 - 1_000), "{later:?}");
+            assert!(
+                later.is_some_and(|t| t >= i64::MAX as u64 - 1_000),
+                "{later:?}"
+            );
         }
     }
 }
@@ -348,7 +426,10 @@ fn sequence_wrap_starts_a_new_epoch_once_the_window_is_safe() {
             gateway.handle_bytes(&buf[..n], now, 0);
         }
         while let Some(e) = gateway.poll_event() {
-            if let GatewayEvent::Reading { address, reading, .. } = e {
+            if let GatewayEvent::Reading {
+                address, reading, ..
+            } = e
+            {
                 delivered.push((reading.boot_epoch, reading.seq));
                 gateway.handle_durable(address, reading.boot_epoch, reading.seq);
             }
@@ -361,6 +442,9 @@ fn sequence_wrap_starts_a_new_epoch_once_the_window_is_safe() {
     }
     // Two readings end epoch 10; the next ones start epoch 11 at seq 1, so
     // the gateway's (epoch, seq) keys keep increasing.
-    assert_eq!(delivered, vec![(10, u32::MAX - 1), (10, u32::MAX), (11, 1), (11, 2)]);
+    assert_eq!(
+        delivered,
+        vec![(10, u32::MAX - 1), (10, u32::MAX), (11, 1), (11, 2)]
+    );
     assert_eq!(device.boot_epoch(), 11);
 }

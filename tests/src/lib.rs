@@ -34,7 +34,8 @@ pub fn kafka_brokers() -> String {
 
 /// Server URL of the test MariaDB without a database (`EDGE_TEST_MYSQL_URL`).
 pub fn mysql_server_url() -> String {
-    let url = std::env::var("EDGE_TEST_MYSQL_URL").unwrap_or_else(|_| "mysql://edge:edge@127.0.0.1:23306/edge".into());
+    let url = std::env::var("EDGE_TEST_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://edge:edge@127.0.0.1:23306/edge".into());
     match url.rfind('/') {
         Some(i) if i > "mysql://".len() => url[..i].to_string(),
         _ => url,
@@ -47,7 +48,11 @@ pub fn unique(prefix: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
-    format!("{prefix}_{}_{nanos:09}_{:04x}", std::process::id(), rand::random::<u16>())
+    format!(
+        "{prefix}_{}_{nanos:09}_{:04x}",
+        std::process::id(),
+        rand::random::<u16>()
+    )
 }
 
 /// Polls `check` until it returns `Some`, failing with `what` after `limit`.
@@ -78,13 +83,24 @@ pub async fn create_topics(topics: &[(&str, i32, bool)]) -> anyhow::Result<()> {
         .iter()
         .map(|(name, partitions, compacted)| {
             let t = NewTopic::new(name, *partitions, TopicReplication::Fixed(1));
-            if *compacted { t.set("cleanup.policy", "compact") } else { t }
+            if *compacted {
+                t.set("cleanup.policy", "compact")
+            } else {
+                t
+            }
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in admin.create_topics(new.iter(), &opts).await.with_context(|| {
-        format!("creating topics on Kafka at {}: is it running? start it with tests/services/up", kafka_brokers())
-    })? {
+    for r in admin
+        .create_topics(new.iter(), &opts)
+        .await
+        .with_context(|| {
+            format!(
+                "creating topics on Kafka at {}: is it running? start it with tests/services/up",
+                kafka_brokers()
+            )
+        })?
+    {
         r.map_err(|(name, code)| anyhow::anyhow!("creating topic {name}: {code}"))?;
     }
     Ok(())
@@ -92,8 +108,9 @@ pub async fn create_topics(topics: &[(&str, i32, bool)]) -> anyhow::Result<()> {
 
 /// Deletes topics (cleanup; errors are reported, not fatal).
 pub async fn delete_topics(topics: &[&str]) {
-    let admin: Result<AdminClient<DefaultClientContext>, _> =
-        ClientConfig::new().set("bootstrap.servers", kafka_brokers()).create();
+    let admin: Result<AdminClient<DefaultClientContext>, _> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create();
     if let Ok(admin) = admin
         && let Err(e) = admin.delete_topics(topics, &AdminOptions::new()).await
     {
@@ -118,12 +135,21 @@ impl TestDatabase {
             .await
             .with_context(|| format!("connecting to MariaDB at {server}: is it running? start it with tests/services/up"))?;
         // The name is generated here from [a-z0-9_]: safe as an identifier.
-        sqlx::query(&format!("CREATE DATABASE `{name}`")).execute(&admin).await?;
-        Ok(Self { url: format!("{server}/{name}"), name, admin })
+        sqlx::query(&format!("CREATE DATABASE `{name}`"))
+            .execute(&admin)
+            .await?;
+        Ok(Self {
+            url: format!("{server}/{name}"),
+            name,
+            admin,
+        })
     }
 
     pub async fn drop_now(self) {
-        if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.name)).execute(&self.admin).await {
+        if let Err(e) = sqlx::query(&format!("DROP DATABASE IF EXISTS `{}`", self.name))
+            .execute(&self.admin)
+            .await
+        {
             eprintln!("cleanup: dropping database {}: {e}", self.name);
         }
     }

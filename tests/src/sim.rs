@@ -36,7 +36,8 @@ impl Track {
     pub fn next(&mut self) -> (f64, f64) {
         self.angle += self.step_rad;
         let lat = self.center_lat + self.radius_deg * self.angle.sin();
-        let lon = self.center_lon + self.radius_deg * self.angle.cos() / self.center_lat.to_radians().cos().max(0.1);
+        let lon = self.center_lon
+            + self.radius_deg * self.angle.cos() / self.center_lat.to_radians().cos().max(0.1);
         (lat.clamp(-90.0, 90.0), lon.clamp(-180.0, 180.0))
     }
 }
@@ -156,11 +157,18 @@ impl SerialSim {
         let mut rng = StdRng::seed_from_u64(config.seed);
         let devices = (1..=config.devices)
             .map(|address| {
-                let id = DeviceId::try_from(config.device_id(address).as_str()).expect("device id fits 32 bytes");
+                let id = DeviceId::try_from(config.device_id(address).as_str())
+                    .expect("device id fits 32 bytes");
                 let mut track = config.track;
                 track.angle = rng.random_range(0.0..std::f64::consts::TAU);
                 SimDevice {
-                    link: DeviceLink::new(address, id, 0x0001_0000, config.boot_epoch + u32::from(address) - 1, now),
+                    link: DeviceLink::new(
+                        address,
+                        id,
+                        0x0001_0000,
+                        config.boot_epoch + u32::from(address) - 1,
+                        now,
+                    ),
                     produced: 0,
                     acked: 0,
                     track,
@@ -196,9 +204,10 @@ impl SerialSim {
     }
 
     fn done(&self) -> bool {
-        self.devices
-            .iter()
-            .all(|d| d.produced == self.config.readings_per_device && d.acked == self.config.readings_per_device)
+        self.devices.iter().all(|d| {
+            d.produced == self.config.readings_per_device
+                && d.acked == self.config.readings_per_device
+        })
     }
 
     fn produce(&mut self, now: LinkInstant) {
@@ -213,12 +222,20 @@ impl SerialSim {
         for d in &mut self.devices {
             while d.produced < total && d.link.can_send() && (!limited || self.tokens >= 1.0) {
                 let (mut lat, lon) = d.track.next();
-                if self.config.invalid_fraction > 0.0 && self.rng.random_bool(self.config.invalid_fraction) {
+                if self.config.invalid_fraction > 0.0
+                    && self.rng.random_bool(self.config.invalid_fraction)
+                {
                     lat = 123.0;
                 }
-                let timestamp_ms = d.link.unix_time_ms(now).unwrap_or_else(|| crate::now_ms() as u64);
+                let timestamp_ms = d
+                    .link
+                    .unix_time_ms(now)
+                    .unwrap_or_else(|| crate::now_ms() as u64);
                 let mut extras = heapless::Vec::new();
-                let _ = extras.push(Extra { key: 1, value: self.rng.random_range(980.0..1040.0) });
+                let _ = extras.push(Extra {
+                    key: 1,
+                    value: self.rng.random_range(980.0..1040.0),
+                });
                 let reading = Reading {
                     seq: 0,
                     boot_epoch: 0,
@@ -245,7 +262,11 @@ impl SerialSim {
     /// Runs the devices over `port` until every reading is acknowledged,
     /// `stop` returns true (checked every few milliseconds), or the port
     /// fails.
-    pub async fn run<P>(&mut self, port: &mut P, mut stop: impl FnMut(&SerialProgress) -> bool) -> SerialRunEnd
+    pub async fn run<P>(
+        &mut self,
+        port: &mut P,
+        mut stop: impl FnMut(&SerialProgress) -> bool,
+    ) -> SerialRunEnd
     where
         P: AsyncRead + AsyncWrite + Unpin,
     {
@@ -266,7 +287,9 @@ impl SerialSim {
             for i in 0..self.devices.len() {
                 self.devices[i].link.handle_timeout(now);
                 while let Some(n) = self.devices[i].link.poll_transmit(now, &mut frame) {
-                    self.config.uplink_faults.apply(&mut self.rng, &frame[..n], &mut faulty);
+                    self.config
+                        .uplink_faults
+                        .apply(&mut self.rng, &frame[..n], &mut faulty);
                     out.extend_from_slice(&faulty);
                 }
             }
@@ -309,7 +332,14 @@ impl SerialSim {
 }
 
 /// A reading as JSON for the MQTT `telemetry` topic.
-pub fn json_reading(device_id: &str, seq: u64, epoch: u32, ts: i64, track: &mut Track, rng: &mut StdRng) -> serde_json::Value {
+pub fn json_reading(
+    device_id: &str,
+    seq: u64,
+    epoch: u32,
+    ts: i64,
+    track: &mut Track,
+    rng: &mut StdRng,
+) -> serde_json::Value {
     let (lat, lon) = track.next();
     serde_json::json!({
         "device_id": device_id, "seq": seq, "epoch": epoch, "ts": ts,

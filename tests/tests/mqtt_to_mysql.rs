@@ -33,8 +33,14 @@ const BAD_KINDS: [(&str, RejectReason); 8] = [
     ("latitude out of range", RejectReason::OutOfRange),
     ("payload over the size limit", RejectReason::PayloadTooLarge),
     ("unknown topic shape", RejectReason::UnknownTopic),
-    ("device id differs from topic", RejectReason::DeviceIdMismatch),
-    ("binary payload that is not a frame", RejectReason::MalformedFrame),
+    (
+        "device id differs from topic",
+        RejectReason::DeviceIdMismatch,
+    ),
+    (
+        "binary payload that is not a frame",
+        RejectReason::MalformedFrame,
+    ),
 ];
 
 fn now_ms() -> i64 {
@@ -75,7 +81,10 @@ fn bad_input(prefix: &str, kind: usize, n: usize) -> (String, Vec<u8>) {
             v["padding"] = "x".repeat(5000).into();
             (topic, v.to_string().into_bytes())
         }
-        5 => (format!("{prefix}devices/{device}/status"), reading(&device, 1).to_string().into_bytes()),
+        5 => (
+            format!("{prefix}devices/{device}/status"),
+            reading(&device, 1).to_string().into_bytes(),
+        ),
         6 => (topic, reading("someone-else", 1).to_string().into_bytes()),
         _ => (format!("{topic}/bin"), vec![0x00, 0x01, 0xff]),
     }
@@ -85,9 +94,17 @@ fn bad_input(prefix: &str, kind: usize, n: usize) -> (String, Vec<u8>) {
 async fn mqtt_to_mysql_exactly_the_valid_readings() -> anyhow::Result<()> {
     init_logging();
     let sfx = unique("e2e");
-    let (data_topic, dlq_topic, offsets_topic) =
-        (format!("rich-iot-data-{sfx}"), format!("iot-dlq-{sfx}"), format!("edge-offsets-{sfx}"));
-    create_topics(&[(&data_topic, 3, false), (&dlq_topic, 1, false), (&offsets_topic, 1, true)]).await?;
+    let (data_topic, dlq_topic, offsets_topic) = (
+        format!("rich-iot-data-{sfx}"),
+        format!("iot-dlq-{sfx}"),
+        format!("edge-offsets-{sfx}"),
+    );
+    create_topics(&[
+        (&data_topic, 3, false),
+        (&dlq_topic, 1, false),
+        (&offsets_topic, 1, true),
+    ])
+    .await?;
     let db = TestDatabase::create("edge_e2e").await?;
     let result = run_scenario(&sfx, &data_topic, &dlq_topic, &offsets_topic, &db.url).await;
     delete_topics(&[&data_topic, &dlq_topic, &offsets_topic]).await;
@@ -95,7 +112,13 @@ async fn mqtt_to_mysql_exactly_the_valid_readings() -> anyhow::Result<()> {
     result
 }
 
-async fn run_scenario(sfx: &str, data_topic: &str, dlq_topic: &str, offsets_topic: &str, db_url: &str) -> anyhow::Result<()> {
+async fn run_scenario(
+    sfx: &str,
+    data_topic: &str,
+    dlq_topic: &str,
+    offsets_topic: &str,
+    db_url: &str,
+) -> anyhow::Result<()> {
     let (mqtt_host, mqtt_port) = mqtt_addr();
     let prefix = format!("{sfx}/");
     let data_dir = tempfile::tempdir()?;
@@ -110,9 +133,13 @@ async fn run_scenario(sfx: &str, data_topic: &str, dlq_topic: &str, offsets_topi
     })?;
     let bridge_stats = Arc::new(cloud_bridge::sinks::mysql::MysqlSinkStats::default());
     let (bridge_stop, bridge_stopped) = tokio::sync::oneshot::channel::<()>();
-    let bridge = tokio::spawn(cloud_bridge::run(bridge_config, bridge_stats.clone(), async {
-        let _ = bridge_stopped.await;
-    }));
+    let bridge = tokio::spawn(cloud_bridge::run(
+        bridge_config,
+        bridge_stats.clone(),
+        async {
+            let _ = bridge_stopped.await;
+        },
+    ));
 
     // The agent.
     let agent_toml = format!(
@@ -166,7 +193,14 @@ interval_seconds = 0
             if stats.received.load(Relaxed) > 0 {
                 return Ok(Some(()));
             }
-            client.publish(topic, QoS::AtLeastOnce, false, reading("probe", 0).to_string()).await?;
+            client
+                .publish(
+                    topic,
+                    QoS::AtLeastOnce,
+                    false,
+                    reading("probe", 0).to_string(),
+                )
+                .await?;
             tokio::time::sleep(Duration::from_millis(200)).await;
             Ok(None)
         }
@@ -182,7 +216,9 @@ interval_seconds = 0
             let kind = (i / INVALID_EVERY) % BAD_KINDS.len();
             let (topic, payload) = bad_input(&prefix, kind, i);
             *expected_rejects.entry(BAD_KINDS[kind].1).or_default() += 1;
-            client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await?;
         } else {
             let d = i % DEVICES;
             next_seq[d] += 1;
@@ -192,48 +228,93 @@ interval_seconds = 0
             if i % 10 == 3 {
                 // Every tenth valid reading as a firmware-proto frame on
                 // /bin (boot epoch 0: the same key space as the JSON ones).
-                let mut track = edge_tests::sim::Track { center_lat: 52.5, center_lon: 13.4, radius_deg: 0.01, step_rad: 0.1, angle: 0.0 };
+                let mut track = edge_tests::sim::Track {
+                    center_lat: 52.5,
+                    center_lon: 13.4,
+                    radius_deg: 0.01,
+                    step_rad: 0.1,
+                    angle: 0.0,
+                };
                 let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
-                let frame = edge_tests::sim::bin_reading(next_seq[d] as u32, 0, now_ms() as u64, &mut track, &mut rng);
-                client.publish(format!("{topic}/bin"), QoS::AtLeastOnce, false, frame).await?;
+                let frame = edge_tests::sim::bin_reading(
+                    next_seq[d] as u32,
+                    0,
+                    now_ms() as u64,
+                    &mut track,
+                    &mut rng,
+                );
+                client
+                    .publish(format!("{topic}/bin"), QoS::AtLeastOnce, false, frame)
+                    .await?;
             } else {
-                client.publish(topic, QoS::AtLeastOnce, false, reading(&device, next_seq[d]).to_string()).await?;
+                client
+                    .publish(
+                        topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        reading(&device, next_seq[d]).to_string(),
+                    )
+                    .await?;
             }
         }
     }
     let invalid_total: u64 = expected_rejects.values().sum();
     assert_eq!(expected.len() as u64 - 1 + invalid_total, TOTAL as u64);
-    assert!(invalid_total >= TOTAL as u64 / 40, "a few percent must be invalid");
+    assert!(
+        invalid_total >= TOTAL as u64 / 40,
+        "a few percent must be invalid"
+    );
 
-    let pool = sqlx::mysql::MySqlPoolOptions::new().max_connections(2).connect(db_url).await?;
+    let pool = sqlx::mysql::MySqlPoolOptions::new()
+        .max_connections(2)
+        .connect(db_url)
+        .await?;
     let expected_rows = expected.len() as i64;
-    let stored = wait_for("MariaDB to hold every valid reading", Duration::from_secs(240), || {
-        let pool = pool.clone();
-        async move {
-            // The table appears once the bridge ran its migrations.
-            let count: Result<i64, _> = sqlx::query_scalar("SELECT COUNT(*) FROM iot_metrics").fetch_one(&pool).await;
-            Ok(match count {
-                Ok(n) if n >= expected_rows => Some(n),
-                _ => None,
-            })
-        }
-    })
+    let stored = wait_for(
+        "MariaDB to hold every valid reading",
+        Duration::from_secs(240),
+        || {
+            let pool = pool.clone();
+            async move {
+                // The table appears once the bridge ran its migrations.
+                let count: Result<i64, _> = sqlx::query_scalar("SELECT COUNT(*) FROM iot_metrics")
+                    .fetch_one(&pool)
+                    .await;
+                Ok(match count {
+                    Ok(n) if n >= expected_rows => Some(n),
+                    _ => None,
+                })
+            }
+        },
+    )
     .await?;
     assert_eq!(stored, expected_rows, "more rows than valid readings");
 
-    wait_for("every reject to be counted", Duration::from_secs(30), || {
-        let stats = agent_stats.clone();
-        async move { Ok((stats.rejected.load(Relaxed) >= invalid_total).then_some(())) }
-    })
+    wait_for(
+        "every reject to be counted",
+        Duration::from_secs(30),
+        || {
+            let stats = agent_stats.clone();
+            async move { Ok((stats.rejected.load(Relaxed) >= invalid_total).then_some(())) }
+        },
+    )
     .await?;
 
     // Exactly the valid set: compare keys, not only counts.
-    let rows = sqlx::query("SELECT device_id, seq FROM iot_metrics").fetch_all(&pool).await?;
-    let actual: BTreeSet<(String, u64)> = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<u64, _>(1))).collect();
+    let rows = sqlx::query("SELECT device_id, seq FROM iot_metrics")
+        .fetch_all(&pool)
+        .await?;
+    let actual: BTreeSet<(String, u64)> = rows
+        .iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<u64, _>(1)))
+        .collect();
     assert_eq!(actual.len(), rows.len(), "duplicate keys in iot_metrics");
     let missing: Vec<_> = expected.difference(&actual).take(5).collect();
     let extra: Vec<_> = actual.difference(&expected).take(5).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, unexpected {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, unexpected {extra:?}"
+    );
 
     // Every invalid input counted under its reason.
     assert_eq!(agent_stats.rejects_by_reason(), expected_rejects);
@@ -271,7 +352,9 @@ interval_seconds = 0
         .context("agent did not stop within 60 s")??
         .map_err(|e| anyhow::anyhow!("agent failed: {e}"))?;
     let _ = bridge_stop.send(());
-    tokio::time::timeout(Duration::from_secs(60), bridge).await.context("bridge did not stop within 60 s")???;
+    tokio::time::timeout(Duration::from_secs(60), bridge)
+        .await
+        .context("bridge did not stop within 60 s")???;
     publisher_loop.abort();
 
     let conn = rusqlite::Connection::open(data_dir.path().join("edge-agent.db"))?;
@@ -281,7 +364,10 @@ interval_seconds = 0
         .collect();
     assert_eq!(durable, expected_rejects);
     let (batches_left, _) = edge_agent::outbox::backlog(&conn)?;
-    assert_eq!(batches_left, 0, "the outbox must be drained after every batch was committed");
+    assert_eq!(
+        batches_left, 0,
+        "the outbox must be drained after every batch was committed"
+    );
     println!(
         "e2e: published {TOTAL} (+probes), stored {stored}, rejected {invalid_total}, bridge transactions {}, agent transactions {}",
         bridge_stats.transactions.load(Relaxed),

@@ -32,11 +32,15 @@ fn plug(link: &Path) -> anyhow::Result<Adapter> {
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&name, &tmp)?;
     std::fs::rename(&tmp, link)?;
-    Ok(Adapter { master, _slave: slave })
+    Ok(Adapter {
+        master,
+        _slave: slave,
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn ten_thousand_readings_over_a_lossy_replugged_serial_line_arrive_exactly_once() -> anyhow::Result<()> {
+async fn ten_thousand_readings_over_a_lossy_replugged_serial_line_arrive_exactly_once()
+-> anyhow::Result<()> {
     edge_tests::init_logging();
     let dir = tempfile::tempdir()?;
     let by_id = dir.path().join("usb-edge-sim-if00");
@@ -74,39 +78,65 @@ interval_seconds = 0
         readings_per_second: 0.0,
         invalid_fraction: 0.0,
         seed: 20261126,
-        uplink_faults: ByteFaults { drop_rate: 0.0005, corrupt_rate: 0.0005 },
-        downlink_faults: ByteFaults { drop_rate: 0.0005, corrupt_rate: 0.0005 },
+        uplink_faults: ByteFaults {
+            drop_rate: 0.0005,
+            corrupt_rate: 0.0005,
+        },
+        downlink_faults: ByteFaults {
+            drop_rate: 0.0005,
+            corrupt_rate: 0.0005,
+        },
         boot_epoch: 1_000,
         id_prefix: "pty-dev-".into(),
-        track: Track { center_lat: 48.1, center_lon: 11.5, radius_deg: 0.01, step_rad: 0.05, angle: 0.0 },
+        track: Track {
+            center_lat: 48.1,
+            center_lon: 11.5,
+            radius_deg: 0.01,
+            step_rad: 0.05,
+            angle: 0.0,
+        },
     };
     let expected = sim_config.expected_keys();
     assert_eq!(expected.len(), 10_000);
     let mut sim = SerialSim::new(sim_config);
 
     // First half, then the adapter is unplugged.
-    let end = tokio::time::timeout(Duration::from_secs(180), sim.run(&mut adapter.master, |p| p.acked >= 3_000)).await?;
+    let end = tokio::time::timeout(
+        Duration::from_secs(180),
+        sim.run(&mut adapter.master, |p| p.acked >= 3_000),
+    )
+    .await?;
     assert!(matches!(end, SerialRunEnd::Stopped), "{end:?}");
     drop(adapter);
     let unplugged_at = sim.progress().acked;
     // Replug: a new tty behind the same stable path.
     let mut adapter = plug(&by_id)?;
-    let end = tokio::time::timeout(Duration::from_secs(300), sim.run(&mut adapter.master, |_| false))
-        .await
-        .context("the devices did not get every reading acknowledged within 300 s")?;
+    let end = tokio::time::timeout(
+        Duration::from_secs(300),
+        sim.run(&mut adapter.master, |_| false),
+    )
+    .await
+    .context("the devices did not get every reading acknowledged within 300 s")?;
     assert!(matches!(end, SerialRunEnd::Done), "{end:?}");
     let progress = sim.progress();
     println!(
         "serial: {} readings acknowledged ({} before the unplug), {} retransmission rounds, {} bytes sent",
         progress.acked, unplugged_at, progress.retransmissions, sim.bytes_sent
     );
-    assert!(progress.retransmissions > 0, "the faulty line must have cost retransmissions");
+    assert!(
+        progress.retransmissions > 0,
+        "the faulty line must have cost retransmissions"
+    );
 
     // Everything acknowledged is durable: stop the agent and read the outbox.
-    wait_for("the agent to count every reading", Duration::from_secs(30), || {
-        let stats = stats.clone();
-        async move { Ok((stats.valid.load(Relaxed) >= 10_000).then_some(())) }
-    })
+    wait_for(
+        "the agent to count every reading",
+        Duration::from_secs(30),
+        || {
+            let stats = stats.clone();
+            async move { Ok((stats.valid.load(Relaxed) >= 10_000).then_some(())) }
+        },
+    )
     .await?;
     let _ = stop_agent.send(());
     tokio::time::timeout(Duration::from_secs(30), agent)
@@ -120,14 +150,20 @@ interval_seconds = 0
         for record in batch.records {
             assert_eq!(record.topic, TopicId::Data, "no reading may be rejected");
             let v: serde_json::Value = serde_json::from_slice(&record.value)?;
-            stored.push((v["device_id"].as_str().unwrap_or_default().to_string(), v["seq"].as_u64().unwrap_or_default()));
+            stored.push((
+                v["device_id"].as_str().unwrap_or_default().to_string(),
+                v["seq"].as_u64().unwrap_or_default(),
+            ));
         }
     }
     let unique: BTreeSet<(String, u64)> = stored.iter().cloned().collect();
     assert_eq!(stored.len(), unique.len(), "a reading was stored twice");
     let missing: Vec<_> = expected.difference(&unique).take(5).collect();
     let extra: Vec<_> = unique.difference(&expected).take(5).collect();
-    assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}, unexpected {extra:?}");
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "missing {missing:?}, unexpected {extra:?}"
+    );
     assert_eq!(stats.rejected.load(Relaxed), 0);
     Ok(())
 }

@@ -14,7 +14,13 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 
-fn config(sfx: &str, data_dir: &std::path::Path, data: &str, dlq: &str, offsets: &str) -> anyhow::Result<edge_agent::Config> {
+fn config(
+    sfx: &str,
+    data_dir: &std::path::Path,
+    data: &str,
+    dlq: &str,
+    offsets: &str,
+) -> anyhow::Result<edge_agent::Config> {
     let toml = format!(
         r#"
 gateway_id = "gw-{sfx}"
@@ -40,17 +46,24 @@ interval_seconds = 0
 
 /// Runs the agent until `records` are committed to Kafka (at least), then
 /// stops it; returns its stats.
-async fn run_until_committed(config: edge_agent::Config, records: u64) -> anyhow::Result<Arc<edge_agent::Stats>> {
+async fn run_until_committed(
+    config: edge_agent::Config,
+    records: u64,
+) -> anyhow::Result<Arc<edge_agent::Stats>> {
     let stats = Arc::new(edge_agent::Stats::default());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let agent = tokio::spawn(edge_agent::run(config, stats.clone(), async {
         let _ = stopped.await;
     }));
     let s = stats.clone();
-    let waited = wait_for("records committed to Kafka", Duration::from_secs(120), || {
-        let s = s.clone();
-        async move { Ok((s.kafka_records_committed.load(Relaxed) >= records).then_some(())) }
-    })
+    let waited = wait_for(
+        "records committed to Kafka",
+        Duration::from_secs(120),
+        || {
+            let s = s.clone();
+            async move { Ok((s.kafka_records_committed.load(Relaxed) >= records).then_some(())) }
+        },
+    )
     .await;
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(60), agent)
@@ -64,7 +77,11 @@ async fn run_until_committed(config: edge_agent::Config, records: u64) -> anyhow
 async fn restarted_agent_resumes_after_its_marker_without_duplicates() -> anyhow::Result<()> {
     init_logging();
     let sfx = unique("restart");
-    let (data, dlq, offsets) = (format!("data-{sfx}"), format!("dlq-{sfx}"), format!("offsets-{sfx}"));
+    let (data, dlq, offsets) = (
+        format!("data-{sfx}"),
+        format!("dlq-{sfx}"),
+        format!("offsets-{sfx}"),
+    );
     create_topics(&[(&data, 2, false), (&dlq, 1, false), (&offsets, 1, true)]).await?;
     let result = scenario(&sfx, &data, &dlq, &offsets).await;
     delete_topics(&[&data, &dlq, &offsets]).await;
@@ -76,7 +93,13 @@ async fn scenario(sfx: &str, data: &str, dlq: &str, offsets: &str) -> anyhow::Re
     // Another gateway's transaction on the shared offsets topic, so our
     // marker is not the only (or last) record there.
     let other_dir = tempfile::tempdir()?;
-    let other = config(&format!("{sfx}-other"), other_dir.path(), data, dlq, offsets)?;
+    let other = config(
+        &format!("{sfx}-other"),
+        other_dir.path(),
+        data,
+        dlq,
+        offsets,
+    )?;
 
     let first = run_until_committed(config(sfx, dir.path(), data, dlq, offsets)?, 2_000).await?;
     let marker_1 = first.kafka_committed_batch.load(Relaxed);
@@ -85,7 +108,10 @@ async fn scenario(sfx: &str, data: &str, dlq: &str, offsets: &str) -> anyhow::Re
 
     let second = run_until_committed(config(sfx, dir.path(), data, dlq, offsets)?, 2_000).await?;
     let marker_2 = second.kafka_committed_batch.load(Relaxed);
-    assert!(marker_2 > marker_1, "the restarted agent went on after its marker: {marker_1} -> {marker_2}");
+    assert!(
+        marker_2 > marker_1,
+        "the restarted agent went on after its marker: {marker_1} -> {marker_2}"
+    );
 
     // Kafka holds every reading once (read_committed, both gateways).
     let consumer: BaseConsumer = ClientConfig::new()
@@ -100,11 +126,17 @@ async fn scenario(sfx: &str, data: &str, dlq: &str, offsets: &str) -> anyhow::Re
     let mut eof = BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while eof.len() < 2 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "did not read the data topic to its end");
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "did not read the data topic to its end"
+        );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
-                keys.push((v["device_id"].as_str().unwrap_or_default().to_string(), v["seq"].as_u64().unwrap_or_default()));
+                keys.push((
+                    v["device_id"].as_str().unwrap_or_default().to_string(),
+                    v["seq"].as_u64().unwrap_or_default(),
+                ));
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                 eof.insert(p);
@@ -114,11 +146,24 @@ async fn scenario(sfx: &str, data: &str, dlq: &str, offsets: &str) -> anyhow::Re
     }
     let unique: BTreeSet<_> = keys.iter().cloned().collect();
     assert_eq!(keys.len(), unique.len(), "duplicates in Kafka");
-    let committed: u64 = [&first, &other, &second].iter().map(|s| s.kafka_records_committed.load(Relaxed)).sum();
-    let rejected: u64 = [&first, &other, &second].iter().map(|s| s.rejected.load(Relaxed)).sum();
+    let committed: u64 = [&first, &other, &second]
+        .iter()
+        .map(|s| s.kafka_records_committed.load(Relaxed))
+        .sum();
+    let rejected: u64 = [&first, &other, &second]
+        .iter()
+        .map(|s| s.rejected.load(Relaxed))
+        .sum();
     // Committed records are the readings plus the dead letters; a session's
     // counters may miss a last transaction that committed while stopping.
-    assert!(keys.len() as u64 + rejected >= committed, "{} readings in Kafka, {committed} records committed", keys.len());
-    println!("restart: markers {marker_1} -> {marker_2}, {} readings in Kafka, all unique", keys.len());
+    assert!(
+        keys.len() as u64 + rejected >= committed,
+        "{} readings in Kafka, {committed} records committed",
+        keys.len()
+    );
+    println!(
+        "restart: markers {marker_1} -> {marker_2}, {} readings in Kafka, all unique",
+        keys.len()
+    );
     Ok(())
 }

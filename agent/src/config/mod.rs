@@ -492,7 +492,10 @@ impl Config {
         if !is_valid_id(&self.gateway_id) {
             return Err(invalid("gateway_id", &self.gateway_id, ID_RULE));
         }
-        if self.sources.mqtt.is_none() && self.sources.demo.is_none() && self.sources.serial.is_empty() {
+        if self.sources.mqtt.is_none()
+            && self.sources.demo.is_none()
+            && self.sources.serial.is_empty()
+        {
             return Err(invalid(
                 "sources",
                 "{}",
@@ -502,39 +505,79 @@ impl Config {
         let mut paths = std::collections::BTreeSet::new();
         for serial in &self.sources.serial {
             if serial.path.as_os_str().is_empty() {
-                return Err(invalid("sources.serial.path", &serial.path, "a device path such as /dev/ttyUSB0"));
+                return Err(invalid(
+                    "sources.serial.path",
+                    &serial.path,
+                    "a device path such as /dev/ttyUSB0",
+                ));
             }
             if !paths.insert(serial.path.clone()) {
-                return Err(invalid("sources.serial.path", &serial.path, "each port only once; please delete the duplicate"));
+                return Err(invalid(
+                    "sources.serial.path",
+                    &serial.path,
+                    "each port only once; please delete the duplicate",
+                ));
             }
             if !(300..=4_000_000).contains(&serial.baud_rate) {
-                return Err(invalid("sources.serial.baud_rate", serial.baud_rate, "300 to 4000000"));
+                return Err(invalid(
+                    "sources.serial.baud_rate",
+                    serial.baud_rate,
+                    "300 to 4000000",
+                ));
             }
             if !matches!(serial.stop_bits, 1 | 2) {
-                return Err(invalid("sources.serial.stop_bits", serial.stop_bits, "1 or 2"));
+                return Err(invalid(
+                    "sources.serial.stop_bits",
+                    serial.stop_bits,
+                    "1 or 2",
+                ));
             }
             if !matches!(serial.data_bits, 7 | 8) {
-                return Err(invalid("sources.serial.data_bits", serial.data_bits, "7 or 8 (frames are binary: use 8 unless the line forces 7)"));
+                return Err(invalid(
+                    "sources.serial.data_bits",
+                    serial.data_bits,
+                    "7 or 8 (frames are binary: use 8 unless the line forces 7)",
+                ));
             }
             if !(1..=3600).contains(&serial.reopen_backoff_max_seconds) {
-                return Err(invalid("sources.serial.reopen_backoff_max_seconds", serial.reopen_backoff_max_seconds, "1 to 3600"));
+                return Err(invalid(
+                    "sources.serial.reopen_backoff_max_seconds",
+                    serial.reopen_backoff_max_seconds,
+                    "1 to 3600",
+                ));
             }
             if !(10..=86_400_000).contains(&serial.sampling_interval_ms) {
-                return Err(invalid("sources.serial.sampling_interval_ms", serial.sampling_interval_ms, "10 to 86400000"));
+                return Err(invalid(
+                    "sources.serial.sampling_interval_ms",
+                    serial.sampling_interval_ms,
+                    "10 to 86400000",
+                ));
             }
         }
         if let Some(mqtt) = &self.sources.mqtt {
             if mqtt.host.trim().is_empty() {
-                return Err(invalid("sources.mqtt.host", &mqtt.host, "a host name or address"));
+                return Err(invalid(
+                    "sources.mqtt.host",
+                    &mqtt.host,
+                    "a host name or address",
+                ));
             }
             if mqtt.port == 0 {
                 return Err(invalid("sources.mqtt.port", mqtt.port, "1 to 65535"));
             }
             if mqtt.client_id.is_empty() || mqtt.client_id.len() > 128 {
-                return Err(invalid("sources.mqtt.client_id", &mqtt.client_id, "1 to 128 characters"));
+                return Err(invalid(
+                    "sources.mqtt.client_id",
+                    &mqtt.client_id,
+                    "1 to 128 characters",
+                ));
             }
             if mqtt.topics.is_empty() {
-                return Err(invalid("sources.mqtt.topics", &mqtt.topics, "at least one topic filter"));
+                return Err(invalid(
+                    "sources.mqtt.topics",
+                    &mqtt.topics,
+                    "at least one topic filter",
+                ));
             }
             for topic in &mqtt.topics {
                 if !valid_topic_filter(topic) {
@@ -546,23 +589,42 @@ impl Config {
                 }
             }
             if !mqtt.topic_prefix.is_empty() && !mqtt.topic_prefix.ends_with('/') {
-                return Err(invalid("sources.mqtt.topic_prefix", &mqtt.topic_prefix, "empty, or ending with '/'"));
+                return Err(invalid(
+                    "sources.mqtt.topic_prefix",
+                    &mqtt.topic_prefix,
+                    "empty, or ending with '/'",
+                ));
             }
             if !(5..=3600).contains(&mqtt.keep_alive_seconds) {
-                return Err(invalid("sources.mqtt.keep_alive_seconds", mqtt.keep_alive_seconds, "5 to 3600"));
+                return Err(invalid(
+                    "sources.mqtt.keep_alive_seconds",
+                    mqtt.keep_alive_seconds,
+                    "5 to 3600",
+                ));
             }
             if !(1024..=16 * 1024 * 1024).contains(&mqtt.max_packet_bytes) {
-                return Err(invalid("sources.mqtt.max_packet_bytes", mqtt.max_packet_bytes, "1024 to 16777216"));
+                return Err(invalid(
+                    "sources.mqtt.max_packet_bytes",
+                    mqtt.max_packet_bytes,
+                    "1024 to 16777216",
+                ));
             }
             if mqtt.max_packet_bytes < self.validation.max_payload_bytes {
                 return Err(invalid(
                     "sources.mqtt.max_packet_bytes",
                     mqtt.max_packet_bytes,
-                    format!("at least validation.max_payload_bytes ({})", self.validation.max_payload_bytes),
+                    format!(
+                        "at least validation.max_payload_bytes ({})",
+                        self.validation.max_payload_bytes
+                    ),
                 ));
             }
             if mqtt.password_file.is_some() && mqtt.username.is_none() {
-                return Err(invalid("sources.mqtt.username", "none", "set a username when password_file is given"));
+                return Err(invalid(
+                    "sources.mqtt.username",
+                    "none",
+                    "set a username when password_file is given",
+                ));
             }
             if let Some(tls) = &mqtt.tls
                 && tls.client_cert_file.is_some() != tls.client_key_file.is_some()
@@ -576,39 +638,74 @@ impl Config {
         }
         if let Some(demo) = &self.sources.demo {
             if !(1..=1_000_000).contains(&demo.devices) {
-                return Err(invalid("sources.demo.devices", demo.devices, "1 to 1000000"));
+                return Err(invalid(
+                    "sources.demo.devices",
+                    demo.devices,
+                    "1 to 1000000",
+                ));
             }
             if !(1..=10_000_000).contains(&demo.readings_per_second) {
-                return Err(invalid("sources.demo.readings_per_second", demo.readings_per_second, "1 to 10000000"));
+                return Err(invalid(
+                    "sources.demo.readings_per_second",
+                    demo.readings_per_second,
+                    "1 to 10000000",
+                ));
             }
             if !(0.0..=1.0).contains(&demo.invalid_fraction) {
-                return Err(invalid("sources.demo.invalid_fraction", demo.invalid_fraction, "0.0 to 1.0"));
+                return Err(invalid(
+                    "sources.demo.invalid_fraction",
+                    demo.invalid_fraction,
+                    "0.0 to 1.0",
+                ));
             }
         }
         let v = &self.validation;
         if !(256..=1024 * 1024).contains(&v.max_payload_bytes) {
-            return Err(invalid("validation.max_payload_bytes", v.max_payload_bytes, "256 to 1048576"));
+            return Err(invalid(
+                "validation.max_payload_bytes",
+                v.max_payload_bytes,
+                "256 to 1048576",
+            ));
         }
         let o = &self.outbox;
         if !(1..=100_000).contains(&o.batch_max_records) {
-            return Err(invalid("outbox.batch_max_records", o.batch_max_records, "1 to 100000"));
+            return Err(invalid(
+                "outbox.batch_max_records",
+                o.batch_max_records,
+                "1 to 100000",
+            ));
         }
         if !(4096..=64 * 1024 * 1024).contains(&o.batch_max_bytes) {
-            return Err(invalid("outbox.batch_max_bytes", o.batch_max_bytes, "4096 to 67108864"));
+            return Err(invalid(
+                "outbox.batch_max_bytes",
+                o.batch_max_bytes,
+                "4096 to 67108864",
+            ));
         }
         if o.batch_linger_ms > 1000 {
-            return Err(invalid("outbox.batch_linger_ms", o.batch_linger_ms, "0 to 1000"));
+            return Err(invalid(
+                "outbox.batch_linger_ms",
+                o.batch_linger_ms,
+                "0 to 1000",
+            ));
         }
         if o.max_size_bytes < 4 * o.batch_max_bytes as u64 {
             return Err(invalid(
                 "outbox.max_size_bytes",
                 o.max_size_bytes,
-                format!("at least 4 x outbox.batch_max_bytes ({})", 4 * o.batch_max_bytes),
+                format!(
+                    "at least 4 x outbox.batch_max_bytes ({})",
+                    4 * o.batch_max_bytes
+                ),
             ));
         }
         let k = &self.kafka;
         if k.brokers.trim().is_empty() {
-            return Err(invalid("kafka.brokers", &k.brokers, "comma-separated host:port list"));
+            return Err(invalid(
+                "kafka.brokers",
+                &k.brokers,
+                "comma-separated host:port list",
+            ));
         }
         for (key, topic) in [
             ("kafka.topic_data", &k.topic_data),
@@ -616,23 +713,43 @@ impl Config {
             ("kafka.topic_offsets", &k.topic_offsets),
         ] {
             if !valid_kafka_topic(topic) {
-                return Err(invalid(key, topic, "1 to 249 characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
+                return Err(invalid(
+                    key,
+                    topic,
+                    "1 to 249 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+                ));
             }
         }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&k.compression.as_str()) {
-            return Err(invalid("kafka.compression", &k.compression, "one of none, gzip, snappy, lz4, zstd"));
+            return Err(invalid(
+                "kafka.compression",
+                &k.compression,
+                "one of none, gzip, snappy, lz4, zstd",
+            ));
         }
         if k.linger_ms > 1000 {
             return Err(invalid("kafka.linger_ms", k.linger_ms, "0 to 1000"));
         }
         if !(1..=10_000).contains(&k.max_batches_per_transaction) {
-            return Err(invalid("kafka.max_batches_per_transaction", k.max_batches_per_transaction, "1 to 10000"));
+            return Err(invalid(
+                "kafka.max_batches_per_transaction",
+                k.max_batches_per_transaction,
+                "1 to 10000",
+            ));
         }
         if !(10..=900).contains(&k.transaction_timeout_seconds) {
-            return Err(invalid("kafka.transaction_timeout_seconds", k.transaction_timeout_seconds, "10 to 900"));
+            return Err(invalid(
+                "kafka.transaction_timeout_seconds",
+                k.transaction_timeout_seconds,
+                "10 to 900",
+            ));
         }
         if !(1..=3600).contains(&k.retry_backoff_max_seconds) {
-            return Err(invalid("kafka.retry_backoff_max_seconds", k.retry_backoff_max_seconds, "1 to 3600"));
+            return Err(invalid(
+                "kafka.retry_backoff_max_seconds",
+                k.retry_backoff_max_seconds,
+                "1 to 3600",
+            ));
         }
         for key in k.librdkafka_options.keys() {
             if key == "sasl.password" {
@@ -654,7 +771,11 @@ impl Config {
             }
         }
         if self.progress.interval_seconds > 3600 {
-            return Err(invalid("progress.interval_seconds", self.progress.interval_seconds, "0 to 3600"));
+            return Err(invalid(
+                "progress.interval_seconds",
+                self.progress.interval_seconds,
+                "0 to 3600",
+            ));
         }
         Ok(())
     }

@@ -8,7 +8,9 @@ brokers = "127.0.0.1:9092"
 "#;
 
 fn error_of(text: &str) -> String {
-    Config::from_toml(text, "test.toml").unwrap_err().to_string()
+    Config::from_toml(text, "test.toml")
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -61,8 +63,14 @@ fn bad_values_name_key_value_and_allowed() {
         "invalid config: `gateway_id` = \"gw 1/x\": 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
     );
     let err = error_of(&format!("{MINIMAL}\n[outbox]\nbatch_max_records = 0\n"));
-    assert_eq!(err, "invalid config: `outbox.batch_max_records` = 0: 1 to 100000");
-    let err = error_of(&MINIMAL.replace("brokers = \"127.0.0.1:9092\"", "brokers = \"x\"\ncompression = \"brotli\""));
+    assert_eq!(
+        err,
+        "invalid config: `outbox.batch_max_records` = 0: 1 to 100000"
+    );
+    let err = error_of(&MINIMAL.replace(
+        "brokers = \"127.0.0.1:9092\"",
+        "brokers = \"x\"\ncompression = \"brotli\"",
+    ));
     assert_eq!(
         err,
         "invalid config: `kafka.compression` = \"brotli\": one of none, gzip, snappy, lz4, zstd"
@@ -71,21 +79,31 @@ fn bad_values_name_key_value_and_allowed() {
 
 #[test]
 fn wrong_type_is_reported_by_key() {
-    let err = error_of(&format!("{MINIMAL}\n[validation]\nmax_payload_bytes = \"4k\"\n"));
+    let err = error_of(&format!(
+        "{MINIMAL}\n[validation]\nmax_payload_bytes = \"4k\"\n"
+    ));
     assert!(err.contains("max_payload_bytes"), "{err}");
 }
 
 #[test]
 fn a_source_is_required() {
     let err = error_of("gateway_id = \"g\"\n[kafka]\nbrokers = \"b:1\"\n");
-    assert!(err.contains("configure at least one of [sources.mqtt], [sources.demo] or [[sources.serial]]"), "{err}");
+    assert!(
+        err.contains(
+            "configure at least one of [sources.mqtt], [sources.demo] or [[sources.serial]]"
+        ),
+        "{err}"
+    );
 }
 
 #[test]
 fn reserved_librdkafka_options_are_refused() {
     let text = format!("{MINIMAL}\n[kafka.librdkafka_options]\n\"transactional.id\" = \"x\"\n");
     let err = error_of(&text);
-    assert!(err.contains("`kafka.librdkafka_options` = \"transactional.id\""), "{err}");
+    assert!(
+        err.contains("`kafka.librdkafka_options` = \"transactional.id\""),
+        "{err}"
+    );
     assert!(err.contains("please delete it"), "{err}");
 }
 
@@ -96,7 +114,10 @@ fn mqtt_topic_filters_are_checked() {
         "[sources.mqtt]\nhost = \"h\"\nclient_id = \"c\"\ntopics = [\"devices/#/x\"]",
     );
     let err = error_of(&text);
-    assert!(err.starts_with("invalid config: `sources.mqtt.topics` = \"devices/#/x\""), "{err}");
+    assert!(
+        err.starts_with("invalid config: `sources.mqtt.topics` = \"devices/#/x\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -114,15 +135,28 @@ fn serial_ports_are_checked() {
     let c = Config::from_toml(&ok, "t").unwrap();
     assert_eq!(c.sources.serial[0].baud_rate, 115_200);
     assert_eq!(c.sources.serial[0].parity, Parity::Even);
-    let bad = MINIMAL.replace("[sources.demo]", "[[sources.serial]]\npath = \"/dev/ttyS0\"\nstop_bits = 3");
-    assert_eq!(error_of(&bad), "invalid config: `sources.serial.stop_bits` = 3: 1 or 2");
+    let bad = MINIMAL.replace(
+        "[sources.demo]",
+        "[[sources.serial]]\npath = \"/dev/ttyS0\"\nstop_bits = 3",
+    );
+    assert_eq!(
+        error_of(&bad),
+        "invalid config: `sources.serial.stop_bits` = 3: 1 or 2"
+    );
     let twice = MINIMAL.replace(
         "[sources.demo]",
         "[[sources.serial]]\npath = \"/dev/ttyS0\"\n[[sources.serial]]\npath = \"/dev/ttyS0\"",
     );
     assert!(error_of(&twice).contains("each port only once"));
-    let parity = MINIMAL.replace("[sources.demo]", "[[sources.serial]]\npath = \"/dev/ttyS0\"\nparity = \"mark\"");
-    assert!(error_of(&parity).contains("unknown variant `mark`"), "{}", error_of(&parity));
+    let parity = MINIMAL.replace(
+        "[sources.demo]",
+        "[[sources.serial]]\npath = \"/dev/ttyS0\"\nparity = \"mark\"",
+    );
+    assert!(
+        error_of(&parity).contains("unknown variant `mark`"),
+        "{}",
+        error_of(&parity)
+    );
 }
 
 #[test]
@@ -130,5 +164,8 @@ fn kafka_password_must_come_from_a_file() {
     let text = format!("{MINIMAL}\n[kafka.librdkafka_options]\n\"sasl.password\" = \"hunter2\"\n");
     let err = error_of(&text);
     assert!(err.contains("kafka.sasl_password_file"), "{err}");
-    assert!(!err.contains("hunter2"), "the secret must not be echoed: {err}");
+    assert!(
+        !err.contains("hunter2"),
+        "the secret must not be echoed: {err}"
+    );
 }

@@ -55,7 +55,9 @@ pub enum OutboxError {
         #[source]
         source: rusqlite::Error,
     },
-    #[error("outbox database was written by a newer edge-agent (schema {found}, this build knows {SCHEMA_VERSION}); upgrade edge-agent or move the data folder aside")]
+    #[error(
+        "outbox database was written by a newer edge-agent (schema {found}, this build knows {SCHEMA_VERSION}); upgrade edge-agent or move the data folder aside"
+    )]
     NewerSchema { found: i64 },
     #[error("outbox SQLite error: {0}")]
     Sqlite(#[from] rusqlite::Error),
@@ -140,24 +142,37 @@ pub fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, Outbox
         source,
     };
     let conn = Connection::open(path).map_err(open_err)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(open_err)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(open_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(open_err)?;
     let sync = match sync {
         SyncMode::Full => "FULL",
         SyncMode::Normal => "NORMAL",
     };
-    conn.pragma_update(None, "synchronous", sync).map_err(open_err)?;
+    conn.pragma_update(None, "synchronous", sync)
+        .map_err(open_err)?;
     // Checkpoint in large sequential chunks: gentler on SD cards.
-    conn.pragma_update(None, "wal_autocheckpoint", 4000).map_err(open_err)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 4000)
+        .map_err(open_err)?;
     Ok(conn)
 }
 
 impl Outbox {
-    pub fn open(path: &Path, sync: SyncMode, gateway_id: &str, quarantine_max_rows: u64) -> Result<Self, OutboxError> {
+    pub fn open(
+        path: &Path,
+        sync: SyncMode,
+        gateway_id: &str,
+        quarantine_max_rows: u64,
+    ) -> Result<Self, OutboxError> {
         let conn = open_connection(path, sync)?;
         conn.execute_batch(SCHEMA)?;
         let version: Option<i64> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'schema_version'",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         match version {
             Some(v) if v > SCHEMA_VERSION => return Err(OutboxError::NewerSchema { found: v }),
@@ -192,7 +207,11 @@ impl Outbox {
     }
 
     /// Writes one batch atomically: records to send, dedupe marks, rejects.
-    pub fn write_batch(&mut self, items: &[Item], now_ms: i64) -> Result<BatchOutcome, OutboxError> {
+    pub fn write_batch(
+        &mut self,
+        items: &[Item],
+        now_ms: i64,
+    ) -> Result<BatchOutcome, OutboxError> {
         let mut outcome = BatchOutcome::default();
         let mut body = Vec::with_capacity(items.len() * 300);
         let mut records = 0i64;
@@ -223,7 +242,12 @@ impl Outbox {
                             received_at: now_ms,
                         })
                         .expect("serializing a validated reading to JSON cannot fail");
-                        encode_record(&mut body, TopicId::Data, reading.device_id.as_bytes(), &value);
+                        encode_record(
+                            &mut body,
+                            TopicId::Data,
+                            reading.device_id.as_bytes(),
+                            &value,
+                        );
                         records += 1;
                         outcome.valid += 1;
                     }
@@ -245,7 +269,12 @@ impl Outbox {
                             payload_bytes: input.payload.len(),
                         })
                         .expect("serializing a dead letter to JSON cannot fail");
-                        encode_record(&mut body, TopicId::DeadLetter, input.topic.as_bytes(), &value);
+                        encode_record(
+                            &mut body,
+                            TopicId::DeadLetter,
+                            input.topic.as_bytes(),
+                            &value,
+                        );
                         records += 1;
                         quarantine.execute(params![
                             now_ms,
@@ -306,17 +335,26 @@ impl Outbox {
     /// Deletes the oldest batches until at most `keep_bytes` remain, and
     /// adds what was dropped to the durable `dropped_records` counter.
     pub fn drop_oldest(&mut self, keep_bytes: u64) -> Result<Dropped, OutboxError> {
-        let tx = rusqlite::Transaction::new_unchecked(&self.conn, rusqlite::TransactionBehavior::Immediate)?;
-        let total: i64 = tx.query_row("SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch", [], |r| r.get(0))?;
+        let tx = rusqlite::Transaction::new_unchecked(
+            &self.conn,
+            rusqlite::TransactionBehavior::Immediate,
+        )?;
+        let total: i64 = tx.query_row(
+            "SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch",
+            [],
+            |r| r.get(0),
+        )?;
         let mut excess = (total as u64).saturating_sub(keep_bytes);
         let mut dropped = Dropped::default();
         let mut upto = None;
         {
-            let mut stmt = tx.prepare("SELECT batch_seq, records, bytes FROM outbox_batch ORDER BY batch_seq")?;
+            let mut stmt = tx
+                .prepare("SELECT batch_seq, records, bytes FROM outbox_batch ORDER BY batch_seq")?;
             let mut rows = stmt.query([])?;
             while excess > 0 {
                 let Some(row) = rows.next()? else { break };
-                let (seq, records, bytes): (i64, i64, i64) = (row.get(0)?, row.get(1)?, row.get(2)?);
+                let (seq, records, bytes): (i64, i64, i64) =
+                    (row.get(0)?, row.get(1)?, row.get(2)?);
                 dropped.batches += 1;
                 dropped.records += records as u64;
                 dropped.bytes += bytes as u64;
@@ -325,7 +363,10 @@ impl Outbox {
             }
         }
         if let Some(upto) = upto {
-            tx.execute("DELETE FROM outbox_batch WHERE batch_seq <= ?1", params![upto])?;
+            tx.execute(
+                "DELETE FROM outbox_batch WHERE batch_seq <= ?1",
+                params![upto],
+            )?;
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('dropped_records', ?1) \
                  ON CONFLICT(key) DO UPDATE SET value = value + excluded.value",
@@ -340,7 +381,11 @@ impl Outbox {
 /// Readings deleted by the drop-oldest policy, since the database exists.
 pub fn dropped_records(conn: &Connection) -> Result<u64, OutboxError> {
     Ok(conn
-        .query_row("SELECT value FROM meta WHERE key = 'dropped_records'", [], |r| r.get::<_, i64>(0))
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'dropped_records'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
         .optional()?
         .unwrap_or(0) as u64)
 }
@@ -348,7 +393,9 @@ pub fn dropped_records(conn: &Connection) -> Result<u64, OutboxError> {
 /// Rejections counted per reason, as stored.
 pub fn reject_counts(conn: &Connection) -> Result<Vec<(String, u64)>, OutboxError> {
     let mut stmt = conn.prepare("SELECT reason, count FROM reject_count ORDER BY reason")?;
-    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+    })?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -363,7 +410,12 @@ pub fn backlog(conn: &Connection) -> Result<(u64, u64), OutboxError> {
 
 /// Reads batches after `after`, at most `max_batches` and about `max_bytes`
 /// (always at least one batch).
-pub fn load_batches(conn: &Connection, after: i64, max_batches: usize, max_bytes: u64) -> Result<Vec<StoredBatch>, OutboxError> {
+pub fn load_batches(
+    conn: &Connection,
+    after: i64,
+    max_batches: usize,
+    max_bytes: u64,
+) -> Result<Vec<StoredBatch>, OutboxError> {
     let mut stmt = conn.prepare_cached(
         "SELECT batch_seq, bytes, body FROM outbox_batch WHERE batch_seq > ?1 ORDER BY batch_seq LIMIT ?2",
     )?;
@@ -377,9 +429,14 @@ pub fn load_batches(conn: &Connection, after: i64, max_batches: usize, max_bytes
             break;
         }
         let body: Vec<u8> = row.get(2)?;
-        let records = decode_body(&body).map_err(|what| OutboxError::Corrupt { batch_seq, what })?;
+        let records =
+            decode_body(&body).map_err(|what| OutboxError::Corrupt { batch_seq, what })?;
         total += bytes;
-        out.push(StoredBatch { batch_seq, bytes, records });
+        out.push(StoredBatch {
+            batch_seq,
+            bytes,
+            records,
+        });
     }
     Ok(out)
 }
@@ -389,7 +446,10 @@ pub fn load_batches(conn: &Connection, after: i64, max_batches: usize, max_bytes
 /// SQLITE_BUSY in WAL mode when the batch writer holds the lock (the busy
 /// timeout never applies to such an upgrade); an immediate one waits.
 fn write_transaction(conn: &Connection) -> Result<rusqlite::Transaction<'_>, OutboxError> {
-    Ok(rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?)
+    Ok(rusqlite::Transaction::new_unchecked(
+        conn,
+        rusqlite::TransactionBehavior::Immediate,
+    )?)
 }
 
 /// Deletes batches up to and including `upto` (committed to Kafka); returns
@@ -401,7 +461,10 @@ pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
         params![upto],
         |r| r.get(0),
     )?;
-    tx.execute("DELETE FROM outbox_batch WHERE batch_seq <= ?1", params![upto])?;
+    tx.execute(
+        "DELETE FROM outbox_batch WHERE batch_seq <= ?1",
+        params![upto],
+    )?;
     tx.commit()?;
     Ok(freed as u64)
 }
@@ -413,7 +476,10 @@ pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
 /// order), and new batches are numbered after them. Without this, batches
 /// written since start would be taken for sent and trimmed. Returns how many
 /// batches were renumbered, or `None` when nothing was needed.
-pub fn ensure_sequence_after(conn: &Connection, committed: i64) -> Result<Option<u64>, OutboxError> {
+pub fn ensure_sequence_after(
+    conn: &Connection,
+    committed: i64,
+) -> Result<Option<u64>, OutboxError> {
     let tx = write_transaction(conn)?;
     let current: i64 = tx
         .query_row(

@@ -10,7 +10,15 @@ fn reading(device: &str, seq: u64) -> Item {
         "temperature": 20.0, "humidity": 50.0, "battery": 90.0,
         "lat": 1.0, "lon": 2.0, "speed": 0.0
     });
-    Item::Reading(decode_reading(json.to_string().as_bytes(), None, NOW, &ValidationConfig::default()).unwrap())
+    Item::Reading(
+        decode_reading(
+            json.to_string().as_bytes(),
+            None,
+            NOW,
+            &ValidationConfig::default(),
+        )
+        .unwrap(),
+    )
 }
 
 fn rejected(payload: &[u8]) -> Item {
@@ -48,7 +56,10 @@ fn batch_is_written_and_read_back() {
     let dlq: serde_json::Value = serde_json::from_slice(&records[2].value).unwrap();
     assert_eq!(dlq["reason"], "malformed_json");
     assert_eq!(dlq["payload"], "{oops");
-    assert_eq!(reject_counts(&outbox.conn).unwrap(), vec![("malformed_json".to_string(), 1)]);
+    assert_eq!(
+        reject_counts(&outbox.conn).unwrap(),
+        vec![("malformed_json".to_string(), 1)]
+    );
 }
 
 #[test]
@@ -56,12 +67,16 @@ fn duplicates_are_dropped_within_and_across_batches_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     {
         let mut outbox = open(&dir);
-        let out = outbox.write_batch(&[reading("a", 1), reading("a", 2), reading("a", 2)], NOW).unwrap();
+        let out = outbox
+            .write_batch(&[reading("a", 1), reading("a", 2), reading("a", 2)], NOW)
+            .unwrap();
         assert_eq!((out.valid, out.duplicates), (2, 1));
     }
     let mut outbox = open(&dir);
     assert_eq!(outbox.known_devices(), 1);
-    let out = outbox.write_batch(&[reading("a", 2), reading("a", 1), reading("a", 3)], NOW).unwrap();
+    let out = outbox
+        .write_batch(&[reading("a", 2), reading("a", 1), reading("a", 3)], NOW)
+        .unwrap();
     assert_eq!((out.valid, out.duplicates), (1, 2));
     // A batch of only duplicates writes no outbox batch.
     let out = outbox.write_batch(&[reading("a", 3)], NOW).unwrap();
@@ -73,18 +88,28 @@ fn quarantine_is_bounded_but_counts_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
     for i in 0..5 {
-        outbox.write_batch(&[rejected(format!("bad{i}").as_bytes())], NOW).unwrap();
+        outbox
+            .write_batch(&[rejected(format!("bad{i}").as_bytes())], NOW)
+            .unwrap();
     }
-    let rows: i64 = outbox.conn.query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0)).unwrap();
+    let rows: i64 = outbox
+        .conn
+        .query_row("SELECT COUNT(*) FROM quarantine", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(rows, 3);
-    assert_eq!(reject_counts(&outbox.conn).unwrap(), vec![("malformed_json".to_string(), 5)]);
+    assert_eq!(
+        reject_counts(&outbox.conn).unwrap(),
+        vec![("malformed_json".to_string(), 5)]
+    );
 }
 
 #[test]
 fn non_utf8_payload_goes_out_as_hex() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
-    outbox.write_batch(&[rejected(&[0xff, 0x00, 0x10])], NOW).unwrap();
+    outbox
+        .write_batch(&[rejected(&[0xff, 0x00, 0x10])], NOW)
+        .unwrap();
     let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
     let dlq: serde_json::Value = serde_json::from_slice(&batches[0].records[0].value).unwrap();
     assert_eq!(dlq["payload_hex"], "ff0010");
@@ -101,15 +126,27 @@ fn trim_and_sequence_never_reuse_numbers() {
     assert!(freed > 0);
     assert_eq!(backlog(&outbox.conn).unwrap(), (0, 0));
     let out = outbox.write_batch(&[reading("a", 3)], NOW).unwrap();
-    assert_eq!(out.batch_seq, Some(3), "an emptied outbox must not restart at 1");
+    assert_eq!(
+        out.batch_seq,
+        Some(3),
+        "an emptied outbox must not restart at 1"
+    );
     // Kafka remembers more than this database: batch 3 (unsent) moves
     // above the marker, new batches follow it.
     assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(1));
     assert_eq!(ensure_sequence_after(&outbox.conn, 50).unwrap(), None);
     let out = outbox.write_batch(&[reading("a", 4)], NOW).unwrap();
     assert_eq!(out.batch_seq, Some(104));
-    let seqs: Vec<i64> = load_batches(&outbox.conn, 100, 10, u64::MAX).unwrap().iter().map(|b| b.batch_seq).collect();
-    assert_eq!(seqs, vec![103, 104], "nothing written before the marker was known is lost");
+    let seqs: Vec<i64> = load_batches(&outbox.conn, 100, 10, u64::MAX)
+        .unwrap()
+        .iter()
+        .map(|b| b.batch_seq)
+        .collect();
+    assert_eq!(
+        seqs,
+        vec![103, 104],
+        "nothing written before the marker was known is lost"
+    );
 }
 
 #[test]
@@ -132,7 +169,10 @@ fn batches_written_before_the_marker_was_read_survive_a_lost_data_folder() {
     assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(2));
     trim(&outbox.conn, 100).unwrap();
     let batches = load_batches(&outbox.conn, 100, 10, u64::MAX).unwrap();
-    let keys: Vec<&[u8]> = batches.iter().map(|b| b.records[0].key.as_slice()).collect();
+    let keys: Vec<&[u8]> = batches
+        .iter()
+        .map(|b| b.records[0].key.as_slice())
+        .collect();
     assert_eq!(keys, vec![b"a".as_slice(), b"b".as_slice()]);
 }
 
@@ -164,7 +204,10 @@ fn load_respects_byte_budget_but_returns_at_least_one() {
         outbox.write_batch(&[reading("a", seq)], NOW).unwrap();
     }
     assert_eq!(load_batches(&outbox.conn, 0, 10, 1).unwrap().len(), 1);
-    assert_eq!(load_batches(&outbox.conn, 1, 10, u64::MAX).unwrap().len(), 2);
+    assert_eq!(
+        load_batches(&outbox.conn, 1, 10, u64::MAX).unwrap().len(),
+        2
+    );
     assert_eq!(load_batches(&outbox.conn, 0, 2, u64::MAX).unwrap().len(), 2);
 }
 
@@ -175,7 +218,14 @@ fn corrupt_body_is_an_error_not_a_panic() {
     assert_eq!(decode_body(&[]).unwrap(), vec![]);
     let mut body = Vec::new();
     encode_record(&mut body, TopicId::Data, b"k", b"v");
-    assert_eq!(decode_body(&body).unwrap(), vec![OutRecord { topic: TopicId::Data, key: b"k".to_vec(), value: b"v".to_vec() }]);
+    assert_eq!(
+        decode_body(&body).unwrap(),
+        vec![OutRecord {
+            topic: TopicId::Data,
+            key: b"k".to_vec(),
+            value: b"v".to_vec()
+        }]
+    );
 }
 
 #[test]
@@ -183,9 +233,15 @@ fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     drop(open(&dir));
     let conn = Connection::open(dir.path().join("o.db")).unwrap();
-    conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema_version'", []).unwrap();
+    conn.execute(
+        "UPDATE meta SET value = 99 WHERE key = 'schema_version'",
+        [],
+    )
+    .unwrap();
     drop(conn);
-    let err = Outbox::open(&dir.path().join("o.db"), SyncMode::Full, "gw-1", 3).err().unwrap();
+    let err = Outbox::open(&dir.path().join("o.db"), SyncMode::Full, "gw-1", 3)
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("schema 99"), "{err}");
 }
 
@@ -195,13 +251,31 @@ fn drop_oldest_deletes_the_oldest_batches_and_counts_them() {
     let mut outbox = open(&dir);
     let mut sizes = Vec::new();
     for seq in 1..=5 {
-        sizes.push(outbox.write_batch(&[reading("a", seq), reading("b", seq)], NOW).unwrap().bytes);
+        sizes.push(
+            outbox
+                .write_batch(&[reading("a", seq), reading("b", seq)], NOW)
+                .unwrap()
+                .bytes,
+        );
     }
     let total: u64 = sizes.iter().sum();
     // Keep room for about two batches: the three oldest go.
-    let dropped = outbox.drop_oldest(total - sizes[0] - sizes[1] - sizes[2]).unwrap();
-    assert_eq!(dropped, Dropped { batches: 3, records: 6, bytes: sizes[0] + sizes[1] + sizes[2] });
-    let left: Vec<i64> = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap().iter().map(|b| b.batch_seq).collect();
+    let dropped = outbox
+        .drop_oldest(total - sizes[0] - sizes[1] - sizes[2])
+        .unwrap();
+    assert_eq!(
+        dropped,
+        Dropped {
+            batches: 3,
+            records: 6,
+            bytes: sizes[0] + sizes[1] + sizes[2]
+        }
+    );
+    let left: Vec<i64> = load_batches(&outbox.conn, 0, 10, u64::MAX)
+        .unwrap()
+        .iter()
+        .map(|b| b.batch_seq)
+        .collect();
     assert_eq!(left, vec![4, 5]);
     assert_eq!(dropped_records(&outbox.conn).unwrap(), 6);
     assert_eq!(outbox.drop_oldest(u64::MAX).unwrap(), Dropped::default());

@@ -108,12 +108,18 @@ impl KafkaUplink {
             self.stats.set_uplink(UplinkState::Connecting);
             match self.session() {
                 Ok(()) => break,
-                Err(e @ (UplinkError::Fenced { .. } | UplinkError::Outbox(OutboxError::Corrupt { .. } | OutboxError::NewerSchema { .. }))) => {
-                    self.stats.set_uplink(if matches!(e, UplinkError::Fenced { .. }) {
-                        UplinkState::Fenced
-                    } else {
-                        UplinkState::Down(e.to_string())
-                    });
+                Err(
+                    e @ (UplinkError::Fenced { .. }
+                    | UplinkError::Outbox(
+                        OutboxError::Corrupt { .. } | OutboxError::NewerSchema { .. },
+                    )),
+                ) => {
+                    self.stats
+                        .set_uplink(if matches!(e, UplinkError::Fenced { .. }) {
+                            UplinkState::Fenced
+                        } else {
+                            UplinkState::Down(e.to_string())
+                        });
                     return Err(e);
                 }
                 Err(e) => {
@@ -165,9 +171,15 @@ impl KafkaUplink {
             .set("enable.idempotence", "true")
             .set("compression.type", &k.compression)
             .set("linger.ms", k.linger_ms.to_string())
-            .set("transaction.timeout.ms", (k.transaction_timeout_seconds * 1000).to_string())
+            .set(
+                "transaction.timeout.ms",
+                (k.transaction_timeout_seconds * 1000).to_string(),
+            )
             // Deliveries must settle well inside the transaction timeout.
-            .set("message.timeout.ms", (k.transaction_timeout_seconds * 1000 / 2).to_string())
+            .set(
+                "message.timeout.ms",
+                (k.transaction_timeout_seconds * 1000 / 2).to_string(),
+            )
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "262144")
             .create()
@@ -194,16 +206,25 @@ impl KafkaUplink {
                 return Ok(());
             }
             let seen = self.signals.new_batch.current();
-            let batches = outbox::load_batches(&self.conn, committed, k.max_batches_per_transaction, MAX_TRANSACTION_BYTES)?;
+            let batches = outbox::load_batches(
+                &self.conn,
+                committed,
+                k.max_batches_per_transaction,
+                MAX_TRANSACTION_BYTES,
+            )?;
             let Some(last) = batches.last().map(|b| b.batch_seq) else {
-                self.signals.new_batch.wait_past(seen, Duration::from_millis(250));
+                self.signals
+                    .new_batch
+                    .wait_past(seen, Duration::from_millis(250));
                 continue;
             };
             let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
             self.send_transaction(&producer, &batches, last)?;
             committed = last;
             self.stats.kafka_committed_batch.store(committed, Relaxed);
-            self.stats.kafka_records_committed.fetch_add(records, Relaxed);
+            self.stats
+                .kafka_records_committed
+                .fetch_add(records, Relaxed);
             self.stats.kafka_transactions.fetch_add(1, Relaxed);
             self.trim(committed)?;
         }
@@ -233,7 +254,12 @@ impl KafkaUplink {
                         TopicId::Data => &k.topic_data,
                         TopicId::DeadLetter => &k.topic_dlq,
                     };
-                    send(producer, BaseRecord::to(topic).key(r.key.as_slice()).payload(r.value.as_slice()))?;
+                    send(
+                        producer,
+                        BaseRecord::to(topic)
+                            .key(r.key.as_slice())
+                            .payload(r.value.as_slice()),
+                    )?;
                 }
             }
             send(
@@ -290,9 +316,15 @@ impl KafkaUplink {
         admin
             .inner()
             .fetch_metadata(None, Duration::from_secs(5))
-            .map_err(self.kafka_err("cannot reach any broker (check kafka.brokers and the network)"))?;
-        let topic = NewTopic::new(&self.config.kafka.topic_offsets, 1, TopicReplication::Fixed(-1))
-            .set("cleanup.policy", "compact");
+            .map_err(
+                self.kafka_err("cannot reach any broker (check kafka.brokers and the network)"),
+            )?;
+        let topic = NewTopic::new(
+            &self.config.kafka.topic_offsets,
+            1,
+            TopicReplication::Fixed(-1),
+        )
+        .set("cleanup.policy", "compact");
         // Bounded: an unreachable broker must surface as "down" quickly.
         let opts = AdminOptions::new()
             .request_timeout(Some(Duration::from_secs(10)))
@@ -303,12 +335,16 @@ impl KafkaUplink {
             .map_err(self.kafka_err("creating the offsets topic"))?;
         for r in results {
             match r {
-                Ok(_) => info!(topic = %self.config.kafka.topic_offsets, "created the compacted offsets topic"),
+                Ok(_) => {
+                    info!(topic = %self.config.kafka.topic_offsets, "created the compacted offsets topic")
+                }
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((name, code)) => {
                     return Err(UplinkError::Marker {
                         topic: name,
-                        what: format!("cannot create it ({code}); create it as a compacted topic or grant CreateTopics"),
+                        what: format!(
+                            "cannot create it ({code}); create it as a compacted topic or grant CreateTopics"
+                        ),
                     });
                 }
             }
@@ -321,7 +357,10 @@ impl KafkaUplink {
         let topic = self.config.kafka.topic_offsets.clone();
         let consumer: BaseConsumer<QuietEof> = self
             .base_client_config()
-            .set("group.id", format!("edge-agent-marker-{}", self.config.gateway_id))
+            .set(
+                "group.id",
+                format!("edge-agent-marker-{}", self.config.gateway_id),
+            )
             .set("enable.auto.commit", "false")
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
@@ -360,8 +399,13 @@ impl KafkaUplink {
                 .map_err(self.kafka_err("fetching offsets topic watermarks"))?;
             targets.insert(*p, high);
         }
-        consumer.assign(&tpl).map_err(self.kafka_err("assigning offsets partitions"))?;
-        let mut pending: HashSet<i32> = partitions.into_iter().filter(|p| targets.get(p).is_some_and(|h| *h > 0)).collect();
+        consumer
+            .assign(&tpl)
+            .map_err(self.kafka_err("assigning offsets partitions"))?;
+        let mut pending: HashSet<i32> = partitions
+            .into_iter()
+            .filter(|p| targets.get(p).is_some_and(|h| *h > 0))
+            .collect();
         let mut marker = 0i64;
         let wait = Duration::from_secs(self.config.kafka.transaction_timeout_seconds + 30);
         let deadline = Instant::now() + wait;
@@ -369,12 +413,15 @@ impl KafkaUplink {
             if Instant::now() > deadline || self.stopping() {
                 return Err(UplinkError::Marker {
                     topic,
-                    what: format!("did not reach the end of the topic within {wait:?} (a transaction left open?)"),
+                    what: format!(
+                        "did not reach the end of the topic within {wait:?} (a transaction left open?)"
+                    ),
                 });
             }
             if let Ok(positions) = consumer.position() {
                 for e in positions.elements() {
-                    if let (Offset::Offset(at), Some(high)) = (e.offset(), targets.get(&e.partition()))
+                    if let (Offset::Offset(at), Some(high)) =
+                        (e.offset(), targets.get(&e.partition()))
                         && at >= *high
                     {
                         pending.remove(&e.partition());
@@ -395,7 +442,10 @@ impl KafkaUplink {
                             Err(e) => {
                                 return Err(UplinkError::Marker {
                                     topic,
-                                    what: format!("marker at offset {} is not valid: {e}", msg.offset()),
+                                    what: format!(
+                                        "marker at offset {} is not valid: {e}",
+                                        msg.offset()
+                                    ),
                                 });
                             }
                         }
@@ -454,7 +504,9 @@ fn is_fenced(e: &KafkaError) -> bool {
 fn is_fenced_code(code: RDKafkaErrorCode) -> bool {
     matches!(
         code,
-        RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced
+        RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::Fenced
     )
 }
 
@@ -481,7 +533,9 @@ pub fn client_config(k: &crate::config::KafkaConfig) -> ClientConfig {
             Ok(password) => {
                 c.set("sasl.password", password.trim_end_matches(['\r', '\n']));
             }
-            Err(e) => error!(path = %path.display(), error = %e, "cannot read kafka.sasl_password_file; connecting without a password"),
+            Err(e) => {
+                error!(path = %path.display(), error = %e, "cannot read kafka.sasl_password_file; connecting without a password")
+            }
         }
     }
     c

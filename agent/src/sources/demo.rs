@@ -31,7 +31,11 @@ pub struct DemoSource {
 }
 
 impl DemoSource {
-    pub async fn run(self, tx: mpsc::Sender<Envelope>, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Envelope>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         let mut rng = StdRng::seed_from_u64(self.config.seed);
         let epoch = (now_ms() / 1000).clamp(0, i32::MAX as i64) as u64;
         let mut devices: Vec<Device> = (0..self.config.devices)

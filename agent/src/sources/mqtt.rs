@@ -33,12 +33,20 @@ fn options(config: &MqttSourceConfig) -> anyhow::Result<MqttOptions> {
         opts.set_credentials(user, password);
     }
     if let Some(tls) = &config.tls {
-        let ca = std::fs::read(&tls.ca_file)
-            .with_context(|| format!("reading sources.mqtt.tls.ca_file {}", tls.ca_file.display()))?;
+        let ca = std::fs::read(&tls.ca_file).with_context(|| {
+            format!("reading sources.mqtt.tls.ca_file {}", tls.ca_file.display())
+        })?;
         let client_auth = match (&tls.client_cert_file, &tls.client_key_file) {
             (Some(cert), Some(key)) => Some((
-                std::fs::read(cert).with_context(|| format!("reading sources.mqtt.tls.client_cert_file {}", cert.display()))?,
-                std::fs::read(key).with_context(|| format!("reading sources.mqtt.tls.client_key_file {}", key.display()))?,
+                std::fs::read(cert).with_context(|| {
+                    format!(
+                        "reading sources.mqtt.tls.client_cert_file {}",
+                        cert.display()
+                    )
+                })?,
+                std::fs::read(key).with_context(|| {
+                    format!("reading sources.mqtt.tls.client_key_file {}", key.display())
+                })?,
             )),
             _ => None,
         };

@@ -152,7 +152,11 @@ impl SerialSource {
             // backpressure; unacknowledged devices simply resend later).
             while let Some(event) = link.poll_event() {
                 match event {
-                    GatewayEvent::Reading { address, device_id, reading } => {
+                    GatewayEvent::Reading {
+                        address,
+                        device_id,
+                        reading,
+                    } => {
                         self.stats.received.fetch_add(1, Relaxed);
                         let env = Envelope::Serial {
                             port: self.index,

@@ -47,39 +47,65 @@ pub struct Fence {
 }
 
 fn feature_err(index: usize, what: impl Into<String>) -> FenceError {
-    FenceError::Feature { index, what: what.into() }
+    FenceError::Feature {
+        index,
+        what: what.into(),
+    }
 }
 
 fn ring(index: usize, value: &Value, vertices: &mut usize) -> Result<LineString<f64>, FenceError> {
-    let points = value.as_array().ok_or_else(|| feature_err(index, "a ring must be an array of positions"))?;
+    let points = value
+        .as_array()
+        .ok_or_else(|| feature_err(index, "a ring must be an array of positions"))?;
     if points.len() < 4 {
-        return Err(feature_err(index, format!("a ring needs at least 4 positions, got {}", points.len())));
+        return Err(feature_err(
+            index,
+            format!("a ring needs at least 4 positions, got {}", points.len()),
+        ));
     }
     *vertices += points.len();
     if *vertices > MAX_FENCE_VERTICES {
-        return Err(feature_err(index, format!("more than {MAX_FENCE_VERTICES} vertices")));
+        return Err(feature_err(
+            index,
+            format!("more than {MAX_FENCE_VERTICES} vertices"),
+        ));
     }
     let mut coords = Vec::with_capacity(points.len());
     for p in points {
-        let pair = p.as_array().filter(|a| a.len() >= 2).ok_or_else(|| feature_err(index, "a position must be [lon, lat]"))?;
+        let pair = p
+            .as_array()
+            .filter(|a| a.len() >= 2)
+            .ok_or_else(|| feature_err(index, "a position must be [lon, lat]"))?;
         let (Some(lon), Some(lat)) = (pair[0].as_f64(), pair[1].as_f64()) else {
             return Err(feature_err(index, "positions must be numbers"));
         };
         if !(-180.0..=180.0).contains(&lon) || !(-90.0..=90.0).contains(&lat) {
-            return Err(feature_err(index, format!("position [{lon}, {lat}] is outside [-180..180, -90..90]")));
+            return Err(feature_err(
+                index,
+                format!("position [{lon}, {lat}] is outside [-180..180, -90..90]"),
+            ));
         }
         coords.push(Coord { x: lon, y: lat });
     }
     if coords.first() != coords.last() {
-        return Err(feature_err(index, "a ring must be closed (first position = last position)"));
+        return Err(feature_err(
+            index,
+            "a ring must be closed (first position = last position)",
+        ));
     }
     Ok(LineString::new(coords))
 }
 
 fn polygon(index: usize, rings: &Value, vertices: &mut usize) -> Result<Polygon<f64>, FenceError> {
-    let rings = rings.as_array().filter(|r| !r.is_empty()).ok_or_else(|| feature_err(index, "a polygon needs at least one ring"))?;
+    let rings = rings
+        .as_array()
+        .filter(|r| !r.is_empty())
+        .ok_or_else(|| feature_err(index, "a polygon needs at least one ring"))?;
     let exterior = ring(index, &rings[0], vertices)?;
-    let holes = rings[1..].iter().map(|r| ring(index, r, vertices)).collect::<Result<Vec<_>, _>>()?;
+    let holes = rings[1..]
+        .iter()
+        .map(|r| ring(index, r, vertices))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Polygon::new(exterior, holes))
 }
 
@@ -88,7 +114,10 @@ fn optional_seconds(index: usize, props: &Value, key: &str) -> Result<Option<i64
         None | Some(Value::Null) => Ok(None),
         Some(v) => match v.as_u64() {
             Some(s) if s > 0 && s <= 365 * 24 * 3600 => Ok(Some(s as i64 * 1000)),
-            _ => Err(feature_err(index, format!("properties.{key} must be seconds, 1 to 31536000"))),
+            _ => Err(feature_err(
+                index,
+                format!("properties.{key} must be seconds, 1 to 31536000"),
+            )),
         },
     }
 }
@@ -103,7 +132,10 @@ pub fn parse_fences(text: &str) -> Result<Vec<Fence>, FenceError> {
     if doc.get("type").and_then(Value::as_str) != Some("FeatureCollection") {
         return Err(FenceError::NotAFeatureCollection);
     }
-    let features = doc.get("features").and_then(Value::as_array).ok_or(FenceError::NotAFeatureCollection)?;
+    let features = doc
+        .get("features")
+        .and_then(Value::as_array)
+        .ok_or(FenceError::NotAFeatureCollection)?;
     if features.len() > MAX_FENCES {
         return Err(FenceError::TooMany);
     }
@@ -115,12 +147,21 @@ pub fn parse_fences(text: &str) -> Result<Vec<Fence>, FenceError> {
             .get("id")
             .and_then(Value::as_str)
             .filter(|id| is_valid_id(id))
-            .ok_or_else(|| feature_err(index, "properties.id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"))?;
+            .ok_or_else(|| {
+                feature_err(
+                    index,
+                    "properties.id must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+                )
+            })?;
         if !ids.insert(id.to_string()) {
             return Err(feature_err(index, format!("duplicate fence id {id:?}")));
         }
-        let geometry = f.get("geometry").ok_or_else(|| feature_err(index, "missing geometry"))?;
-        let coordinates = geometry.get("coordinates").ok_or_else(|| feature_err(index, "geometry without coordinates"))?;
+        let geometry = f
+            .get("geometry")
+            .ok_or_else(|| feature_err(index, "missing geometry"))?;
+        let coordinates = geometry
+            .get("coordinates")
+            .ok_or_else(|| feature_err(index, "geometry without coordinates"))?;
         let mut vertices = 0;
         let area = match geometry.get("type").and_then(Value::as_str) {
             Some("Polygon") => MultiPolygon::new(vec![polygon(index, coordinates, &mut vertices)?]),
@@ -128,13 +169,28 @@ pub fn parse_fences(text: &str) -> Result<Vec<Fence>, FenceError> {
                 let parts = coordinates
                     .as_array()
                     .filter(|p| !p.is_empty())
-                    .ok_or_else(|| feature_err(index, "a MultiPolygon needs at least one polygon"))?;
-                MultiPolygon::new(parts.iter().map(|p| polygon(index, p, &mut vertices)).collect::<Result<_, _>>()?)
+                    .ok_or_else(|| {
+                        feature_err(index, "a MultiPolygon needs at least one polygon")
+                    })?;
+                MultiPolygon::new(
+                    parts
+                        .iter()
+                        .map(|p| polygon(index, p, &mut vertices))
+                        .collect::<Result<_, _>>()?,
+                )
             }
-            other => return Err(feature_err(index, format!("geometry must be Polygon or MultiPolygon, got {other:?}"))),
+            other => {
+                return Err(feature_err(
+                    index,
+                    format!("geometry must be Polygon or MultiPolygon, got {other:?}"),
+                ));
+            }
         };
         if let Err(e) = area.check_validation() {
-            return Err(feature_err(index, format!("fence {id:?} is not a valid polygon: {e}")));
+            return Err(feature_err(
+                index,
+                format!("fence {id:?} is not a valid polygon: {e}"),
+            ));
         }
         fences.push(Fence {
             id: id.to_string(),
@@ -172,12 +228,18 @@ impl FenceIndex {
             .filter_map(|(i, f)| {
                 let rect = geo::BoundingRect::bounding_rect(&f.area)?;
                 Some(Indexed {
-                    envelope: AABB::from_corners([rect.min().x, rect.min().y], [rect.max().x, rect.max().y]),
+                    envelope: AABB::from_corners(
+                        [rect.min().x, rect.min().y],
+                        [rect.max().x, rect.max().y],
+                    ),
                     fence: i,
                 })
             })
             .collect();
-        Self { fences, tree: RTree::bulk_load(items) }
+        Self {
+            fences,
+            tree: RTree::bulk_load(items),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -254,7 +316,15 @@ pub struct DeviceFences {
 
 impl DeviceFences {
     /// Advances the state with one position; returns the events it raises.
-    pub fn step(&mut self, index: &FenceIndex, device_id: &str, seq: u64, ts: i64, lat: f64, lon: f64) -> Vec<FenceEvent> {
+    pub fn step(
+        &mut self,
+        index: &FenceIndex,
+        device_id: &str,
+        seq: u64,
+        ts: i64,
+        lat: f64,
+        lon: f64,
+    ) -> Vec<FenceEvent> {
         let now_inside = index.containing(lat, lon);
         let mut events = Vec::new();
         let mut emit = |kind: FenceEventKind, fence_id: &str| {
@@ -301,7 +371,12 @@ impl DeviceFences {
         let absent: Vec<String> = self
             .left
             .iter()
-            .filter(|(id, left_at)| index.get(id).and_then(|f| f.absent_ms).is_some_and(|t| ts - **left_at >= t))
+            .filter(|(id, left_at)| {
+                index
+                    .get(id)
+                    .and_then(|f| f.absent_ms)
+                    .is_some_and(|t| ts - **left_at >= t)
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in absent {

@@ -132,7 +132,8 @@ pub fn parse_topic<'a>(prefix: &str, topic: &'a str) -> Result<TopicKind<'a>, Re
     };
     let rest = topic.strip_prefix(prefix).ok_or_else(unknown)?;
     let mut levels = rest.split('/');
-    let (Some("devices"), Some(device_id), Some("telemetry")) = (levels.next(), levels.next(), levels.next())
+    let (Some("devices"), Some(device_id), Some("telemetry")) =
+        (levels.next(), levels.next(), levels.next())
     else {
         return Err(unknown());
     };
@@ -144,7 +145,9 @@ pub fn parse_topic<'a>(prefix: &str, topic: &'a str) -> Result<TopicKind<'a>, Re
     if !is_valid_id(device_id) {
         return Err(Rejection::new(
             RejectReason::InvalidDeviceId,
-            format!("device id {device_id:?} in topic is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+            format!(
+                "device id {device_id:?} in topic is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+            ),
         ));
     }
     Ok(kind)
@@ -199,7 +202,9 @@ pub fn decode_reading(
     if !is_valid_id(&device_id) {
         return Err(Rejection::new(
             RejectReason::InvalidDeviceId,
-            format!("device_id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+            format!(
+                "device_id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+            ),
         ));
     }
     if let Some(expected) = topic_device
@@ -219,7 +224,11 @@ pub fn decode_reading(
     let seq = match epoch {
         Some(epoch) => {
             if epoch > MAX_EPOCH {
-                return Err(out_of_range("epoch", epoch as f64, &format!("0 to {MAX_EPOCH}")));
+                return Err(out_of_range(
+                    "epoch",
+                    epoch as f64,
+                    &format!("0 to {MAX_EPOCH}"),
+                ));
             }
             if device_seq > MAX_SEQ_WITH_EPOCH {
                 return Err(out_of_range(
@@ -232,14 +241,24 @@ pub fn decode_reading(
         }
         None => {
             if device_seq > MAX_SEQ {
-                return Err(out_of_range("seq", device_seq as f64, &format!("0 to {MAX_SEQ}")));
+                return Err(out_of_range(
+                    "seq",
+                    device_seq as f64,
+                    &format!("0 to {MAX_SEQ}"),
+                ));
             }
             device_seq
         }
     };
 
     let ts = match obj.get("ts") {
-        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| wrong_type("ts", "integer epoch milliseconds", &Value::Number(n.clone())))?,
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
+            wrong_type(
+                "ts",
+                "integer epoch milliseconds",
+                &Value::Number(n.clone()),
+            )
+        })?,
         Some(other) => return Err(wrong_type("ts", "integer epoch milliseconds", other)),
         None => return Err(missing("ts")),
     };
@@ -301,7 +320,8 @@ fn take_f64(obj: &Map<String, Value>, field: &str) -> Result<f64, Rejection> {
 }
 
 fn check_timestamp(ts: i64, now_ms: i64, limits: &ValidationConfig) -> Result<(), Rejection> {
-    let future_limit = now_ms.saturating_add(limits.max_future_skew_seconds.saturating_mul(1000) as i64);
+    let future_limit =
+        now_ms.saturating_add(limits.max_future_skew_seconds.saturating_mul(1000) as i64);
     let past_limit = now_ms.saturating_sub(limits.max_age_seconds.saturating_mul(1000) as i64);
     if ts > future_limit || ts < past_limit {
         return Err(Rejection::new(
@@ -317,7 +337,14 @@ fn check_timestamp(ts: i64, now_ms: i64, limits: &ValidationConfig) -> Result<()
 
 /// Physical ranges of the schema's values. NaN and infinities are outside
 /// every range.
-fn check_ranges(temperature: f64, humidity: f64, battery: f64, lat: f64, lon: f64, speed: f64) -> Result<(), Rejection> {
+fn check_ranges(
+    temperature: f64,
+    humidity: f64,
+    battery: f64,
+    lat: f64,
+    lon: f64,
+    speed: f64,
+) -> Result<(), Rejection> {
     for (field, value, min, max) in [
         ("temperature", temperature, -100.0, 200.0),
         ("humidity", humidity, 0.0, 100.0),
@@ -344,15 +371,26 @@ pub fn reading_from_frame(
     if !is_valid_id(device_id) {
         return Err(Rejection::new(
             RejectReason::InvalidDeviceId,
-            format!("device id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"),
+            format!(
+                "device id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+            ),
         ));
     }
     let epoch = u64::from(frame.boot_epoch);
     if epoch > MAX_EPOCH {
-        return Err(out_of_range("boot_epoch", epoch as f64, &format!("0 to {MAX_EPOCH}")));
+        return Err(out_of_range(
+            "boot_epoch",
+            epoch as f64,
+            &format!("0 to {MAX_EPOCH}"),
+        ));
     }
-    let ts = i64::try_from(frame.timestamp_ms)
-        .map_err(|_| out_of_range("timestamp_ms", frame.timestamp_ms as f64, "a 63-bit epoch millisecond value"))?;
+    let ts = i64::try_from(frame.timestamp_ms).map_err(|_| {
+        out_of_range(
+            "timestamp_ms",
+            frame.timestamp_ms as f64,
+            "a 63-bit epoch millisecond value",
+        )
+    })?;
     check_timestamp(ts, now_ms, limits)?;
     let (temperature, humidity, battery, speed) = (
         f64::from(frame.temperature),
@@ -396,7 +434,11 @@ pub fn decode_bin_reading(
     if payload.len() > firmware_proto::MAX_FRAME_SIZE_BYTES {
         return Err(Rejection::new(
             RejectReason::PayloadTooLarge,
-            format!("binary payload of {} bytes exceeds the {}-byte frame limit", payload.len(), firmware_proto::MAX_FRAME_SIZE_BYTES),
+            format!(
+                "binary payload of {} bytes exceeds the {}-byte frame limit",
+                payload.len(),
+                firmware_proto::MAX_FRAME_SIZE_BYTES
+            ),
         ));
     }
     let mut deframer = firmware_proto::frame::Deframer::new();
@@ -412,16 +454,31 @@ pub fn decode_bin_reading(
         first.get_or_insert(f);
     }
     match first {
-        None => Err(Rejection::new(RejectReason::MalformedFrame, "binary payload holds no frame")),
-        Some(Err(e)) => Err(Rejection::new(RejectReason::MalformedFrame, format!("binary payload is not a valid frame: {e}"))),
-        Some(Ok(_)) if frames > 1 => Err(Rejection::new(RejectReason::MalformedFrame, "binary payload must hold exactly one frame")),
+        None => Err(Rejection::new(
+            RejectReason::MalformedFrame,
+            "binary payload holds no frame",
+        )),
+        Some(Err(e)) => Err(Rejection::new(
+            RejectReason::MalformedFrame,
+            format!("binary payload is not a valid frame: {e}"),
+        )),
+        Some(Ok(_)) if frames > 1 => Err(Rejection::new(
+            RejectReason::MalformedFrame,
+            "binary payload must hold exactly one frame",
+        )),
         Some(Ok((_, Message::Reading(r)))) => reading_from_frame(topic_device, &r, now_ms, limits),
-        Some(Ok(_)) => Err(Rejection::new(RejectReason::UnsupportedEncoding, "binary payload holds a frame that is not a Reading")),
+        Some(Ok(_)) => Err(Rejection::new(
+            RejectReason::UnsupportedEncoding,
+            "binary payload holds a frame that is not a Reading",
+        )),
     }
 }
 
 fn missing(field: &str) -> Rejection {
-    Rejection::new(RejectReason::MissingField, format!("required field `{field}` is missing"))
+    Rejection::new(
+        RejectReason::MissingField,
+        format!("required field `{field}` is missing"),
+    )
 }
 
 fn wrong_type(field: &str, expected: &str, got: &Value) -> Rejection {

@@ -49,13 +49,23 @@ pub struct MetricRecord {
 /// Decodes a record; `Err` names why it cannot become a row.
 pub fn decode(payload: Option<&[u8]>) -> Result<MetricRecord, (&'static str, String)> {
     let payload = payload.ok_or(("empty_payload", "record has no value".to_string()))?;
-    let r: MetricRecord =
-        serde_json::from_slice(payload).map_err(|e| ("malformed_record", format!("not a rich-iot-data record: {e}")))?;
+    let r: MetricRecord = serde_json::from_slice(payload).map_err(|e| {
+        (
+            "malformed_record",
+            format!("not a rich-iot-data record: {e}"),
+        )
+    })?;
     if r.device_id.is_empty() || r.device_id.len() > 64 || r.gateway_id.len() > 64 {
-        return Err(("invalid_field", "device_id or gateway_id longer than 64 characters or empty".into()));
+        return Err((
+            "invalid_field",
+            "device_id or gateway_id longer than 64 characters or empty".into(),
+        ));
     }
     if r.seq > i64::MAX as u64 {
-        return Err(("invalid_field", format!("seq {} exceeds the signed 64-bit range", r.seq)));
+        return Err((
+            "invalid_field",
+            format!("seq {} exceeds the signed 64-bit range", r.seq),
+        ));
     }
     for (name, v) in [
         ("temperature", r.temperature),
@@ -94,7 +104,10 @@ pub struct MysqlSink {
 
 impl MysqlSink {
     /// The next offset to consume for each partition, as stored.
-    pub async fn stored_offsets(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
+    pub async fn stored_offsets(
+        &self,
+        partitions: &[i32],
+    ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
         let mut out = BTreeMap::new();
         for p in partitions {
             let row = sqlx::query(
@@ -114,7 +127,11 @@ impl MysqlSink {
 
     /// Writes a batch in one transaction. Returns the next offset per
     /// partition as committed.
-    pub async fn write(&self, records: &[KafkaRecord], stats: &MysqlSinkStats) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
+    pub async fn write(
+        &self,
+        records: &[KafkaRecord],
+        stats: &MysqlSinkStats,
+    ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
         let mut by_partition: BTreeMap<i32, Vec<&KafkaRecord>> = BTreeMap::new();
         for r in records {
             by_partition.entry(r.partition).or_default().push(r);
@@ -161,7 +178,12 @@ impl MysqlSink {
                 match decode(r.payload.as_deref()) {
                     Ok(m) => rows.push((r.offset, m)),
                     Err((reason, message)) => {
-                        warn!(partition, offset = r.offset, reason, "dead-lettering a record: {message}");
+                        warn!(
+                            partition,
+                            offset = r.offset,
+                            reason,
+                            "dead-lettering a record: {message}"
+                        );
                         self.dead_letter(&mut tx, r, reason, &message).await?;
                         dead += 1;
                     }
@@ -278,11 +300,17 @@ mod tests {
     fn bad_records_have_reasons() {
         assert_eq!(decode(None).unwrap_err().0, "empty_payload");
         assert_eq!(decode(Some(b"{")).unwrap_err().0, "malformed_record");
-        assert_eq!(decode(Some(br#"{"device_id":"d"}"#)).unwrap_err().0, "malformed_record");
+        assert_eq!(
+            decode(Some(br#"{"device_id":"d"}"#)).unwrap_err().0,
+            "malformed_record"
+        );
         let long = format!(
             r#"{{"device_id":"{}","seq":1,"device_seq":1,"ts":1,"temperature":1,"humidity":1,"battery":1,"lat":1,"lon":1,"speed":1,"gateway_id":"g","received_at":1}}"#,
             "x".repeat(65)
         );
-        assert_eq!(decode(Some(long.as_bytes())).unwrap_err().0, "invalid_field");
+        assert_eq!(
+            decode(Some(long.as_bytes())).unwrap_err().0,
+            "invalid_field"
+        );
     }
 }

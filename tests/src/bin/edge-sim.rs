@@ -10,14 +10,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use edge_tests::sim::{ByteFaults, SerialRunEnd, SerialSim, SerialSimConfig, Track, bin_reading, json_reading};
+use edge_tests::sim::{
+    ByteFaults, SerialRunEnd, SerialSim, SerialSimConfig, Track, bin_reading, json_reading,
+};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio_serial::SerialPortBuilderExt;
 
 #[derive(Parser)]
-#[command(version, about = "Simulated devices for edge-agent: serial (firmware-proto) and MQTT (JSON and /bin)")]
+#[command(
+    version,
+    about = "Simulated devices for edge-agent: serial (firmware-proto) and MQTT (JSON and /bin)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -120,14 +125,17 @@ fn track(common: &Common) -> anyhow::Result<Track> {
 fn device_tracks(common: &Common, rng: &mut StdRng) -> anyhow::Result<Vec<Track>> {
     let base = track(common)?;
     Ok((0..common.devices)
-        .map(|_| Track { angle: rng.random_range(0.0..std::f64::consts::TAU), ..base })
+        .map(|_| Track {
+            angle: rng.random_range(0.0..std::f64::consts::TAU),
+            ..base
+        })
         .collect())
 }
 
 fn boot_epoch(common: &Common) -> u32 {
-    common
-        .boot_epoch
-        .unwrap_or_else(|| (edge_tests::now_ms() / 1000).clamp(0, i32::MAX as i64 - 1_000_000) as u32)
+    common.boot_epoch.unwrap_or_else(|| {
+        (edge_tests::now_ms() / 1000).clamp(0, i32::MAX as i64 - 1_000_000) as u32
+    })
 }
 
 fn check_rate(name: &str, v: f64) -> anyhow::Result<()> {
@@ -150,12 +158,23 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serial { port, pty, baud, drop_rate, corrupt_rate, invalid_fraction, common } => {
+        Command::Serial {
+            port,
+            pty,
+            baud,
+            drop_rate,
+            corrupt_rate,
+            invalid_fraction,
+            common,
+        } => {
             check_rate("--invalid-fraction", invalid_fraction)?;
             check_rate("--drop-rate", drop_rate)?;
             check_rate("--corrupt-rate", corrupt_rate)?;
             if !(1..=200).contains(&common.devices) {
-                bail!("--devices must be 1 to 200 on one serial bus, got {}", common.devices);
+                bail!(
+                    "--devices must be 1 to 200 on one serial bus, got {}",
+                    common.devices
+                );
             }
             let config = SerialSimConfig {
                 devices: common.devices as u8,
@@ -163,7 +182,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 readings_per_second: common.rate,
                 invalid_fraction,
                 seed: common.seed,
-                uplink_faults: ByteFaults { drop_rate, corrupt_rate },
+                uplink_faults: ByteFaults {
+                    drop_rate,
+                    corrupt_rate,
+                },
                 downlink_faults: ByteFaults::default(),
                 boot_epoch: boot_epoch(&common),
                 id_prefix: "sim-serial-".into(),
@@ -175,13 +197,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut report = |p: &edge_tests::sim::SerialProgress| {
                 if last.elapsed() >= Duration::from_secs(1) {
                     last = Instant::now();
-                    eprintln!("produced {}/{} acked {} retransmission rounds {}", p.produced, p.total, p.acked, p.retransmissions);
+                    eprintln!(
+                        "produced {}/{} acked {} retransmission rounds {}",
+                        p.produced, p.total, p.acked, p.retransmissions
+                    );
                 }
                 false
             };
             let end = if pty {
-                let (mut master, slave) = tokio_serial::SerialStream::pair().context("creating a pseudo-terminal pair")?;
-                let name = tokio_serial::SerialPort::name(&slave).context("the pseudo-terminal has no name")?;
+                let (mut master, slave) = tokio_serial::SerialStream::pair()
+                    .context("creating a pseudo-terminal pair")?;
+                let name = tokio_serial::SerialPort::name(&slave)
+                    .context("the pseudo-terminal has no name")?;
                 println!("serial device for the agent: {name}");
                 println!("  [[sources.serial]]\n  path = \"{name}\"");
                 // Keep the slave open so the port exists until the agent opens it.
@@ -206,17 +233,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Ok(())
                 }
                 SerialRunEnd::Stopped => Ok(()),
-                SerialRunEnd::PortLost(e) => bail!("serial port lost after {} acknowledged readings: {e}", p.acked),
+                SerialRunEnd::PortLost(e) => bail!(
+                    "serial port lost after {} acknowledged readings: {e}",
+                    p.acked
+                ),
             }
         }
-        Command::Jsonl { out, invalid_fraction, common } => {
+        Command::Jsonl {
+            out,
+            invalid_fraction,
+            common,
+        } => {
             check_rate("--invalid-fraction", invalid_fraction)?;
             jsonl(&out, invalid_fraction, &common)
         }
-        Command::Mqtt { broker, topic_prefix, invalid_fraction, bin_fraction, common } => {
+        Command::Mqtt {
+            broker,
+            topic_prefix,
+            invalid_fraction,
+            bin_fraction,
+            common,
+        } => {
             check_rate("--invalid-fraction", invalid_fraction)?;
             check_rate("--bin-fraction", bin_fraction)?;
-            mqtt(&broker, &topic_prefix, invalid_fraction, bin_fraction, &common).await
+            mqtt(
+                &broker,
+                &topic_prefix,
+                invalid_fraction,
+                bin_fraction,
+                &common,
+            )
+            .await
         }
     }
 }
@@ -235,7 +282,14 @@ fn jsonl(out: &std::path::Path, invalid_fraction: f64, common: &Common) -> anyho
         for d in 0..common.devices {
             let device = format!("sim-{d:05}");
             let ts = ts0 + i64::from(seq) * 1000;
-            let mut v = json_reading(&device, u64::from(seq), base_epoch + d, ts, &mut tracks[d as usize], &mut rng);
+            let mut v = json_reading(
+                &device,
+                u64::from(seq),
+                base_epoch + d,
+                ts,
+                &mut tracks[d as usize],
+                &mut rng,
+            );
             if invalid_fraction > 0.0 && rng.random_bool(invalid_fraction) {
                 v["humidity"] = "wet".into();
             }
@@ -245,12 +299,24 @@ fn jsonl(out: &std::path::Path, invalid_fraction: f64, common: &Common) -> anyho
         }
     }
     w.flush()?;
-    println!("wrote {lines} lines to {} in {:.1} s", out.display(), started.elapsed().as_secs_f64());
+    println!(
+        "wrote {lines} lines to {} in {:.1} s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
-async fn mqtt(broker: &str, prefix: &str, invalid_fraction: f64, bin_fraction: f64, common: &Common) -> anyhow::Result<()> {
-    let (host, port) = broker.rsplit_once(':').context("--broker must be host:port")?;
+async fn mqtt(
+    broker: &str,
+    prefix: &str,
+    invalid_fraction: f64,
+    bin_fraction: f64,
+    common: &Common,
+) -> anyhow::Result<()> {
+    let (host, port) = broker
+        .rsplit_once(':')
+        .context("--broker must be host:port")?;
     let port: u16 = port.parse().context("--broker port")?;
     let mut opts = MqttOptions::new(format!("edge-sim-{}", common.seed), host, port);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -288,9 +354,19 @@ async fn mqtt(broker: &str, prefix: &str, invalid_fraction: f64, bin_fraction: f
             let ts = edge_tests::now_ms();
             let topic = format!("{prefix}devices/{device}/telemetry");
             let (topic, payload) = if rng.random_bool(bin_fraction) {
-                (format!("{topic}/bin"), bin_reading(seq, epoch, ts as u64, &mut tracks[d as usize], &mut rng))
+                (
+                    format!("{topic}/bin"),
+                    bin_reading(seq, epoch, ts as u64, &mut tracks[d as usize], &mut rng),
+                )
             } else {
-                let mut v = json_reading(&device, u64::from(seq), epoch, ts, &mut tracks[d as usize], &mut rng);
+                let mut v = json_reading(
+                    &device,
+                    u64::from(seq),
+                    epoch,
+                    ts,
+                    &mut tracks[d as usize],
+                    &mut rng,
+                );
                 if rng.random_bool(invalid_fraction) {
                     match rng.random_range(0..3) {
                         0 => v["temperature"] = "warm".into(),
@@ -302,7 +378,9 @@ async fn mqtt(broker: &str, prefix: &str, invalid_fraction: f64, bin_fraction: f
                 }
                 (topic, v.to_string().into_bytes())
             };
-            client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+            client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await?;
             sent += 1;
             if common.rate > 0.0 {
                 let due = started + Duration::from_secs_f64(sent as f64 / common.rate);
@@ -310,17 +388,26 @@ async fn mqtt(broker: &str, prefix: &str, invalid_fraction: f64, bin_fraction: f
             }
             if last.elapsed() >= Duration::from_secs(1) {
                 last = Instant::now();
-                eprintln!("sent {sent}/{total} acknowledged by the broker {}", acked.load(std::sync::atomic::Ordering::Relaxed));
+                eprintln!(
+                    "sent {sent}/{total} acknowledged by the broker {}",
+                    acked.load(std::sync::atomic::Ordering::Relaxed)
+                );
             }
         }
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while acked.load(std::sync::atomic::Ordering::Relaxed) < total {
         if Instant::now() > deadline {
-            bail!("the broker acknowledged only {} of {total} readings within 60 s", acked.load(std::sync::atomic::Ordering::Relaxed));
+            bail!(
+                "the broker acknowledged only {} of {total} readings within 60 s",
+                acked.load(std::sync::atomic::Ordering::Relaxed)
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("done: {total} readings published and acknowledged in {:.1} s", started.elapsed().as_secs_f64());
+    println!(
+        "done: {total} readings published and acknowledged in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

@@ -36,22 +36,34 @@ fn lookup_respects_holes_and_multipolygons() {
     assert!(idx.containing(48.1, 11.5).is_empty(), "inside the hole");
     assert_eq!(ids(idx.containing(48.095, 11.605)), vec!["depots"]);
     assert_eq!(ids(idx.containing(48.095, 11.705)), vec!["depots"]);
-    assert!(idx.containing(48.095, 11.65).is_empty(), "between the depots");
+    assert!(
+        idx.containing(48.095, 11.65).is_empty(),
+        "between the depots"
+    );
     assert!(idx.containing(0.0, 0.0).is_empty());
 }
 
 fn replace_geometry(geometry: &str) -> String {
-    format!(r#"{{"type":"FeatureCollection","features":[{{"type":"Feature","properties":{{"id":"f"}},"geometry":{geometry}}}]}}"#)
+    format!(
+        r#"{{"type":"FeatureCollection","features":[{{"type":"Feature","properties":{{"id":"f"}},"geometry":{geometry}}}]}}"#
+    )
 }
 
 #[test]
 fn invalid_polygons_refuse_the_whole_file() {
-    let bowtie = replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[1,1],[1,0],[0,1],[0,0]]]}"#);
+    let bowtie =
+        replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[1,1],[1,0],[0,1],[0,0]]]}"#);
     let err = parse_fences(&bowtie).unwrap_err().to_string();
     assert!(err.contains("not a valid polygon"), "{err}");
 
-    let unclosed = replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,1]]]}"#);
-    assert!(parse_fences(&unclosed).unwrap_err().to_string().contains("closed"));
+    let unclosed =
+        replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,1]]]}"#);
+    assert!(
+        parse_fences(&unclosed)
+            .unwrap_err()
+            .to_string()
+            .contains("closed")
+    );
 
     let mut ring: Vec<String> = (0..MAX_FENCE_VERTICES + 1)
         .map(|i| {
@@ -60,25 +72,60 @@ fn invalid_polygons_refuse_the_whole_file() {
         })
         .collect();
     ring.push(ring[0].clone());
-    let huge = replace_geometry(&format!(r#"{{"type":"Polygon","coordinates":[[{}]]}}"#, ring.join(",")));
-    assert!(parse_fences(&huge).unwrap_err().to_string().contains("vertices"));
+    let huge = replace_geometry(&format!(
+        r#"{{"type":"Polygon","coordinates":[[{}]]}}"#,
+        ring.join(",")
+    ));
+    assert!(
+        parse_fences(&huge)
+            .unwrap_err()
+            .to_string()
+            .contains("vertices")
+    );
 
-    let out_of_range = replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[200,0],[1,1],[0,0]]]}"#);
-    assert!(parse_fences(&out_of_range).unwrap_err().to_string().contains("outside"));
+    let out_of_range =
+        replace_geometry(r#"{"type":"Polygon","coordinates":[[[0,0],[200,0],[1,1],[0,0]]]}"#);
+    assert!(
+        parse_fences(&out_of_range)
+            .unwrap_err()
+            .to_string()
+            .contains("outside")
+    );
 
     let point = replace_geometry(r#"{"type":"Point","coordinates":[0,0]}"#);
-    assert!(parse_fences(&point).unwrap_err().to_string().contains("Polygon or MultiPolygon"));
+    assert!(
+        parse_fences(&point)
+            .unwrap_err()
+            .to_string()
+            .contains("Polygon or MultiPolygon")
+    );
 
-    assert!(matches!(parse_fences("{not json"), Err(FenceError::Json(_))));
-    assert_eq!(parse_fences(r#"{"type":"Feature"}"#).unwrap_err(), FenceError::NotAFeatureCollection);
+    assert!(matches!(
+        parse_fences("{not json"),
+        Err(FenceError::Json(_))
+    ));
+    assert_eq!(
+        parse_fences(r#"{"type":"Feature"}"#).unwrap_err(),
+        FenceError::NotAFeatureCollection
+    );
 }
 
 #[test]
 fn ids_are_checked_and_unique() {
     let twice = FENCES.replace("\"depots\"", "\"yard\"");
-    assert!(parse_fences(&twice).unwrap_err().to_string().contains("duplicate fence id"));
+    assert!(
+        parse_fences(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("duplicate fence id")
+    );
     let bad = FENCES.replace("\"depots\"", "\"a/b\"");
-    assert!(parse_fences(&bad).unwrap_err().to_string().contains("properties.id"));
+    assert!(
+        parse_fences(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("properties.id")
+    );
 }
 
 #[test]
@@ -93,19 +140,51 @@ fn enter_dwell_exit_absent() {
             .collect::<Vec<_>>()
     };
     assert_eq!(step(&mut state, 1, 0, 48.0, 11.0), vec![]);
-    assert_eq!(step(&mut state, 2, 10, 48.095, 11.495), vec![(FenceEventKind::Enter, "yard".into())]);
+    assert_eq!(
+        step(&mut state, 2, 10, 48.095, 11.495),
+        vec![(FenceEventKind::Enter, "yard".into())]
+    );
     assert_eq!(step(&mut state, 3, 40, 48.095, 11.496), vec![]);
-    assert_eq!(step(&mut state, 4, 70, 48.095, 11.497), vec![(FenceEventKind::Dwell, "yard".into())]);
-    assert_eq!(step(&mut state, 5, 80, 48.095, 11.497), vec![], "dwell is reported once");
-    assert_eq!(step(&mut state, 6, 90, 48.0, 11.0), vec![(FenceEventKind::Exit, "yard".into())]);
+    assert_eq!(
+        step(&mut state, 4, 70, 48.095, 11.497),
+        vec![(FenceEventKind::Dwell, "yard".into())]
+    );
+    assert_eq!(
+        step(&mut state, 5, 80, 48.095, 11.497),
+        vec![],
+        "dwell is reported once"
+    );
+    assert_eq!(
+        step(&mut state, 6, 90, 48.0, 11.0),
+        vec![(FenceEventKind::Exit, "yard".into())]
+    );
     assert_eq!(step(&mut state, 7, 150, 48.0, 11.0), vec![]);
-    assert_eq!(step(&mut state, 8, 210, 48.0, 11.0), vec![(FenceEventKind::Absent, "yard".into())]);
-    assert_eq!(step(&mut state, 9, 400, 48.0, 11.0), vec![], "absent is reported once");
+    assert_eq!(
+        step(&mut state, 8, 210, 48.0, 11.0),
+        vec![(FenceEventKind::Absent, "yard".into())]
+    );
+    assert_eq!(
+        step(&mut state, 9, 400, 48.0, 11.0),
+        vec![],
+        "absent is reported once"
+    );
     // Back inside before the absent time: no absent.
-    assert_eq!(step(&mut state, 10, 410, 48.095, 11.495), vec![(FenceEventKind::Enter, "yard".into())]);
-    assert_eq!(step(&mut state, 11, 420, 48.0, 11.0), vec![(FenceEventKind::Exit, "yard".into())]);
-    assert_eq!(step(&mut state, 12, 430, 48.095, 11.495), vec![(FenceEventKind::Enter, "yard".into())]);
-    assert_eq!(step(&mut state, 13, 600, 48.095, 11.495), vec![(FenceEventKind::Dwell, "yard".into())]);
+    assert_eq!(
+        step(&mut state, 10, 410, 48.095, 11.495),
+        vec![(FenceEventKind::Enter, "yard".into())]
+    );
+    assert_eq!(
+        step(&mut state, 11, 420, 48.0, 11.0),
+        vec![(FenceEventKind::Exit, "yard".into())]
+    );
+    assert_eq!(
+        step(&mut state, 12, 430, 48.095, 11.495),
+        vec![(FenceEventKind::Enter, "yard".into())]
+    );
+    assert_eq!(
+        step(&mut state, 13, 600, 48.095, 11.495),
+        vec![(FenceEventKind::Dwell, "yard".into())]
+    );
 }
 
 #[test]
@@ -118,7 +197,11 @@ fn persisted_state_gives_no_spurious_enter_after_a_restart() {
     let saved = serde_json::to_string(&state).unwrap();
     let mut restored: DeviceFences = serde_json::from_str(&saved).unwrap();
     assert_eq!(restored, state);
-    assert!(restored.step(&idx, "truck-2", 2, 2_000, 48.095, 11.606).is_empty());
+    assert!(
+        restored
+            .step(&idx, "truck-2", 2, 2_000, 48.095, 11.606)
+            .is_empty()
+    );
 }
 
 #[test]
@@ -136,8 +219,17 @@ fn fences_removed_from_the_registry_leave_no_state() {
     let mut state = DeviceFences::default();
     state.step(&index(), "d", 1, 0, 48.095, 11.495);
     assert!(state.inside.contains_key("yard"));
-    let without_yard = FenceIndex::new(parse_fences(FENCES).unwrap().into_iter().filter(|f| f.id != "yard").collect());
+    let without_yard = FenceIndex::new(
+        parse_fences(FENCES)
+            .unwrap()
+            .into_iter()
+            .filter(|f| f.id != "yard")
+            .collect(),
+    );
     let events = state.step(&without_yard, "d", 2, 1_000, 48.095, 11.495);
-    assert_eq!(events.iter().map(|e| e.kind).collect::<Vec<_>>(), vec![FenceEventKind::Exit]);
+    assert_eq!(
+        events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        vec![FenceEventKind::Exit]
+    );
     assert!(state.inside.is_empty() && state.left.is_empty());
 }

@@ -60,7 +60,10 @@ fn numbers_as_strings_are_wrong_type() {
     v["temperature"] = "21.5".into();
     let err = decode(&v).unwrap_err();
     assert_eq!(err.reason, RejectReason::WrongType);
-    assert_eq!(err.message, "field `temperature` must be a number, got a string");
+    assert_eq!(
+        err.message,
+        "field `temperature` must be a number, got a string"
+    );
     let mut v = good();
     v["seq"] = "7".into();
     assert_eq!(reason(&v), RejectReason::WrongType);
@@ -74,7 +77,17 @@ fn numbers_as_strings_are_wrong_type() {
 
 #[test]
 fn missing_fields() {
-    for field in ["device_id", "seq", "ts", "temperature", "humidity", "battery", "lat", "lon", "speed"] {
+    for field in [
+        "device_id",
+        "seq",
+        "ts",
+        "temperature",
+        "humidity",
+        "battery",
+        "lat",
+        "lon",
+        "speed",
+    ] {
         let mut v = good();
         v.as_object_mut().unwrap().remove(field);
         let err = decode_reading(v.to_string().as_bytes(), None, NOW, &limits()).unwrap_err();
@@ -85,7 +98,13 @@ fn missing_fields() {
 
 #[test]
 fn ranges() {
-    for (field, bad) in [("lat", 91.0), ("lon", -180.5), ("humidity", 101.0), ("battery", -1.0), ("speed", -0.1)] {
+    for (field, bad) in [
+        ("lat", 91.0),
+        ("lon", -180.5),
+        ("humidity", 101.0),
+        ("battery", -1.0),
+        ("speed", -0.1),
+    ] {
         let mut v = good();
         v[field] = bad.into();
         assert_eq!(reason(&v), RejectReason::OutOfRange, "{field}");
@@ -105,10 +124,19 @@ fn timestamp_skew() {
 fn malformed_and_non_object_payloads() {
     let l = limits();
     for bad in [&b"{\"device_id\": "[..], b"", b"\xff\xfe", b"nul"] {
-        assert_eq!(decode_reading(bad, None, NOW, &l).unwrap_err().reason, RejectReason::MalformedJson);
+        assert_eq!(
+            decode_reading(bad, None, NOW, &l).unwrap_err().reason,
+            RejectReason::MalformedJson
+        );
     }
-    assert_eq!(decode_reading(b"[1,2]", None, NOW, &l).unwrap_err().reason, RejectReason::NotAnObject);
-    assert_eq!(decode_reading(b"42", None, NOW, &l).unwrap_err().reason, RejectReason::NotAnObject);
+    assert_eq!(
+        decode_reading(b"[1,2]", None, NOW, &l).unwrap_err().reason,
+        RejectReason::NotAnObject
+    );
+    assert_eq!(
+        decode_reading(b"42", None, NOW, &l).unwrap_err().reason,
+        RejectReason::NotAnObject
+    );
 }
 
 #[test]
@@ -130,13 +158,35 @@ fn device_id_must_match_topic_and_be_safe() {
 
 #[test]
 fn topics() {
-    assert_eq!(parse_topic("", "devices/d1/telemetry"), Ok(TopicKind::Telemetry("d1")));
-    assert_eq!(parse_topic("", "devices/d1/telemetry/bin"), Ok(TopicKind::TelemetryBin("d1")));
-    assert_eq!(parse_topic("site/", "site/devices/d1/telemetry"), Ok(TopicKind::Telemetry("d1")));
-    for bad in ["devices/d1/status", "devices/d1", "devices/d1/telemetry/x/y", "other/d1/telemetry", "site/devices/d1/telemetry"] {
-        assert_eq!(parse_topic("", bad).unwrap_err().reason, RejectReason::UnknownTopic, "{bad}");
+    assert_eq!(
+        parse_topic("", "devices/d1/telemetry"),
+        Ok(TopicKind::Telemetry("d1"))
+    );
+    assert_eq!(
+        parse_topic("", "devices/d1/telemetry/bin"),
+        Ok(TopicKind::TelemetryBin("d1"))
+    );
+    assert_eq!(
+        parse_topic("site/", "site/devices/d1/telemetry"),
+        Ok(TopicKind::Telemetry("d1"))
+    );
+    for bad in [
+        "devices/d1/status",
+        "devices/d1",
+        "devices/d1/telemetry/x/y",
+        "other/d1/telemetry",
+        "site/devices/d1/telemetry",
+    ] {
+        assert_eq!(
+            parse_topic("", bad).unwrap_err().reason,
+            RejectReason::UnknownTopic,
+            "{bad}"
+        );
     }
-    assert_eq!(parse_topic("", "devices/a b/telemetry").unwrap_err().reason, RejectReason::InvalidDeviceId);
+    assert_eq!(
+        parse_topic("", "devices/a b/telemetry").unwrap_err().reason,
+        RejectReason::InvalidDeviceId
+    );
 }
 
 #[test]
@@ -149,7 +199,12 @@ fn reason_codes_round_trip() {
 #[test]
 fn enriched_record_flattens_the_reading() {
     let r = decode(&good()).unwrap();
-    let json = serde_json::to_value(EnrichedRecord { reading: &r, gateway_id: "gw", received_at: NOW }).unwrap();
+    let json = serde_json::to_value(EnrichedRecord {
+        reading: &r,
+        gateway_id: "gw",
+        received_at: NOW,
+    })
+    .unwrap();
     assert_eq!(json["device_id"], "dev-1");
     assert_eq!(json["seq"], 7);
     assert_eq!(json["gateway_id"], "gw");
