@@ -74,21 +74,20 @@ pub async fn import(
     let db = config.database_path();
     let outbox = {
         let (db, cfg) = (db.clone(), config.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::outbox::Outbox::open(
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let outbox = crate::outbox::Outbox::open(
                 &db,
                 cfg.outbox.synchronous,
                 &cfg.gateway_id,
                 cfg.outbox.quarantine_max_rows,
-            )
+            )?;
+            let backlog = outbox.backlog()?;
+            Ok((outbox, backlog))
         })
         .await
         .context("opening the outbox")??
     };
-
-    let conn = crate::outbox::open_connection(&db, config.outbox.synchronous)?;
-    let (batches, bytes) = crate::outbox::backlog(&conn)?;
-    drop(conn);
+    let (outbox, (batches, bytes)) = outbox;
     stats.outbox_batches.store(batches, Relaxed);
     stats.outbox_bytes.store(bytes, Relaxed);
     let (tx, rx) = mpsc::channel(16 * 1024);

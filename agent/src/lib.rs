@@ -61,7 +61,7 @@ pub async fn run(
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let _lock = lock::lock_data_dir(&config.data_dir).map_err(anyhow::Error::from)?;
     let db = config.database_path();
-    let (outbox, uplink_conn) = {
+    let (outbox, uplink_conn, backlog) = {
         let (db, cfg) = (db.clone(), config.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let outbox = outbox::Outbox::open(
@@ -71,12 +71,13 @@ pub async fn run(
                 cfg.outbox.quarantine_max_rows,
             )?;
             let conn = outbox::open_connection(&db, cfg.outbox.synchronous)?;
-            Ok((outbox, conn))
+            let backlog = outbox.backlog().context("reading the outbox backlog")?;
+            Ok((outbox, conn, backlog))
         })
         .await
         .context("opening the outbox")??
     };
-    let (batches, bytes) = outbox::backlog(&uplink_conn).context("reading the outbox backlog")?;
+    let (batches, bytes) = backlog;
     stats.outbox_batches.store(batches, Relaxed);
     stats.outbox_bytes.store(bytes, Relaxed);
     info!(

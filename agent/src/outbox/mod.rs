@@ -201,6 +201,11 @@ impl Outbox {
         })
     }
 
+    /// Batches and bytes waiting for the uplink.
+    pub fn backlog(&self) -> Result<(u64, u64), OutboxError> {
+        backlog(&self.conn)
+    }
+
     /// Number of devices with a high-water mark.
     pub fn known_devices(&self) -> usize {
         self.hwm.len()

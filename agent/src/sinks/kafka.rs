@@ -298,9 +298,8 @@ impl KafkaUplink {
     }
 
     fn trim(&self, upto: i64) -> Result<(), UplinkError> {
-        let freed = outbox::trim(&self.conn, upto)?;
+        outbox::trim(&self.conn, upto)?;
         let (batches, bytes) = outbox::backlog(&self.conn)?;
-        let _ = freed;
         self.stats.outbox_batches.store(batches, Relaxed);
         self.stats.outbox_bytes.store(bytes, Relaxed);
         self.signals.space_freed.bump();
