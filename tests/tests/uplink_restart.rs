@@ -16,6 +16,7 @@ use rdkafka::message::Message;
 
 fn config(
     sfx: &str,
+    device_prefix: &str,
     data_dir: &std::path::Path,
     data: &str,
     dlq: &str,
@@ -30,6 +31,7 @@ devices = 50
 readings_per_second = 3000
 invalid_fraction = 0.01
 seed = 3
+device_prefix = "{device_prefix}"
 [kafka]
 brokers = "{}"
 topic_data = "{data}"
@@ -93,20 +95,24 @@ async fn scenario(sfx: &str, data: &str, dlq: &str, offsets: &str) -> anyhow::Re
     // Another gateway's transaction on the shared offsets topic, so our
     // marker is not the only (or last) record there.
     let other_dir = tempfile::tempdir()?;
+    // It simulates its own devices: a device belongs to one gateway.
     let other = config(
         &format!("{sfx}-other"),
+        "other-",
         other_dir.path(),
         data,
         dlq,
         offsets,
     )?;
 
-    let first = run_until_committed(config(sfx, dir.path(), data, dlq, offsets)?, 2_000).await?;
+    let first =
+        run_until_committed(config(sfx, "demo-", dir.path(), data, dlq, offsets)?, 2_000).await?;
     let marker_1 = first.kafka_committed_batch.load(Relaxed);
     assert!(marker_1 > 0);
     let other = run_until_committed(other, 500).await?;
 
-    let second = run_until_committed(config(sfx, dir.path(), data, dlq, offsets)?, 2_000).await?;
+    let second =
+        run_until_committed(config(sfx, "demo-", dir.path(), data, dlq, offsets)?, 2_000).await?;
     let marker_2 = second.kafka_committed_batch.load(Relaxed);
     assert!(
         marker_2 > marker_1,

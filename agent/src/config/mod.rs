@@ -232,6 +232,15 @@ pub struct DemoSourceConfig {
     /// Seed of the random generator, for reproducible runs.
     #[serde(default)]
     pub seed: u64,
+    /// Prefix of the simulated device ids (`{prefix}000042`). Two gateways
+    /// simulating devices into one cluster need different prefixes, or they
+    /// would report the same devices.
+    #[serde(default = "default_demo_device_prefix")]
+    pub device_prefix: String,
+}
+
+fn default_demo_device_prefix() -> String {
+    "demo-".to_string()
 }
 
 const fn default_demo_devices() -> u32 {
@@ -656,6 +665,14 @@ impl Config {
                     "sources.demo.invalid_fraction",
                     demo.invalid_fraction,
                     "0.0 to 1.0",
+                ));
+            }
+            // The prefix plus six digits must still be a valid device id.
+            if demo.device_prefix.len() > 58 || !is_valid_id(&format!("{}0", demo.device_prefix)) {
+                return Err(invalid(
+                    "sources.demo.device_prefix",
+                    &demo.device_prefix,
+                    "0 to 58 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
                 ));
             }
         }

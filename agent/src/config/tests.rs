@@ -169,3 +169,18 @@ fn kafka_password_must_come_from_a_file() {
         "the secret must not be echoed: {err}"
     );
 }
+
+#[test]
+fn demo_device_prefix_is_checked() {
+    let ok = MINIMAL.replace(
+        "[sources.demo]",
+        "[sources.demo]\ndevice_prefix = \"gw2.sim-\"",
+    );
+    let c = Config::from_toml(&ok, "t").unwrap();
+    assert_eq!(c.sources.demo.unwrap().device_prefix, "gw2.sim-");
+    let bad = MINIMAL.replace("[sources.demo]", "[sources.demo]\ndevice_prefix = \"a/b-\"");
+    assert_eq!(
+        error_of(&bad),
+        "invalid config: `sources.demo.device_prefix` = \"a/b-\": 0 to 58 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+    );
+}

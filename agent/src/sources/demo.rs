@@ -40,7 +40,7 @@ impl DemoSource {
         let epoch = (now_ms() / 1000).clamp(0, i32::MAX as i64) as u64;
         let mut devices: Vec<Device> = (0..self.config.devices)
             .map(|i| Device {
-                id: format!("demo-{i:06}"),
+                id: format!("{}{i:06}", self.config.device_prefix),
                 seq: 0,
                 lat: 48.0 + rng.random_range(0.0..1.0),
                 lon: 11.0 + rng.random_range(0.0..1.0),
