@@ -134,16 +134,21 @@ fn kafka(config: &Config) -> Check {
             );
         }
     };
-    let missing: Vec<&str> = [&k.topic_data, &k.topic_dlq, &k.topic_offsets]
-        .into_iter()
-        .filter(|t| {
-            !metadata
-                .topics()
-                .iter()
-                .any(|m| m.name() == t.as_str() && m.error().is_none())
-        })
-        .map(String::as_str)
-        .collect();
+    let missing: Vec<&str> = [
+        &k.topic_data,
+        &k.topic_dlq,
+        &k.topic_alerts,
+        &k.topic_offsets,
+    ]
+    .into_iter()
+    .filter(|t| {
+        !metadata
+            .topics()
+            .iter()
+            .any(|m| m.name() == t.as_str() && m.error().is_none())
+    })
+    .map(String::as_str)
+    .collect();
     if missing.is_empty() {
         check(
             name,

@@ -71,16 +71,10 @@ pub async fn import(
     let _lock = crate::lock::lock_data_dir(&config.data_dir)?;
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
-    let db = config.database_path();
     let outbox = {
-        let (db, cfg) = (db.clone(), config.clone());
+        let cfg = config.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let outbox = crate::outbox::Outbox::open(
-                &db,
-                cfg.outbox.synchronous,
-                &cfg.gateway_id,
-                cfg.outbox.quarantine_max_rows,
-            )?;
+            let outbox = crate::open_outbox(&cfg)?;
             let backlog = outbox.backlog()?;
             Ok((outbox, backlog))
         })

@@ -10,6 +10,7 @@ pub mod import;
 pub mod lock;
 pub mod outbox;
 pub mod pipeline;
+pub mod registry;
 pub mod signal;
 pub mod sinks;
 pub mod sources;
@@ -49,6 +50,27 @@ pub enum AgentError {
     Other(#[from] anyhow::Error),
 }
 
+/// Opens the outbox with the data plane configured, applying the registry
+/// file when it changed. Blocking: call it off the async reactor.
+pub fn open_outbox(config: &Config) -> anyhow::Result<outbox::Outbox> {
+    let mut outbox = outbox::Outbox::open(
+        &config.database_path(),
+        config.outbox.synchronous,
+        &config.gateway_id,
+        config.outbox.quarantine_max_rows,
+    )?;
+    outbox.configure(config)?;
+    if let Some(file) = &config.registry.file {
+        registry::apply_file_at_start(
+            outbox.connection(),
+            file,
+            config.registry.unknown_device,
+            pipeline::now_ms(),
+        )?;
+    }
+    Ok(outbox)
+}
+
 /// Runs the agent until `shutdown` resolves (or a fatal error). On shutdown
 /// the sources stop, the batch in progress is committed, acknowledgements of
 /// committed input are sent, and the uplink finishes its transaction.
@@ -64,12 +86,7 @@ pub async fn run(
     let (outbox, uplink_conn, backlog) = {
         let (db, cfg) = (db.clone(), config.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let outbox = outbox::Outbox::open(
-                &db,
-                cfg.outbox.synchronous,
-                &cfg.gateway_id,
-                cfg.outbox.quarantine_max_rows,
-            )?;
+            let outbox = open_outbox(&cfg)?;
             let conn = outbox::open_connection(&db, cfg.outbox.synchronous)?;
             let backlog = outbox.backlog().context("reading the outbox backlog")?;
             Ok((outbox, conn, backlog))

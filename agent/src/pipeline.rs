@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, OutboxConfig, ValidationConfig, WhenFull};
-use crate::outbox::{Item, Outbox, RejectedInput};
+use crate::outbox::{Item, Outbox, Raw, RejectedInput};
 use crate::signal::OutboxSignals;
 use crate::stats::Stats;
 use crate::transforms::validate::{
@@ -270,69 +270,60 @@ impl BatchWriter {
     fn commit(&mut self, batch: Vec<Envelope>, stop: &watch::Receiver<bool>) -> bool {
         let now = now_ms();
         let mut items = Vec::with_capacity(batch.len());
-        let mut mqtt_acks = Vec::new();
-        let mut serial_acks: Vec<Vec<SerialAck>> = vec![Vec::new(); self.acks.serial.len()];
-        for env in batch {
-            match env {
+        for env in &batch {
+            items.push(match env {
                 Envelope::Serial {
                     port,
                     address,
                     device_id,
                     reading,
-                } => {
-                    let item = match reading_from_frame(&device_id, &reading, now, &self.validation)
-                    {
-                        Ok(r) => Item::Reading(r),
-                        Err(rejection) => Item::Rejected(RejectedInput {
-                            source: "serial",
-                            topic: format!("serial/{port}/{address}/{device_id}"),
-                            payload: format!("{reading:?}").into_bytes(),
-                            rejection,
-                        }),
-                    };
-                    if let Some(acks) = serial_acks.get_mut(port) {
-                        acks.push(SerialAck {
-                            address,
-                            boot_epoch: reading.boot_epoch,
-                            seq: reading.seq,
-                            refused: matches!(item, Item::Rejected(_)),
-                        });
-                    }
-                    items.push(item);
-                }
-                Envelope::Mqtt(delivery) => {
-                    items.push(self.decode(
-                        "mqtt",
-                        &delivery.publish.topic,
-                        &delivery.publish.payload,
-                        now,
-                    ));
-                    mqtt_acks.push(delivery);
-                }
+                } => match reading_from_frame(device_id, reading, now, &self.validation) {
+                    Ok(r) => Item::Reading(
+                        r,
+                        Raw::Frame {
+                            port: *port,
+                            address: *address,
+                            frame: reading,
+                        },
+                    ),
+                    Err(rejection) => Item::Rejected(RejectedInput {
+                        source: "serial",
+                        topic: format!("serial/{port}/{address}/{device_id}"),
+                        payload: format!("{reading:?}").into_bytes(),
+                        rejection,
+                    }),
+                },
+                Envelope::Mqtt(delivery) => self.decode(
+                    "mqtt",
+                    &delivery.publish.topic,
+                    &delivery.publish.payload,
+                    now,
+                ),
                 Envelope::Raw {
                     source,
                     topic,
                     payload,
-                } => {
-                    items.push(self.decode(source, &topic, &payload, now));
-                }
+                } => self.decode(source, topic, payload, now),
                 Envelope::Line {
                     source,
                     origin,
                     payload,
-                } => {
-                    items.push(
-                        match decode_reading(&payload, None, now, &self.validation) {
-                            Ok(reading) => Item::Reading(reading),
-                            Err(rejection) => self.rejected(source, &origin, &payload, rejection),
+                } => match decode_reading(payload, None, now, &self.validation) {
+                    Ok(reading) => Item::Reading(
+                        reading,
+                        Raw::Bytes {
+                            source,
+                            topic: origin,
+                            payload,
                         },
-                    );
-                }
-            }
+                    ),
+                    Err(rejection) => self.rejected(source, origin, payload, rejection),
+                },
+            });
         }
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
-            match self.outbox.write_batch(&items, now) {
+            match self.outbox.write_batch(&mut items, now) {
                 Ok(outcome) => break outcome,
                 Err(e) => {
                     error!(
@@ -352,17 +343,47 @@ impl BatchWriter {
         let s = &self.stats;
         s.valid.fetch_add(outcome.valid, Relaxed);
         s.duplicates.fetch_add(outcome.duplicates, Relaxed);
+        s.alerts.fetch_add(outcome.alerts, Relaxed);
+        let refused: Vec<bool> = items
+            .iter()
+            .map(|item| matches!(item, Item::Rejected(_)))
+            .collect();
         for item in &items {
             if let Item::Rejected(r) = item {
                 s.count_reject(r.rejection.reason);
             }
         }
+        drop(items);
+        s.set_plane(self.outbox.plane().counters());
         if outcome.batch_seq.is_some() {
             s.batches_written.fetch_add(1, Relaxed);
             s.bytes_written.fetch_add(outcome.bytes, Relaxed);
             s.outbox_batches.fetch_add(1, Relaxed);
             s.outbox_bytes.fetch_add(outcome.bytes, Relaxed);
             self.signals.new_batch.bump();
+        }
+        let mut mqtt_acks = Vec::new();
+        let mut serial_acks: Vec<Vec<SerialAck>> = vec![Vec::new(); self.acks.serial.len()];
+        for (env, refused) in batch.into_iter().zip(refused) {
+            match env {
+                Envelope::Mqtt(delivery) => mqtt_acks.push(delivery),
+                Envelope::Serial {
+                    port,
+                    address,
+                    reading,
+                    ..
+                } => {
+                    if let Some(acks) = serial_acks.get_mut(port) {
+                        acks.push(SerialAck {
+                            address,
+                            boot_epoch: reading.boot_epoch,
+                            seq: reading.seq,
+                            refused,
+                        });
+                    }
+                }
+                Envelope::Raw { .. } | Envelope::Line { .. } => {}
+            }
         }
         if !mqtt_acks.is_empty()
             && let Some(tx) = &self.acks.mqtt
@@ -388,7 +409,7 @@ impl BatchWriter {
         topic: &str,
         payload: &[u8],
         rejection: Rejection,
-    ) -> Item {
+    ) -> Item<'static> {
         let keep = payload.len().min(self.validation.max_payload_bytes);
         Item::Rejected(RejectedInput {
             source,
@@ -398,20 +419,31 @@ impl BatchWriter {
         })
     }
 
-    fn decode(&self, source: &'static str, topic: &str, payload: &[u8], now: i64) -> Item {
+    fn decode<'a>(
+        &self,
+        source: &'static str,
+        topic: &'a str,
+        payload: &'a [u8],
+        now: i64,
+    ) -> Item<'a> {
         let reject = |rejection: Rejection| self.rejected(source, topic, payload, rejection);
+        let raw = Raw::Bytes {
+            source,
+            topic,
+            payload,
+        };
         let device = match parse_topic(&self.topic_prefix, topic) {
             Ok(TopicKind::Telemetry(device)) => device,
             Ok(TopicKind::TelemetryBin(device)) => {
                 return match decode_bin_reading(payload, device, now, &self.validation) {
-                    Ok(reading) => Item::Reading(reading),
+                    Ok(reading) => Item::Reading(reading, raw),
                     Err(rejection) => reject(rejection),
                 };
             }
             Err(rejection) => return reject(rejection),
         };
         match decode_reading(payload, Some(device), now, &self.validation) {
-            Ok(reading) => Item::Reading(reading),
+            Ok(reading) => Item::Reading(reading, raw),
             Err(rejection) => reject(rejection),
         }
     }

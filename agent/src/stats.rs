@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 
+use crate::transforms::enrich::PlaneCounters;
 use crate::transforms::validate::RejectReason;
 
 /// State of the Kafka uplink as shown to people.
@@ -49,6 +50,10 @@ pub struct Stats {
     pub writer_heartbeat_ms: AtomicI64,
     /// Rejections per reason, since start.
     pub rejects: Mutex<BTreeMap<RejectReason, u64>>,
+    /// Geofence and threshold alerts raised.
+    pub alerts: AtomicU64,
+    /// Registry cache and lookup counters, as of the last batch.
+    pub plane: Mutex<PlaneCounters>,
 }
 
 impl Default for Stats {
@@ -70,6 +75,8 @@ impl Default for Stats {
             uplink: Mutex::new(UplinkState::Starting),
             writer_heartbeat_ms: AtomicI64::new(0),
             rejects: Mutex::new(BTreeMap::new()),
+            alerts: AtomicU64::new(0),
+            plane: Mutex::new(PlaneCounters::default()),
         }
     }
 }
@@ -86,6 +93,16 @@ impl Stats {
             .lock()
             .map(|s| s.clone())
             .unwrap_or(UplinkState::Starting)
+    }
+
+    pub fn set_plane(&self, counters: PlaneCounters) {
+        if let Ok(mut p) = self.plane.lock() {
+            *p = counters;
+        }
+    }
+
+    pub fn plane(&self) -> PlaneCounters {
+        self.plane.lock().map(|p| *p).unwrap_or_default()
     }
 
     pub fn count_reject(&self, reason: RejectReason) {

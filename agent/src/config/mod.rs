@@ -62,6 +62,163 @@ pub struct Config {
     /// Live progress line on stderr.
     #[serde(default)]
     pub progress: ProgressConfig,
+    /// The device registry (metadata and geofences) and what happens to
+    /// devices not in it.
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    /// Defaults per device type: valid value ranges and alert thresholds,
+    /// used when a device's registry entry gives none.
+    #[serde(default)]
+    pub device_types: BTreeMap<String, DeviceTypeConfig>,
+    /// Threshold and geofence alerts.
+    #[serde(default)]
+    pub alerts: AlertsConfig,
+    /// Local HTTP endpoint for Prometheus `/metrics`, `/health` and `/status`.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// What happens to a reading from a device the registry does not know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownDevice {
+    /// Accept it unenriched, flagged `"registered": false`.
+    Pass,
+    /// Reject it as `unknown_device` (quarantine and `iot-dlq`).
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// JSON registry file (devices and a GeoJSON FeatureCollection of
+    /// fences) applied at start when it changed. A file that does not parse
+    /// is refused as a whole and the last good copy stays in use.
+    pub file: Option<PathBuf>,
+    /// Policy for devices not in the registry.
+    #[serde(default = "default_unknown_device")]
+    pub unknown_device: UnknownDevice,
+    /// Most device entries held in memory in front of SQLite.
+    #[serde(default = "default_registry_cache_capacity")]
+    pub cache_capacity: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            unknown_device: default_unknown_device(),
+            cache_capacity: default_registry_cache_capacity(),
+        }
+    }
+}
+
+const fn default_unknown_device() -> UnknownDevice {
+    UnknownDevice::Pass
+}
+const fn default_registry_cache_capacity() -> usize {
+    20_000
+}
+
+/// `[min, max]` of a value, inclusive.
+pub type Bounds = [f64; 2];
+
+/// Limits of the schema's numeric values; a value without limits is only
+/// checked against its physical range.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<Bounds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub humidity: Option<Bounds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub battery: Option<Bounds>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed: Option<Bounds>,
+}
+
+impl ValueLimits {
+    /// Field name and bounds of every limit set, in a fixed order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, Bounds)> + '_ {
+        [
+            ("temperature", self.temperature),
+            ("humidity", self.humidity),
+            ("battery", self.battery),
+            ("speed", self.speed),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|b| (k, b)))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.iter().next().is_none()
+    }
+
+    /// Checks every bound is finite with min ≤ max; names the first bad one.
+    pub fn check(&self) -> Result<(), (&'static str, Bounds)> {
+        for (field, b) in self.iter() {
+            if !(b[0].is_finite() && b[1].is_finite() && b[0] <= b[1]) {
+                return Err((field, b));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceTypeConfig {
+    /// Valid ranges: a reading outside is rejected as `out_of_range`.
+    #[serde(default)]
+    pub ranges: ValueLimits,
+    /// Alert thresholds: `alerts.threshold_readings` consecutive readings
+    /// outside raise a `threshold` alert.
+    #[serde(default)]
+    pub thresholds: ValueLimits,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Consecutive readings outside a threshold before an alert is raised
+    /// (a device's registry entry may override it).
+    #[serde(default = "default_threshold_readings")]
+    pub threshold_readings: u32,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self {
+            threshold_readings: default_threshold_readings(),
+        }
+    }
+}
+
+const fn default_threshold_readings() -> u32 {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port` to serve `/metrics`, `/health` and `/status` on; empty
+    /// turns the endpoint off. Keep it on loopback or a management network:
+    /// it has no authentication.
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_http_listen(),
+        }
+    }
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:9464".to_string()
 }
 
 fn default_data_dir() -> PathBuf {
@@ -386,6 +543,9 @@ pub struct KafkaConfig {
     /// Topic for rejected input with its reason.
     #[serde(default = "default_topic_dlq")]
     pub topic_dlq: String,
+    /// Topic for geofence and threshold alerts.
+    #[serde(default = "default_topic_alerts")]
+    pub topic_alerts: String,
     /// Compacted topic holding each gateway's exactly-once marker.
     #[serde(default = "default_topic_offsets")]
     pub topic_offsets: String,
@@ -419,6 +579,9 @@ fn default_topic_data() -> String {
 }
 fn default_topic_dlq() -> String {
     "iot-dlq".into()
+}
+fn default_topic_alerts() -> String {
+    "iot-alerts".into()
 }
 fn default_topic_offsets() -> String {
     "edge-offsets".into()
@@ -727,6 +890,7 @@ impl Config {
         for (key, topic) in [
             ("kafka.topic_data", &k.topic_data),
             ("kafka.topic_dlq", &k.topic_dlq),
+            ("kafka.topic_alerts", &k.topic_alerts),
             ("kafka.topic_offsets", &k.topic_offsets),
         ] {
             if !valid_kafka_topic(topic) {
@@ -792,6 +956,50 @@ impl Config {
                 "progress.interval_seconds",
                 self.progress.interval_seconds,
                 "0 to 3600",
+            ));
+        }
+        let r = &self.registry;
+        if !(1..=10_000_000).contains(&r.cache_capacity) {
+            return Err(invalid(
+                "registry.cache_capacity",
+                r.cache_capacity,
+                "1 to 10000000",
+            ));
+        }
+        if r.file.as_ref().is_some_and(|f| f.as_os_str().is_empty()) {
+            return Err(invalid(
+                "registry.file",
+                "",
+                "a path to a registry JSON file, or leave the key out",
+            ));
+        }
+        for (name, t) in &self.device_types {
+            if !is_valid_id(name) {
+                return Err(invalid("device_types", name, ID_RULE));
+            }
+            for (what, limits) in [("ranges", &t.ranges), ("thresholds", &t.thresholds)] {
+                if let Err((field, b)) = limits.check() {
+                    return Err(ConfigError::Invalid {
+                        key: "device_types",
+                        value: format!("{name}.{what}.{field} = {b:?}"),
+                        allowed: "[min, max] with finite numbers and min <= max".into(),
+                    });
+                }
+            }
+        }
+        if !(1..=10_000).contains(&self.alerts.threshold_readings) {
+            return Err(invalid(
+                "alerts.threshold_readings",
+                self.alerts.threshold_readings,
+                "1 to 10000",
+            ));
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(invalid(
+                "http.listen",
+                &self.http.listen,
+                "an IP:port such as 127.0.0.1:9464, or \"\" to turn the endpoint off",
             ));
         }
         Ok(())

@@ -184,3 +184,34 @@ fn demo_device_prefix_is_checked() {
         "invalid config: `sources.demo.device_prefix` = \"a/b-\": 0 to 58 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
     );
 }
+
+#[test]
+fn registry_device_types_alerts_and_http_are_checked() {
+    let ok = format!(
+        "{MINIMAL}\n[registry]\nfile = \"registry.json\"\nunknown_device = \"reject\"\n\
+         [device_types.tracker]\nranges.temperature = [-40.0, 85.0]\nthresholds.speed = [0.0, 120.0]\n\
+         [alerts]\nthreshold_readings = 5\n[http]\nlisten = \"\"\n"
+    );
+    let c = Config::from_toml(&ok, "t").unwrap();
+    assert_eq!(c.registry.unknown_device, UnknownDevice::Reject);
+    assert_eq!(
+        c.device_types["tracker"].ranges.temperature,
+        Some([-40.0, 85.0])
+    );
+    assert_eq!(c.alerts.threshold_readings, 5);
+    let inverted = format!("{MINIMAL}\n[device_types.tracker]\nthresholds.speed = [10.0, 1.0]\n");
+    assert_eq!(
+        error_of(&inverted),
+        "invalid config: `device_types` = tracker.thresholds.speed = [10.0, 1.0]: [min, max] with finite numbers and min <= max"
+    );
+    let policy = format!("{MINIMAL}\n[registry]\nunknown_device = \"maybe\"\n");
+    assert!(error_of(&policy).contains("unknown variant `maybe`"));
+    let listen = format!("{MINIMAL}\n[http]\nlisten = \"localhost\"\n");
+    assert!(error_of(&listen).starts_with("invalid config: `http.listen` = \"localhost\""));
+    let field = format!("{MINIMAL}\n[device_types.t]\nranges.pressure = [0.0, 1.0]\n");
+    assert!(
+        error_of(&field).contains("unknown field `pressure`"),
+        "{}",
+        error_of(&field)
+    );
+}

@@ -12,6 +12,8 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::SyncMode;
+use crate::registry::RegistryError;
+use crate::transforms::enrich::{Alert, DataPlane};
 use crate::transforms::validate::{DeadLetterRecord, EnrichedRecord, Reading, Rejection};
 
 const SCHEMA_VERSION: i64 = 1;
@@ -63,6 +65,8 @@ pub enum OutboxError {
     Sqlite(#[from] rusqlite::Error),
     #[error("outbox batch {batch_seq} is corrupt: {what}")]
     Corrupt { batch_seq: i64, what: &'static str },
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 /// Which Kafka topic a record goes to; the names come from config.
@@ -71,6 +75,7 @@ pub enum OutboxError {
 pub enum TopicId {
     Data = 0,
     DeadLetter = 1,
+    Alert = 2,
 }
 
 impl TopicId {
@@ -78,6 +83,7 @@ impl TopicId {
         match b {
             0 => Some(Self::Data),
             1 => Some(Self::DeadLetter),
+            2 => Some(Self::Alert),
             _ => None,
         }
     }
@@ -100,10 +106,66 @@ pub struct RejectedInput {
     pub rejection: Rejection,
 }
 
+/// The raw input a reading was decoded from, for the dead-letter record
+/// when the data plane rejects it after decoding (unknown device, range).
+#[derive(Debug, Clone, Copy)]
+pub enum Raw<'a> {
+    Bytes {
+        source: &'static str,
+        topic: &'a str,
+        payload: &'a [u8],
+    },
+    Frame {
+        port: usize,
+        address: u8,
+        frame: &'a firmware_proto::message::Reading,
+    },
+    /// No raw form kept: the dead letter holds the decoded reading.
+    None,
+}
+
+impl Raw<'_> {
+    fn rejected(
+        &self,
+        reading: &Reading,
+        rejection: Rejection,
+        max_payload: usize,
+    ) -> RejectedInput {
+        match *self {
+            Raw::Bytes {
+                source,
+                topic,
+                payload,
+            } => RejectedInput {
+                source,
+                topic: topic.chars().take(256).collect(),
+                payload: payload[..payload.len().min(max_payload)].to_vec(),
+                rejection,
+            },
+            Raw::Frame {
+                port,
+                address,
+                frame,
+            } => RejectedInput {
+                source: "serial",
+                topic: format!("serial/{port}/{address}/{}", reading.device_id),
+                payload: format!("{frame:?}").into_bytes(),
+                rejection,
+            },
+            Raw::None => RejectedInput {
+                source: "reading",
+                topic: String::new(),
+                payload: serde_json::to_vec(reading).unwrap_or_default(),
+                rejection,
+            },
+        }
+    }
+}
+
 /// What the batch writer hands to [`Outbox::write_batch`].
 #[derive(Debug, Clone)]
-pub enum Item {
-    Reading(Reading),
+pub enum Item<'a> {
+    Reading(Reading, Raw<'a>),
     Rejected(RejectedInput),
 }
 
@@ -115,6 +177,8 @@ pub struct BatchOutcome {
     pub valid: u64,
     pub duplicates: u64,
     pub rejected: u64,
+    /// Alerts raised.
+    pub alerts: u64,
     /// Encoded bytes of the batch body.
     pub bytes: u64,
 }
@@ -133,6 +197,10 @@ pub struct Outbox {
     quarantine_max_rows: u64,
     /// Per-device high-water marks, mirrored from `device_hwm`.
     hwm: HashMap<String, u64>,
+    /// Registry lookup, ranges, geofences and thresholds.
+    plane: DataPlane,
+    /// Payload bound for dead letters of readings the data plane rejects.
+    max_payload_bytes: usize,
 }
 
 /// Opens the database with the pragmas every connection needs.
@@ -167,6 +235,8 @@ impl Outbox {
     ) -> Result<Self, OutboxError> {
         let conn = open_connection(path, sync)?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::registry::SCHEMA)?;
+        conn.execute_batch(crate::transforms::enrich::SCHEMA)?;
         let version: Option<i64> = conn
             .query_row(
                 "SELECT value FROM meta WHERE key = 'schema_version'",
@@ -193,12 +263,35 @@ impl Outbox {
                 hwm.insert(device, seq as u64);
             }
         }
+        let mut plane = DataPlane::passthrough();
+        plane.load_states(&conn)?;
         Ok(Self {
             conn,
             gateway_id: gateway_id.to_string(),
             quarantine_max_rows,
             hwm,
+            plane,
+            max_payload_bytes: 4096,
         })
+    }
+
+    /// Sets up the data plane (registry policy, device types, alerts).
+    pub fn configure(&mut self, config: &crate::config::Config) -> Result<(), OutboxError> {
+        let mut plane = DataPlane::new(config);
+        plane.load_states(&self.conn)?;
+        self.plane = plane;
+        self.max_payload_bytes = config.validation.max_payload_bytes;
+        Ok(())
+    }
+
+    /// The data plane's counters.
+    pub fn plane(&self) -> &DataPlane {
+        &self.plane
+    }
+
+    /// The connection (registry apply at start, tests).
+    pub fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 
     /// Batches and bytes waiting for the uplink.
@@ -211,17 +304,34 @@ impl Outbox {
         self.hwm.len()
     }
 
-    /// Writes one batch atomically: records to send, dedupe marks, rejects.
+    /// Writes one batch atomically: records to send, dedupe marks, device
+    /// state, rejects. A reading the data plane refuses (unknown device,
+    /// outside its device's range) is turned into a rejected item in place.
     pub fn write_batch(
         &mut self,
-        items: &[Item],
+        items: &mut [Item<'_>],
+        now_ms: i64,
+    ) -> Result<BatchOutcome, OutboxError> {
+        let result = self.write_batch_inner(items, now_ms);
+        match &result {
+            Ok(_) => self.plane.committed(),
+            Err(_) => self.plane.rolled_back(),
+        }
+        result
+    }
+
+    fn write_batch_inner(
+        &mut self,
+        items: &mut [Item<'_>],
         now_ms: i64,
     ) -> Result<BatchOutcome, OutboxError> {
         let mut outcome = BatchOutcome::default();
         let mut body = Vec::with_capacity(items.len() * 300);
         let mut records = 0i64;
-        let mut new_marks: HashMap<&str, u64> = HashMap::new();
-        let tx = self.conn.transaction()?;
+        let mut new_marks: HashMap<String, u64> = HashMap::new();
+        let mut alerts: Vec<Alert> = Vec::new();
+        let tx = write_transaction(&self.conn)?;
+        self.plane.begin(&tx)?;
         {
             let mut quarantine = tx.prepare_cached(
                 "INSERT INTO quarantine (received_ms, source, topic, reason, message, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -229,70 +339,97 @@ impl Outbox {
             let mut count = tx.prepare_cached(
                 "INSERT INTO reject_count (reason, count) VALUES (?1, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1",
             )?;
-            for item in items {
-                match item {
-                    Item::Reading(reading) => {
-                        let mark = new_marks
-                            .get(reading.device_id.as_str())
-                            .or_else(|| self.hwm.get(&reading.device_id))
-                            .copied();
-                        if mark.is_some_and(|m| reading.seq <= m) {
-                            outcome.duplicates += 1;
+            for item in items.iter_mut() {
+                if let Item::Reading(reading, raw) = item {
+                    let mark = new_marks
+                        .get(reading.device_id.as_str())
+                        .or_else(|| self.hwm.get(&reading.device_id))
+                        .copied();
+                    if mark.is_some_and(|m| reading.seq <= m) {
+                        outcome.duplicates += 1;
+                        continue;
+                    }
+                    match self.plane.check(&tx, reading)? {
+                        Ok(meta) => {
+                            new_marks.insert(reading.device_id.clone(), reading.seq);
+                            alerts.clear();
+                            self.plane.events(reading, meta.as_deref(), &mut alerts);
+                            let value = serde_json::to_vec(&EnrichedRecord::new(
+                                reading,
+                                meta.as_deref(),
+                                &self.gateway_id,
+                                now_ms,
+                            ))
+                            .expect("serializing a validated reading to JSON cannot fail");
+                            encode_record(
+                                &mut body,
+                                TopicId::Data,
+                                reading.device_id.as_bytes(),
+                                &value,
+                            );
+                            records += 1;
+                            outcome.valid += 1;
+                            for alert in &alerts {
+                                let value = serde_json::to_vec(&AlertRecord {
+                                    alert,
+                                    gateway_id: &self.gateway_id,
+                                    raised_at: now_ms,
+                                })
+                                .expect("serializing an alert to JSON cannot fail");
+                                encode_record(
+                                    &mut body,
+                                    TopicId::Alert,
+                                    alert.device_id.as_bytes(),
+                                    &value,
+                                );
+                                records += 1;
+                                outcome.alerts += 1;
+                            }
                             continue;
                         }
-                        new_marks.insert(reading.device_id.as_str(), reading.seq);
-                        let value = serde_json::to_vec(&EnrichedRecord {
-                            reading,
-                            gateway_id: &self.gateway_id,
-                            received_at: now_ms,
-                        })
-                        .expect("serializing a validated reading to JSON cannot fail");
-                        encode_record(
-                            &mut body,
-                            TopicId::Data,
-                            reading.device_id.as_bytes(),
-                            &value,
-                        );
-                        records += 1;
-                        outcome.valid += 1;
-                    }
-                    Item::Rejected(input) => {
-                        let reason = input.rejection.reason.code();
-                        let (payload, payload_hex) = match std::str::from_utf8(&input.payload) {
-                            Ok(s) => (Some(s), None),
-                            Err(_) => (None, Some(hex(&input.payload))),
-                        };
-                        let value = serde_json::to_vec(&DeadLetterRecord {
-                            gateway_id: &self.gateway_id,
-                            received_at: now_ms,
-                            source: input.source,
-                            topic: &input.topic,
-                            reason,
-                            message: &input.rejection.message,
-                            payload,
-                            payload_hex,
-                            payload_bytes: input.payload.len(),
-                        })
-                        .expect("serializing a dead letter to JSON cannot fail");
-                        encode_record(
-                            &mut body,
-                            TopicId::DeadLetter,
-                            input.topic.as_bytes(),
-                            &value,
-                        );
-                        records += 1;
-                        quarantine.execute(params![
-                            now_ms,
-                            input.source,
-                            input.topic,
-                            reason,
-                            input.rejection.message,
-                            input.payload
-                        ])?;
-                        count.execute(params![reason])?;
-                        outcome.rejected += 1;
+                        Err(rejection) => {
+                            let input = raw.rejected(reading, rejection, self.max_payload_bytes);
+                            *item = Item::Rejected(input);
+                        }
                     }
                 }
+                let Item::Rejected(input) = item else {
+                    continue;
+                };
+                let reason = input.rejection.reason.code();
+                let (payload, payload_hex) = match std::str::from_utf8(&input.payload) {
+                    Ok(s) => (Some(s), None),
+                    Err(_) => (None, Some(hex(&input.payload))),
+                };
+                let value = serde_json::to_vec(&DeadLetterRecord {
+                    gateway_id: &self.gateway_id,
+                    received_at: now_ms,
+                    source: input.source,
+                    topic: &input.topic,
+                    reason,
+                    message: &input.rejection.message,
+                    payload,
+                    payload_hex,
+                    payload_bytes: input.payload.len(),
+                })
+                .expect("serializing a dead letter to JSON cannot fail");
+                encode_record(
+                    &mut body,
+                    TopicId::DeadLetter,
+                    input.topic.as_bytes(),
+                    &value,
+                );
+                records += 1;
+                quarantine.execute(params![
+                    now_ms,
+                    input.source,
+                    input.topic,
+                    reason,
+                    input.rejection.message,
+                    input.payload
+                ])?;
+                count.execute(params![reason])?;
+                outcome.rejected += 1;
             }
             if records > 0 {
                 tx.execute(
@@ -308,6 +445,7 @@ impl Outbox {
             for (device, seq) in &new_marks {
                 mark.execute(params![device, *seq as i64])?;
             }
+            self.plane.persist(&tx)?;
             if outcome.rejected > 0 {
                 tx.execute(
                     "DELETE FROM quarantine WHERE id <= (SELECT MAX(id) FROM quarantine) - ?1",
@@ -317,15 +455,20 @@ impl Outbox {
         }
         tx.commit()?;
         for (device, seq) in new_marks {
-            match self.hwm.get_mut(device) {
-                Some(m) => *m = seq,
-                None => {
-                    self.hwm.insert(device.to_string(), seq);
-                }
-            }
+            self.hwm.insert(device, seq);
         }
         Ok(outcome)
     }
+}
+
+/// An alert as sent to `iot-alerts`.
+#[derive(serde::Serialize)]
+struct AlertRecord<'a> {
+    #[serde(flatten)]
+    alert: &'a Alert,
+    gateway_id: &'a str,
+    /// Gateway clock when the alert was raised, epoch ms.
+    raised_at: i64,
 }
 
 /// What [`Outbox::drop_oldest`] deleted.

@@ -4,7 +4,7 @@ use crate::transforms::validate::{RejectReason, decode_reading};
 
 const NOW: i64 = 1_790_000_000_000;
 
-fn reading(device: &str, seq: u64) -> Item {
+fn reading(device: &str, seq: u64) -> Item<'static> {
     let json = serde_json::json!({
         "device_id": device, "seq": seq, "ts": NOW,
         "temperature": 20.0, "humidity": 50.0, "battery": 90.0,
@@ -18,10 +18,11 @@ fn reading(device: &str, seq: u64) -> Item {
             &ValidationConfig::default(),
         )
         .unwrap(),
+        Raw::None,
     )
 }
 
-fn rejected(payload: &[u8]) -> Item {
+fn rejected(payload: &[u8]) -> Item<'static> {
     Item::Rejected(RejectedInput {
         source: "mqtt",
         topic: "devices/x/telemetry".into(),
@@ -39,7 +40,10 @@ fn batch_is_written_and_read_back() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
     let out = outbox
-        .write_batch(&[reading("a", 1), reading("b", 1), rejected(b"{oops")], NOW)
+        .write_batch(
+            &mut [reading("a", 1), reading("b", 1), rejected(b"{oops")],
+            NOW,
+        )
         .unwrap();
     assert_eq!((out.valid, out.rejected, out.duplicates), (2, 1, 0));
     assert_eq!(out.batch_seq, Some(1));
@@ -68,18 +72,24 @@ fn duplicates_are_dropped_within_and_across_batches_and_restarts() {
     {
         let mut outbox = open(&dir);
         let out = outbox
-            .write_batch(&[reading("a", 1), reading("a", 2), reading("a", 2)], NOW)
+            .write_batch(
+                &mut [reading("a", 1), reading("a", 2), reading("a", 2)],
+                NOW,
+            )
             .unwrap();
         assert_eq!((out.valid, out.duplicates), (2, 1));
     }
     let mut outbox = open(&dir);
     assert_eq!(outbox.known_devices(), 1);
     let out = outbox
-        .write_batch(&[reading("a", 2), reading("a", 1), reading("a", 3)], NOW)
+        .write_batch(
+            &mut [reading("a", 2), reading("a", 1), reading("a", 3)],
+            NOW,
+        )
         .unwrap();
     assert_eq!((out.valid, out.duplicates), (1, 2));
     // A batch of only duplicates writes no outbox batch.
-    let out = outbox.write_batch(&[reading("a", 3)], NOW).unwrap();
+    let out = outbox.write_batch(&mut [reading("a", 3)], NOW).unwrap();
     assert_eq!(out.batch_seq, None);
 }
 
@@ -89,7 +99,7 @@ fn quarantine_is_bounded_but_counts_are_not() {
     let mut outbox = open(&dir);
     for i in 0..5 {
         outbox
-            .write_batch(&[rejected(format!("bad{i}").as_bytes())], NOW)
+            .write_batch(&mut [rejected(format!("bad{i}").as_bytes())], NOW)
             .unwrap();
     }
     let rows: i64 = outbox
@@ -108,7 +118,7 @@ fn non_utf8_payload_goes_out_as_hex() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
     outbox
-        .write_batch(&[rejected(&[0xff, 0x00, 0x10])], NOW)
+        .write_batch(&mut [rejected(&[0xff, 0x00, 0x10])], NOW)
         .unwrap();
     let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
     let dlq: serde_json::Value = serde_json::from_slice(&batches[0].records[0].value).unwrap();
@@ -120,12 +130,12 @@ fn non_utf8_payload_goes_out_as_hex() {
 fn trim_and_sequence_never_reuse_numbers() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
-    outbox.write_batch(&[reading("a", 1)], NOW).unwrap();
-    outbox.write_batch(&[reading("a", 2)], NOW).unwrap();
+    outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
+    outbox.write_batch(&mut [reading("a", 2)], NOW).unwrap();
     let freed = trim(&outbox.conn, 2).unwrap();
     assert!(freed > 0);
     assert_eq!(backlog(&outbox.conn).unwrap(), (0, 0));
-    let out = outbox.write_batch(&[reading("a", 3)], NOW).unwrap();
+    let out = outbox.write_batch(&mut [reading("a", 3)], NOW).unwrap();
     assert_eq!(
         out.batch_seq,
         Some(3),
@@ -135,7 +145,7 @@ fn trim_and_sequence_never_reuse_numbers() {
     // above the marker, new batches follow it.
     assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(1));
     assert_eq!(ensure_sequence_after(&outbox.conn, 50).unwrap(), None);
-    let out = outbox.write_batch(&[reading("a", 4)], NOW).unwrap();
+    let out = outbox.write_batch(&mut [reading("a", 4)], NOW).unwrap();
     assert_eq!(out.batch_seq, Some(104));
     let seqs: Vec<i64> = load_batches(&outbox.conn, 100, 10, u64::MAX)
         .unwrap()
@@ -154,7 +164,7 @@ fn fresh_database_sequence_can_be_moved() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
     assert_eq!(ensure_sequence_after(&outbox.conn, 7).unwrap(), Some(0));
-    let out = outbox.write_batch(&[reading("a", 1)], NOW).unwrap();
+    let out = outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
     assert_eq!(out.batch_seq, Some(8));
 }
 
@@ -164,8 +174,8 @@ fn batches_written_before_the_marker_was_read_survive_a_lost_data_folder() {
     // The writer already committed (and acknowledged) two batches.
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
-    outbox.write_batch(&[reading("a", 1)], NOW).unwrap();
-    outbox.write_batch(&[reading("b", 1)], NOW).unwrap();
+    outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
+    outbox.write_batch(&mut [reading("b", 1)], NOW).unwrap();
     assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(2));
     trim(&outbox.conn, 100).unwrap();
     let batches = load_batches(&outbox.conn, 100, 10, u64::MAX).unwrap();
@@ -180,7 +190,7 @@ fn batches_written_before_the_marker_was_read_survive_a_lost_data_folder() {
 fn trim_waits_for_the_writer_instead_of_failing() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
-    outbox.write_batch(&[reading("a", 1)], NOW).unwrap();
+    outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
     let other = open_connection(&dir.path().join("o.db"), SyncMode::Full).unwrap();
     // Another connection holds the write lock for a moment.
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
@@ -201,7 +211,7 @@ fn load_respects_byte_budget_but_returns_at_least_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
     for seq in 1..=3 {
-        outbox.write_batch(&[reading("a", seq)], NOW).unwrap();
+        outbox.write_batch(&mut [reading("a", seq)], NOW).unwrap();
     }
     assert_eq!(load_batches(&outbox.conn, 0, 10, 1).unwrap().len(), 1);
     assert_eq!(
@@ -253,7 +263,7 @@ fn drop_oldest_deletes_the_oldest_batches_and_counts_them() {
     for seq in 1..=5 {
         sizes.push(
             outbox
-                .write_batch(&[reading("a", seq), reading("b", seq)], NOW)
+                .write_batch(&mut [reading("a", seq), reading("b", seq)], NOW)
                 .unwrap()
                 .bytes,
         );
@@ -281,4 +291,303 @@ fn drop_oldest_deletes_the_oldest_batches_and_counts_them() {
     assert_eq!(outbox.drop_oldest(u64::MAX).unwrap(), Dropped::default());
     outbox.drop_oldest(0).unwrap();
     assert_eq!(dropped_records(&outbox.conn).unwrap(), 10);
+}
+
+// --- The data plane inside the batch transaction -------------------------
+
+fn plane_config(extra: &str) -> crate::config::Config {
+    crate::config::Config::from_toml(
+        &format!(
+            "gateway_id = \"gw-1\"\n[sources.demo]\n[kafka]\nbrokers = \"127.0.0.1:9092\"\n{extra}"
+        ),
+        "test",
+    )
+    .unwrap()
+}
+
+fn open_with(dir: &tempfile::TempDir, config: &crate::config::Config) -> Outbox {
+    let mut outbox = open(dir);
+    outbox.configure(config).unwrap();
+    outbox
+}
+
+fn apply_registry(outbox: &mut Outbox, doc: &serde_json::Value) {
+    let r = crate::registry::parse_registry(&doc.to_string()).unwrap();
+    crate::registry::apply(outbox.connection(), &r, "test", "h", NOW).unwrap();
+}
+
+struct At {
+    seq: u64,
+    ts: i64,
+    lat: f64,
+    lon: f64,
+    speed: f64,
+    temperature: f64,
+}
+
+const BASE: At = At {
+    seq: 1,
+    ts: NOW,
+    lat: 30.0,
+    lon: 30.0,
+    speed: 10.0,
+    temperature: 20.0,
+};
+
+fn payload(device: &str, at: &At) -> Vec<u8> {
+    serde_json::json!({
+        "device_id": device, "seq": at.seq, "ts": at.ts,
+        "temperature": at.temperature, "humidity": 50.0, "battery": 90.0,
+        "lat": at.lat, "lon": at.lon, "speed": at.speed
+    })
+    .to_string()
+    .into_bytes()
+}
+
+/// Writes one reading per payload (each its own batch when `each`), and
+/// returns every record written, in order.
+fn write(outbox: &mut Outbox, device: &str, at: &[At]) -> Vec<OutRecord> {
+    let payloads: Vec<Vec<u8>> = at.iter().map(|a| payload(device, a)).collect();
+    let topic = format!("devices/{device}/telemetry");
+    let mut items: Vec<Item> = payloads
+        .iter()
+        .map(|p| {
+            Item::Reading(
+                decode_reading(p, None, NOW, &ValidationConfig::default()).unwrap(),
+                Raw::Bytes {
+                    source: "mqtt",
+                    topic: &topic,
+                    payload: p,
+                },
+            )
+        })
+        .collect();
+    let before = backlog(&outbox.conn).unwrap().0;
+    outbox.write_batch(&mut items, NOW).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 1_000_000, u64::MAX).unwrap();
+    assert!(batches.len() as u64 <= before + 1);
+    batches
+        .last()
+        .map(|b| b.records.clone())
+        .unwrap_or_default()
+}
+
+fn alerts(records: &[OutRecord]) -> Vec<(String, String)> {
+    records
+        .iter()
+        .filter(|r| r.topic == TopicId::Alert)
+        .map(|r| {
+            let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+            assert_eq!(r.key, v["device_id"].as_str().unwrap().as_bytes());
+            (
+                v["event"].as_str().unwrap().to_string(),
+                v["alert_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn unknown_devices_follow_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open_with(
+        &dir,
+        &plane_config("[registry]\nunknown_device = \"reject\"\n"),
+    );
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    let records = write(&mut outbox, "truck-1", &[BASE]);
+    let v: serde_json::Value = serde_json::from_slice(&records[0].value).unwrap();
+    assert_eq!(v["registered"], true);
+    assert_eq!(v["device_type"], "tracker");
+    assert_eq!(v["device_name"], "Truck 1");
+    assert_eq!(v["tags"]["fleet"], "a");
+
+    let records = write(&mut outbox, "ghost", &[BASE]);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].topic, TopicId::DeadLetter);
+    let dlq: serde_json::Value = serde_json::from_slice(&records[0].value).unwrap();
+    assert_eq!(dlq["reason"], "unknown_device");
+    assert_eq!(dlq["topic"], "devices/ghost/telemetry");
+    assert_eq!(
+        dlq["payload"].as_str().unwrap().as_bytes(),
+        payload("ghost", &BASE)
+    );
+    // Rejected readings do not advance the high-water mark: once the
+    // device is registered, the same reading is accepted.
+    assert_eq!(outbox.plane().counters().unknown_devices, 1);
+
+    // Pass policy: accepted unenriched, flagged.
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open_with(&dir, &plane_config(""));
+    let records = write(&mut outbox, "ghost", &[BASE]);
+    let v: serde_json::Value = serde_json::from_slice(&records[0].value).unwrap();
+    assert_eq!(records[0].topic, TopicId::Data);
+    assert_eq!(v["registered"], false);
+    assert!(v.get("device_type").is_none());
+}
+
+#[test]
+fn ranges_come_from_the_device_then_its_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config(
+        "[device_types.tracker]\nranges.temperature = [-50.0, 100.0]\nranges.speed = [0.0, 50.0]\n",
+    );
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    // The device's own range (-20..60) wins over its type's (-50..100).
+    let hot = At {
+        temperature: 70.0,
+        ..BASE
+    };
+    let records = write(&mut outbox, "truck-1", &[hot]);
+    let dlq: serde_json::Value = serde_json::from_slice(&records[0].value).unwrap();
+    assert_eq!(dlq["reason"], "out_of_range");
+    assert!(
+        dlq["message"]
+            .as_str()
+            .unwrap()
+            .contains("range from the device's registry entry")
+    );
+    // Speed has no device range: the type's applies.
+    let fast = At {
+        speed: 60.0,
+        ..BASE
+    };
+    let records = write(&mut outbox, "truck-1", &[fast]);
+    let dlq: serde_json::Value = serde_json::from_slice(&records[0].value).unwrap();
+    assert!(dlq["message"].as_str().unwrap().contains("its device type"));
+    // A device without a type has only the physical ranges.
+    let records = write(
+        &mut outbox,
+        "sensor-9",
+        &[At {
+            speed: 60.0,
+            ..BASE
+        }],
+    );
+    assert_eq!(records[0].topic, TopicId::Data);
+}
+
+#[test]
+fn geofence_events_are_alerts_and_state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config("");
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    let inside = |seq: u64, s: i64| At {
+        seq,
+        ts: NOW + s * 1000,
+        lat: 48.2,
+        lon: 11.2,
+        ..BASE
+    };
+    let records = write(&mut outbox, "sensor-9", &[inside(1, 0)]);
+    assert_eq!(
+        alerts(&records),
+        [("enter".into(), "sensor-9:1:yard:enter".into())]
+    );
+    // Restart: the device is still inside, no second `enter`.
+    drop(outbox);
+    let mut outbox = open_with(&dir, &config);
+    let records = write(&mut outbox, "sensor-9", &[inside(2, 10)]);
+    assert_eq!(alerts(&records), []);
+    // Inside for 60 s: `dwell`, once.
+    let records = write(&mut outbox, "sensor-9", &[inside(3, 61), inside(4, 70)]);
+    assert_eq!(
+        alerts(&records),
+        [("dwell".into(), "sensor-9:3:yard:dwell".into())]
+    );
+    // Into the hole: `exit`; still out 120 s later: `absent`.
+    let hole = |seq: u64, s: i64| At {
+        seq,
+        ts: NOW + s * 1000,
+        lat: 48.5,
+        lon: 11.5,
+        ..BASE
+    };
+    let records = write(&mut outbox, "sensor-9", &[hole(5, 80)]);
+    assert_eq!(
+        alerts(&records),
+        [("exit".into(), "sensor-9:5:yard:exit".into())]
+    );
+    drop(outbox);
+    let mut outbox = open_with(&dir, &config);
+    let records = write(&mut outbox, "sensor-9", &[hole(6, 150), hole(7, 201)]);
+    assert_eq!(
+        alerts(&records),
+        [("absent".into(), "sensor-9:7:yard:absent".into())]
+    );
+    // A MultiPolygon part.
+    let depot = At {
+        seq: 8,
+        ts: NOW + 300_000,
+        lat: 5.5,
+        lon: 5.5,
+        ..BASE
+    };
+    let records = write(&mut outbox, "sensor-9", &[depot]);
+    assert_eq!(
+        alerts(&records),
+        [("enter".into(), "sensor-9:8:depots:enter".into())]
+    );
+}
+
+#[test]
+fn threshold_alert_after_n_consecutive_readings_then_rearmed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open_with(&dir, &plane_config(""));
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    // truck-1: speed threshold 0..80, two consecutive readings.
+    let speed = |seq: u64, speed: f64| At { seq, speed, ..BASE };
+    let records = write(&mut outbox, "truck-1", &[speed(1, 90.0)]);
+    assert_eq!(alerts(&records), []);
+    drop(outbox);
+    // The count survives a restart.
+    let mut outbox = open_with(&dir, &plane_config(""));
+    let records = write(
+        &mut outbox,
+        "truck-1",
+        &[
+            speed(2, 95.0),
+            speed(3, 99.0),
+            speed(4, 50.0),
+            speed(5, 85.0),
+        ],
+    );
+    assert_eq!(
+        alerts(&records),
+        [("threshold".into(), "truck-1:2:threshold:speed".into())]
+    );
+    let alert = records.iter().find(|r| r.topic == TopicId::Alert).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&alert.value).unwrap();
+    assert_eq!(v["value"], 95.0);
+    assert_eq!(v["threshold"], serde_json::json!([0.0, 80.0]));
+    assert_eq!(v["consecutive"], 2);
+    assert_eq!(v["gateway_id"], "gw-1");
+    let records = write(&mut outbox, "truck-1", &[speed(6, 86.0)]);
+    assert_eq!(
+        alerts(&records),
+        [("threshold".into(), "truck-1:6:threshold:speed".into())]
+    );
+}
+
+#[test]
+fn a_new_registry_is_used_from_the_next_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config("[registry]\nunknown_device = \"reject\"\n");
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    assert_eq!(
+        write(&mut outbox, "truck-1", &[BASE])[0].topic,
+        TopicId::Data
+    );
+    // Applied from another connection, as the cloud sync will.
+    let mut other = open_connection(&dir.path().join("o.db"), SyncMode::Full).unwrap();
+    let mut doc = crate::registry::tests::document();
+    doc["devices"] = serde_json::json!([{"device_id": "sensor-9"}]);
+    let r = crate::registry::parse_registry(&doc.to_string()).unwrap();
+    crate::registry::apply(&mut other, &r, "test", "h2", NOW).unwrap();
+    let records = write(&mut outbox, "truck-1", &[At { seq: 2, ..BASE }]);
+    assert_eq!(records[0].topic, TopicId::DeadLetter);
+    assert_eq!(outbox.plane().counters().registry_generation, 2);
 }

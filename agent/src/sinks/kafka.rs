@@ -253,6 +253,7 @@ impl KafkaUplink {
                     let topic = match r.topic {
                         TopicId::Data => &k.topic_data,
                         TopicId::DeadLetter => &k.topic_dlq,
+                        TopicId::Alert => &k.topic_alerts,
                     };
                     send(
                         producer,

@@ -129,6 +129,11 @@ fn optional_seconds(index: usize, props: &Value, key: &str) -> Result<Option<i64
 /// polygons and duplicate ids refuse the whole file.
 pub fn parse_fences(text: &str) -> Result<Vec<Fence>, FenceError> {
     let doc: Value = serde_json::from_str(text).map_err(|e| FenceError::Json(e.to_string()))?;
+    fences_from_value(&doc)
+}
+
+/// [`parse_fences`] on an already parsed JSON value.
+pub fn fences_from_value(doc: &Value) -> Result<Vec<Fence>, FenceError> {
     if doc.get("type").and_then(Value::as_str) != Some("FeatureCollection") {
         return Err(FenceError::NotAFeatureCollection);
     }
@@ -217,6 +222,7 @@ impl RTreeObject for Indexed {
 /// Fences with an R-tree over their bounding boxes.
 pub struct FenceIndex {
     fences: Vec<Fence>,
+    by_id: std::collections::HashMap<String, usize>,
     tree: RTree<Indexed>,
 }
 
@@ -236,8 +242,14 @@ impl FenceIndex {
                 })
             })
             .collect();
+        let by_id = fences
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.id.clone(), i))
+            .collect();
         Self {
             fences,
+            by_id,
             tree: RTree::bulk_load(items),
         }
     }
@@ -264,7 +276,7 @@ impl FenceIndex {
     }
 
     fn get(&self, id: &str) -> Option<&Fence> {
-        self.fences.iter().find(|f| f.id == id)
+        self.by_id.get(id).map(|&i| &self.fences[i])
     }
 }
 

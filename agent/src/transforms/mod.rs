@@ -1,4 +1,5 @@
 //! Per-reading processing stages.
 
+pub mod enrich;
 pub mod geofence;
 pub mod validate;

@@ -25,10 +25,11 @@ pub enum RejectReason {
     OutOfRange,
     DeviceIdMismatch,
     TimestampSkew,
+    UnknownDevice,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 12] = [
+    pub const ALL: [RejectReason; 13] = [
         Self::PayloadTooLarge,
         Self::UnknownTopic,
         Self::UnsupportedEncoding,
@@ -41,6 +42,7 @@ impl RejectReason {
         Self::OutOfRange,
         Self::DeviceIdMismatch,
         Self::TimestampSkew,
+        Self::UnknownDevice,
     ];
 
     /// The stable code.
@@ -58,6 +60,7 @@ impl RejectReason {
             Self::OutOfRange => "out_of_range",
             Self::DeviceIdMismatch => "device_id_mismatch",
             Self::TimestampSkew => "timestamp_skew",
+            Self::UnknownDevice => "unknown_device",
         }
     }
 
@@ -514,6 +517,37 @@ pub struct EnrichedRecord<'a> {
     pub gateway_id: &'a str,
     /// Gateway clock when the reading was accepted, epoch ms.
     pub received_at: i64,
+    /// Whether the device is in the registry (an unknown device passes
+    /// unenriched when `registry.unknown_device = "pass"`).
+    pub registered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub site: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<&'a std::collections::BTreeMap<String, String>>,
+}
+
+impl<'a> EnrichedRecord<'a> {
+    pub fn new(
+        reading: &'a Reading,
+        meta: Option<&'a crate::registry::DeviceMeta>,
+        gateway_id: &'a str,
+        received_at: i64,
+    ) -> Self {
+        Self {
+            reading,
+            gateway_id,
+            received_at,
+            registered: meta.is_some(),
+            device_type: meta.and_then(|m| m.device_type.as_deref()),
+            device_name: meta.and_then(|m| m.name.as_deref()),
+            site: meta.and_then(|m| m.site.as_deref()),
+            tags: meta.map(|m| &m.tags).filter(|t| !t.is_empty()),
+        }
+    }
 }
 
 /// The record sent to `iot-dlq` for a rejected input.

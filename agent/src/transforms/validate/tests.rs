@@ -199,14 +199,21 @@ fn reason_codes_round_trip() {
 #[test]
 fn enriched_record_flattens_the_reading() {
     let r = decode(&good()).unwrap();
-    let json = serde_json::to_value(EnrichedRecord {
-        reading: &r,
-        gateway_id: "gw",
-        received_at: NOW,
-    })
-    .unwrap();
+    let json = serde_json::to_value(EnrichedRecord::new(&r, None, "gw", NOW)).unwrap();
     assert_eq!(json["device_id"], "dev-1");
     assert_eq!(json["seq"], 7);
     assert_eq!(json["gateway_id"], "gw");
+    assert_eq!(json["registered"], false);
     assert!(json.get("attributes").is_none());
+    assert!(json.get("device_type").is_none());
+    let meta: crate::registry::DeviceMeta = serde_json::from_str(
+        r#"{"device_id": "dev-1", "device_type": "tracker", "name": "Truck 7", "site": "north", "tags": {"fleet": "a"}}"#,
+    )
+    .unwrap();
+    let json = serde_json::to_value(EnrichedRecord::new(&r, Some(&meta), "gw", NOW)).unwrap();
+    assert_eq!(json["registered"], true);
+    assert_eq!(json["device_type"], "tracker");
+    assert_eq!(json["device_name"], "Truck 7");
+    assert_eq!(json["site"], "north");
+    assert_eq!(json["tags"]["fleet"], "a");
 }

@@ -1,0 +1,375 @@
+//! The stateful part of the data plane, run inside each outbox batch
+//! transaction: registry lookup (cache, then SQLite), the unknown-device
+//! policy, per-device value ranges, geofence events and threshold alerts.
+//!
+//! Per-device state (fences the device is in, consecutive readings over a
+//! threshold) changes only in a pending copy during a batch; it is written
+//! in the batch's transaction and becomes the current state only once that
+//! commits, so a failed or crashed batch leaves no trace and a restart
+//! never raises a spurious `enter`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use rusqlite::{Connection, params};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info};
+
+use crate::config::{Bounds, Config, DeviceTypeConfig, UnknownDevice};
+use crate::registry::{self, DeviceCache, DeviceMeta};
+use crate::transforms::geofence::{DeviceFences, FenceIndex};
+use crate::transforms::validate::{Reading, RejectReason, Rejection};
+
+pub(crate) const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS device_state (
+    device_id TEXT PRIMARY KEY,
+    body      TEXT NOT NULL
+) WITHOUT ROWID;
+";
+
+/// Per-device state that survives restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    #[serde(default)]
+    pub fences: DeviceFences,
+    /// Field → consecutive readings outside its alert threshold.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub outside: BTreeMap<String, u32>,
+}
+
+impl DeviceState {
+    fn is_empty(&self) -> bool {
+        self.fences.inside.is_empty() && self.fences.left.is_empty() && self.outside.is_empty()
+    }
+}
+
+/// An alert for `iot-alerts`. `alert_id` is deterministic (device, key of
+/// the reading, event, fence or field), so a replay overwrites the same
+/// document instead of adding one.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Alert {
+    pub alert_id: String,
+    /// `geofence` or `threshold`.
+    pub kind: &'static str,
+    /// `enter`, `exit`, `dwell`, `absent` or `threshold`.
+    pub event: &'static str,
+    pub device_id: String,
+    pub seq: u64,
+    pub ts: i64,
+    pub lat: f64,
+    pub lon: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fence_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<Bounds>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consecutive: Option<u32>,
+}
+
+/// Counters of the data plane, cumulative since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlaneCounters {
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_entries: u64,
+    pub unknown_devices: u64,
+    pub registry_generation: i64,
+    pub fences: u64,
+}
+
+pub struct DataPlane {
+    /// Registry generation the cache and fence index belong to; -1 before
+    /// the first batch.
+    generation: i64,
+    cache: DeviceCache,
+    fences: FenceIndex,
+    policy: UnknownDevice,
+    types: BTreeMap<String, DeviceTypeConfig>,
+    threshold_readings: u32,
+    states: HashMap<String, DeviceState>,
+    pending: HashMap<String, DeviceState>,
+    unknown: u64,
+}
+
+impl DataPlane {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            generation: -1,
+            cache: DeviceCache::new(config.registry.cache_capacity),
+            fences: FenceIndex::new(Vec::new()),
+            policy: config.registry.unknown_device,
+            types: config.device_types.clone(),
+            threshold_readings: config.alerts.threshold_readings,
+            states: HashMap::new(),
+            pending: HashMap::new(),
+            unknown: 0,
+        }
+    }
+
+    /// No registry, unknown devices pass: what the outbox does on its own.
+    pub fn passthrough() -> Self {
+        Self {
+            generation: -1,
+            cache: DeviceCache::new(1024),
+            fences: FenceIndex::new(Vec::new()),
+            policy: UnknownDevice::Pass,
+            types: BTreeMap::new(),
+            threshold_readings: 3,
+            states: HashMap::new(),
+            pending: HashMap::new(),
+            unknown: 0,
+        }
+    }
+
+    /// Loads the persisted device states.
+    pub fn load_states(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let mut stmt = conn.prepare("SELECT device_id, body FROM device_state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        for row in rows {
+            let (device, body) = row?;
+            match serde_json::from_str(&body) {
+                Ok(state) => {
+                    self.states.insert(device, state);
+                }
+                // Losing one device's fence state costs at most a repeated
+                // `enter`; refusing to start would cost every reading.
+                Err(e) => error!(device, error = %e, "ignoring unreadable stored device state"),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn counters(&self) -> PlaneCounters {
+        PlaneCounters {
+            cache_hits: self.cache.hits,
+            cache_misses: self.cache.misses,
+            cache_entries: self.cache.len() as u64,
+            unknown_devices: self.unknown,
+            registry_generation: self.generation.max(0),
+            fences: self.fences.len() as u64,
+        }
+    }
+
+    /// Starts a batch inside its transaction: picks up a registry applied
+    /// since the last batch.
+    pub fn begin(&mut self, conn: &Connection) -> Result<(), registry::RegistryError> {
+        self.pending.clear();
+        let generation = registry::generation(conn)?;
+        if generation != self.generation {
+            let fences = registry::load_fences(conn)?;
+            if self.generation >= 0 {
+                info!(
+                    generation,
+                    fences = fences.len(),
+                    "registry changed: using the new devices and fences"
+                );
+            }
+            self.fences = FenceIndex::new(fences);
+            self.cache.clear();
+            self.generation = generation;
+        }
+        Ok(())
+    }
+
+    /// Looks the device up and applies the unknown-device policy and the
+    /// device's value ranges. `Ok(Err(_))` rejects the reading.
+    pub fn check(
+        &mut self,
+        conn: &Connection,
+        reading: &Reading,
+    ) -> Result<Result<Option<Arc<DeviceMeta>>, Rejection>, registry::RegistryError> {
+        let meta = match self.cache.get(&reading.device_id) {
+            Some(entry) => entry,
+            None => {
+                let entry = registry::lookup(conn, &reading.device_id)?.map(Arc::new);
+                self.cache.insert(&reading.device_id, entry.clone());
+                entry
+            }
+        };
+        let Some(meta) = meta else {
+            self.unknown += 1;
+            return Ok(match self.policy {
+                UnknownDevice::Pass => Ok(None),
+                UnknownDevice::Reject => Err(Rejection::new(
+                    RejectReason::UnknownDevice,
+                    format!(
+                        "device {:?} is not in the registry (registry.unknown_device = \"reject\")",
+                        reading.device_id
+                    ),
+                )),
+            });
+        };
+        let type_defaults = meta.device_type.as_ref().and_then(|t| self.types.get(t));
+        for (field, value) in values(reading) {
+            let bounds = field_of(&meta.ranges, field)
+                .map(|b| (b, "the device's registry entry"))
+                .or_else(|| {
+                    type_defaults
+                        .and_then(|t| field_of(&t.ranges, field))
+                        .map(|b| (b, "its device type"))
+                });
+            if let Some((b, from)) = bounds
+                && !(b[0]..=b[1]).contains(&value)
+            {
+                return Ok(Err(Rejection::new(
+                    RejectReason::OutOfRange,
+                    format!(
+                        "field `{field}` = {value} is outside {} to {} (range from {from})",
+                        b[0], b[1]
+                    ),
+                )));
+            }
+        }
+        Ok(Ok(Some(meta)))
+    }
+
+    /// Advances the device's fence and threshold state with an accepted
+    /// reading; pushes the alerts it raises.
+    pub fn events(
+        &mut self,
+        reading: &Reading,
+        meta: Option<&DeviceMeta>,
+        alerts: &mut Vec<Alert>,
+    ) {
+        let type_defaults = meta
+            .and_then(|m| m.device_type.as_ref())
+            .and_then(|t| self.types.get(t));
+        let has_thresholds = meta.is_some_and(|m| !m.thresholds.is_empty())
+            || type_defaults.is_some_and(|t| !t.thresholds.is_empty());
+        let id = reading.device_id.as_str();
+        let has_state = self.pending.contains_key(id) || self.states.contains_key(id);
+        if self.fences.is_empty() && !has_thresholds && !has_state {
+            return;
+        }
+        if !self.pending.contains_key(id) {
+            let current = self.states.get(id).cloned().unwrap_or_default();
+            self.pending.insert(id.to_string(), current);
+        }
+        let Some(state) = self.pending.get_mut(id) else {
+            return;
+        };
+        for e in state.fences.step(
+            &self.fences,
+            id,
+            reading.seq,
+            reading.ts,
+            reading.lat,
+            reading.lon,
+        ) {
+            alerts.push(Alert {
+                alert_id: e.id,
+                kind: "geofence",
+                event: e.kind.as_str(),
+                device_id: e.device_id,
+                seq: e.seq,
+                ts: e.ts,
+                lat: e.lat,
+                lon: e.lon,
+                fence_id: Some(e.fence_id),
+                field: None,
+                value: None,
+                threshold: None,
+                consecutive: None,
+            });
+        }
+        let needed = meta
+            .and_then(|m| m.threshold_readings)
+            .unwrap_or(self.threshold_readings);
+        for (field, value) in values(reading) {
+            let bounds = meta
+                .and_then(|m| field_of(&m.thresholds, field))
+                .or_else(|| type_defaults.and_then(|t| field_of(&t.thresholds, field)));
+            match bounds {
+                Some(b) if !(b[0]..=b[1]).contains(&value) => {
+                    let count = state.outside.entry(field.to_string()).or_insert(0);
+                    *count = count.saturating_add(1);
+                    if *count == needed {
+                        alerts.push(Alert {
+                            alert_id: format!("{id}:{}:threshold:{field}", reading.seq),
+                            kind: "threshold",
+                            event: "threshold",
+                            device_id: id.to_string(),
+                            seq: reading.seq,
+                            ts: reading.ts,
+                            lat: reading.lat,
+                            lon: reading.lon,
+                            fence_id: None,
+                            field: Some(field),
+                            value: Some(value),
+                            threshold: Some(b),
+                            consecutive: Some(needed),
+                        });
+                    }
+                }
+                _ => {
+                    state.outside.remove(field);
+                }
+            }
+        }
+    }
+
+    /// Writes the device states the batch changed, in its transaction.
+    pub fn persist(&self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let mut upsert = conn.prepare_cached(
+            "INSERT INTO device_state (device_id, body) VALUES (?1, ?2) ON CONFLICT(device_id) DO UPDATE SET body = excluded.body",
+        )?;
+        let mut delete = conn.prepare_cached("DELETE FROM device_state WHERE device_id = ?1")?;
+        for (device, state) in &self.pending {
+            let before = self.states.get(device);
+            if state.is_empty() {
+                if before.is_some() {
+                    delete.execute([device])?;
+                }
+            } else if before != Some(state) {
+                let body = serde_json::to_string(state)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                upsert.execute(params![device, body])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The batch committed: its states become current.
+    pub fn committed(&mut self) {
+        for (device, state) in self.pending.drain() {
+            if state.is_empty() {
+                self.states.remove(&device);
+            } else {
+                self.states.insert(device, state);
+            }
+        }
+    }
+
+    /// The batch failed: forget its changes.
+    pub fn rolled_back(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Stored state of a device (tests and `status`).
+    pub fn state(&self, device_id: &str) -> Option<&DeviceState> {
+        self.states.get(device_id)
+    }
+}
+
+fn values(r: &Reading) -> [(&'static str, f64); 4] {
+    [
+        ("temperature", r.temperature),
+        ("humidity", r.humidity),
+        ("battery", r.battery),
+        ("speed", r.speed),
+    ]
+}
+
+fn field_of(limits: &crate::config::ValueLimits, field: &str) -> Option<Bounds> {
+    match field {
+        "temperature" => limits.temperature,
+        "humidity" => limits.humidity,
+        "battery" => limits.battery,
+        "speed" => limits.speed,
+        _ => None,
+    }
+}
