@@ -8,6 +8,7 @@ pub mod config;
 pub mod doctor;
 pub mod import;
 pub mod lock;
+pub mod ops;
 pub mod outbox;
 pub mod pipeline;
 pub mod registry;
@@ -83,18 +84,23 @@ pub async fn run(
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let _lock = lock::lock_data_dir(&config.data_dir).map_err(anyhow::Error::from)?;
     let db = config.database_path();
-    let (outbox, uplink_conn, backlog) = {
+    let (outbox, uplink_conn, backlog, registry_info) = {
         let (db, cfg) = (db.clone(), config.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let outbox = open_outbox(&cfg)?;
+            let mut outbox = open_outbox(&cfg)?;
+            let registry = registry::current(outbox.connection())?;
             let conn = outbox::open_connection(&db, cfg.outbox.synchronous)?;
             let backlog = outbox.backlog().context("reading the outbox backlog")?;
-            Ok((outbox, conn, backlog))
+            Ok((outbox, conn, backlog, registry))
         })
         .await
         .context("opening the outbox")??
     };
     let (batches, bytes) = backlog;
+    stats.set_registry_info(registry_info);
+    stats
+        .devices_known
+        .store(outbox.known_devices() as u64, Relaxed);
     stats.outbox_batches.store(batches, Relaxed);
     stats.outbox_bytes.store(bytes, Relaxed);
     info!(
@@ -182,6 +188,35 @@ pub async fn run(
             result
         })
         .context("starting the Kafka uplink thread")?;
+
+    // Operations endpoint: /metrics, /health, /status.
+    let ops_state = Arc::new(ops::OpsState::new(stats.clone(), &config.gateway_id));
+    let mut ops_tasks = Vec::new();
+    {
+        let state = ops_state.clone();
+        ops_tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                state.sample();
+            }
+        }));
+    }
+    if !config.http.listen.is_empty() {
+        match tokio::net::TcpListener::bind(&config.http.listen).await {
+            Ok(listener) => {
+                info!(listen = %config.http.listen, "serving /metrics, /health and /status");
+                ops_tasks.push(tokio::spawn(ops::serve(listener, ops_state.clone())));
+            }
+            // Readings matter more than metrics: go on without the endpoint.
+            Err(e) => error!(
+                listen = %config.http.listen,
+                error = %e,
+                "cannot serve /metrics, /health and /status; is another agent running? \
+                 Set http.listen to a free port (or \"\" to turn it off)"
+            ),
+        }
+    }
 
     // Progress line.
     let progress = (config.progress.interval_seconds > 0).then(|| {
@@ -282,6 +317,9 @@ pub async fn run(
     };
     if let Some(p) = progress {
         p.abort();
+    }
+    for task in ops_tasks {
+        task.abort();
     }
     if config.progress.interval_seconds > 0 {
         eprintln!("{}", stats.progress_line());

@@ -31,18 +31,33 @@ enum Command {
         /// The file, one JSON reading per line.
         file: PathBuf,
     },
+    /// Show backlog, rates, device count, uplink state and recent errors of
+    /// the running agent (from its http.listen endpoint), or what the data
+    /// folder says when it is not running (exit code 3).
+    Status {
+        /// Print the running agent's `/status` JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        use tracing_subscriber::util::SubscriberInitExt as _;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
+            .with(edge_agent::ops::RecentEventsLayer)
+            .init();
+    }
     let config = match &cli.config {
         Some(path) => Config::from_file(path),
         None => Config::embedded_default(),
@@ -62,6 +77,56 @@ fn main() -> ExitCode {
         Command::Run => run(config),
         Command::Doctor => doctor(&config, cli.config.as_deref()),
         Command::Import { file } => import(config, &file),
+        Command::Status { json } => status(&config, json),
+    }
+}
+
+fn status(config: &Config, json: bool) -> ExitCode {
+    let listen = &config.http.listen;
+    let running = if listen.is_empty() {
+        Ok(None)
+    } else {
+        edge_agent::ops::fetch(listen, "/status")
+    };
+    match running {
+        Ok(Some((200, body))) => {
+            if json {
+                print!("{body}");
+                return ExitCode::SUCCESS;
+            }
+            match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) => {
+                    print!("{}", edge_agent::ops::render_status(&v));
+                    if v["healthy"].as_bool() == Some(true) {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("edge-agent: {listen} answered /status with invalid JSON: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Ok(Some((code, body))) => {
+            eprintln!("edge-agent: {listen} answered /status with HTTP {code}: {body}");
+            ExitCode::FAILURE
+        }
+        Ok(None) | Err(_) => {
+            match &running {
+                Err(e) => println!("edge-agent does not answer on {listen}: {e:#}"),
+                Ok(_) if listen.is_empty() => {
+                    println!("http.listen is off: showing what the data folder says")
+                }
+                Ok(_) => println!("edge-agent is not running (nothing listens on {listen})"),
+            }
+            match edge_agent::ops::offline_status(config) {
+                Ok(text) => print!("{text}"),
+                Err(e) => eprintln!("edge-agent: cannot read the data folder: {e:#}"),
+            }
+            ExitCode::from(3)
+        }
     }
 }
 

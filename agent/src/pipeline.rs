@@ -355,6 +355,8 @@ impl BatchWriter {
         }
         drop(items);
         s.set_plane(self.outbox.plane().counters());
+        s.devices_known
+            .store(self.outbox.known_devices() as u64, Relaxed);
         if outcome.batch_seq.is_some() {
             s.batches_written.fetch_add(1, Relaxed);
             s.bytes_written.fetch_add(outcome.bytes, Relaxed);

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 
+use crate::registry::RegistryInfo;
 use crate::transforms::enrich::PlaneCounters;
 use crate::transforms::validate::RejectReason;
 
@@ -54,6 +55,10 @@ pub struct Stats {
     pub alerts: AtomicU64,
     /// Registry cache and lookup counters, as of the last batch.
     pub plane: Mutex<PlaneCounters>,
+    /// Devices with a high-water mark (ever seen by this gateway).
+    pub devices_known: AtomicU64,
+    /// The registry in use, if any.
+    pub registry: Mutex<Option<RegistryInfo>>,
 }
 
 impl Default for Stats {
@@ -77,6 +82,8 @@ impl Default for Stats {
             rejects: Mutex::new(BTreeMap::new()),
             alerts: AtomicU64::new(0),
             plane: Mutex::new(PlaneCounters::default()),
+            devices_known: AtomicU64::new(0),
+            registry: Mutex::new(None),
         }
     }
 }
@@ -99,6 +106,16 @@ impl Stats {
         if let Ok(mut p) = self.plane.lock() {
             *p = counters;
         }
+    }
+
+    pub fn set_registry_info(&self, info: Option<RegistryInfo>) {
+        if let Ok(mut r) = self.registry.lock() {
+            *r = info;
+        }
+    }
+
+    pub fn registry_info(&self) -> Option<RegistryInfo> {
+        self.registry.lock().ok().and_then(|r| r.clone())
     }
 
     pub fn plane(&self) -> PlaneCounters {

@@ -480,3 +480,105 @@ fn drop_oldest_keeps_the_outbox_bounded_and_counts_the_loss() {
         .unwrap();
     assert!(dropped > 0);
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn raw_request(listen: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(listen).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).expect("send");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+#[test]
+fn metrics_health_and_status_of_a_running_and_a_stopped_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let registry = dir.path().join("registry.json");
+    std::fs::write(
+        &registry,
+        r#"{"version": "v7", "devices": [{"device_id": "demo-000001", "device_type": "t"}],
+            "fences": {"type": "FeatureCollection", "features": []}}"#,
+    )
+    .unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[http]\nlisten = \"{listen}\"\n[registry]\nfile = \"{}\"\n",
+            registry.display()
+        ),
+    );
+    let agent = start(&config);
+    agent.wait_line(
+        "progress with valid readings and the uplink down",
+        Duration::from_secs(60),
+        |l| l.starts_with("in ") && field(l, "valid") > 500 && l.contains("DOWN"),
+    );
+
+    let (code, metrics) = edge_agent::ops::fetch(&listen, "/metrics")
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in:\n{metrics}"))
+    };
+    assert!(value("edge_readings_valid_total") > 0.0);
+    assert!(value("edge_registry_cache_hits_total") > 0.0);
+    assert!(value("edge_unknown_device_readings_total") > 0.0);
+    assert_eq!(value("edge_registry_generation"), 1.0);
+    assert_eq!(value("edge_uplink_up"), 0.0);
+    assert!(metrics.contains("edge_readings_rejected_total{reason=\"unknown_device\"} 0"));
+
+    let (code, health) = edge_agent::ops::fetch(&listen, "/health").unwrap().unwrap();
+    assert_eq!(code, 200, "{health}");
+    assert!(health.contains("uplink down"), "{health}");
+    let (code, _) = edge_agent::ops::fetch(&listen, "/nope").unwrap().unwrap();
+    assert_eq!(code, 404);
+    let post = raw_request(&listen, b"POST /status HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(post.starts_with("HTTP/1.1 405"), "{post}");
+    let mut huge = b"GET /status HTTP/1.1\r\nX: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 20_000));
+    let big = raw_request(&listen, &huge);
+    assert!(big.starts_with("HTTP/1.1 431"), "{big}");
+
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("gateway cli-test"), "{text}");
+    assert!(text.contains("healthy"), "{text}");
+    assert!(text.contains("uplink: down"), "{text}");
+    assert!(text.contains("registry: version v7 from file:"), "{text}");
+    assert!(text.contains("devices known: 50"), "{text}");
+    assert!(text.contains("recent warnings/errors"), "{text}");
+
+    let status = agent.interrupt_and_wait();
+    assert!(status.success());
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&config)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{text}");
+    assert!(text.contains("edge-agent is not running"), "{text}");
+    assert!(text.contains("devices known: 50"), "{text}");
+    assert!(text.contains("registry: version v7"), "{text}");
+    assert!(text.contains("batches /"), "{text}");
+}
