@@ -3,10 +3,10 @@
 //! policy, per-device value ranges, geofence events and threshold alerts.
 //!
 //! Per-device state (fences the device is in, consecutive readings over a
-//! threshold) changes only in a pending copy during a batch; it is written
-//! in the batch's transaction and becomes the current state only once that
-//! commits, so a failed or crashed batch leaves no trace and a restart
-//! never raises a spurious `enter`.
+//! threshold) is written in the batch's transaction for every device whose
+//! state the batch changed, so a restart never raises a spurious `enter`.
+//! It is changed in place in memory; when a batch fails, the in-memory
+//! state is reloaded from SQLite (which rolled back) before the next one.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -23,23 +23,24 @@ use crate::transforms::validate::{Reading, RejectReason, Rejection};
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS device_state (
     device_id TEXT PRIMARY KEY,
-    body      TEXT NOT NULL
+    body      BLOB NOT NULL
 ) WITHOUT ROWID;
 ";
 
-/// Per-device state that survives restarts.
+/// Per-device state that survives restarts (stored with postcard: no
+/// `skip_serializing_if` here, the format is not self-describing).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceState {
     #[serde(default)]
     pub fences: DeviceFences,
     /// Field → consecutive readings outside its alert threshold.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default)]
     pub outside: BTreeMap<String, u32>,
 }
 
 impl DeviceState {
     fn is_empty(&self) -> bool {
-        self.fences.inside.is_empty() && self.fences.left.is_empty() && self.outside.is_empty()
+        self.fences.is_empty() && self.outside.is_empty()
     }
 }
 
@@ -91,7 +92,10 @@ pub struct DataPlane {
     types: BTreeMap<String, DeviceTypeConfig>,
     threshold_readings: u32,
     states: HashMap<String, DeviceState>,
-    pending: HashMap<String, DeviceState>,
+    /// Devices whose state the current batch changed.
+    dirty: Vec<String>,
+    /// A batch failed after changing states: reload them from SQLite.
+    reload: bool,
     unknown: u64,
 }
 
@@ -105,7 +109,8 @@ impl DataPlane {
             types: config.device_types.clone(),
             threshold_readings: config.alerts.threshold_readings,
             states: HashMap::new(),
-            pending: HashMap::new(),
+            dirty: Vec::new(),
+            reload: false,
             unknown: 0,
         }
     }
@@ -120,18 +125,20 @@ impl DataPlane {
             types: BTreeMap::new(),
             threshold_readings: 3,
             states: HashMap::new(),
-            pending: HashMap::new(),
+            dirty: Vec::new(),
+            reload: false,
             unknown: 0,
         }
     }
 
     /// Loads the persisted device states.
     pub fn load_states(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        self.states.clear();
         let mut stmt = conn.prepare("SELECT device_id, body FROM device_state")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
         for row in rows {
             let (device, body) = row?;
-            match serde_json::from_str(&body) {
+            match postcard::from_bytes(&body) {
                 Ok(state) => {
                     self.states.insert(device, state);
                 }
@@ -157,7 +164,11 @@ impl DataPlane {
     /// Starts a batch inside its transaction: picks up a registry applied
     /// since the last batch.
     pub fn begin(&mut self, conn: &Connection) -> Result<(), registry::RegistryError> {
-        self.pending.clear();
+        self.dirty.clear();
+        if self.reload {
+            self.load_states(conn)?;
+            self.reload = false;
+        }
         let generation = registry::generation(conn)?;
         if generation != self.generation {
             let fences = registry::load_fences(conn)?;
@@ -171,6 +182,11 @@ impl DataPlane {
             self.fences = FenceIndex::new(fences);
             self.cache.clear();
             self.generation = generation;
+            for (device, state) in self.states.iter_mut() {
+                if state.fences.forget_unknown(&self.fences) {
+                    self.dirty.push(device.clone());
+                }
+            }
         }
         Ok(())
     }
@@ -241,17 +257,15 @@ impl DataPlane {
         let has_thresholds = meta.is_some_and(|m| !m.thresholds.is_empty())
             || type_defaults.is_some_and(|t| !t.thresholds.is_empty());
         let id = reading.device_id.as_str();
-        let has_state = self.pending.contains_key(id) || self.states.contains_key(id);
-        if self.fences.is_empty() && !has_thresholds && !has_state {
+        if self.fences.is_empty() && !has_thresholds && !self.states.contains_key(id) {
             return;
         }
-        if !self.pending.contains_key(id) {
-            let current = self.states.get(id).cloned().unwrap_or_default();
-            self.pending.insert(id.to_string(), current);
-        }
-        let Some(state) = self.pending.get_mut(id) else {
-            return;
+        let state = match self.states.get_mut(id) {
+            Some(s) => s,
+            None => self.states.entry(id.to_string()).or_default(),
         };
+        let before = alerts.len();
+        let mut changed = false;
         for e in state.fences.step(
             &self.fences,
             id,
@@ -285,6 +299,7 @@ impl DataPlane {
                 .or_else(|| type_defaults.and_then(|t| field_of(&t.thresholds, field)));
             match bounds {
                 Some(b) if !(b[0]..=b[1]).contains(&value) => {
+                    changed = true;
                     let count = state.outside.entry(field.to_string()).or_insert(0);
                     *count = count.saturating_add(1);
                     if *count == needed {
@@ -306,47 +321,58 @@ impl DataPlane {
                     }
                 }
                 _ => {
-                    state.outside.remove(field);
+                    changed |= state.outside.remove(field).is_some();
                 }
             }
+        }
+        if changed || alerts.len() > before {
+            // A device is listed once per batch at most when it changes
+            // often; the persist step skips repeats.
+            if self.dirty.last().map(String::as_str) != Some(id) {
+                self.dirty.push(id.to_string());
+            }
+        }
+        if state.is_empty() {
+            self.states.remove(id);
         }
     }
 
     /// Writes the device states the batch changed, in its transaction.
-    pub fn persist(&self, conn: &Connection) -> Result<(), rusqlite::Error> {
+    pub fn persist(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
         let mut upsert = conn.prepare_cached(
             "INSERT INTO device_state (device_id, body) VALUES (?1, ?2) ON CONFLICT(device_id) DO UPDATE SET body = excluded.body",
         )?;
         let mut delete = conn.prepare_cached("DELETE FROM device_state WHERE device_id = ?1")?;
-        for (device, state) in &self.pending {
-            let before = self.states.get(device);
-            if state.is_empty() {
-                if before.is_some() {
+        for device in &self.dirty {
+            match self.states.get(device) {
+                Some(state) => {
+                    // postcard: compact and cheap to write for every change.
+                    let body = postcard::to_allocvec(state)
+                        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                    upsert.execute(params![device, body])?;
+                }
+                None => {
                     delete.execute([device])?;
                 }
-            } else if before != Some(state) {
-                let body = serde_json::to_string(state)
-                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                upsert.execute(params![device, body])?;
             }
         }
         Ok(())
     }
 
-    /// The batch committed: its states become current.
+    /// The batch committed.
     pub fn committed(&mut self) {
-        for (device, state) in self.pending.drain() {
-            if state.is_empty() {
-                self.states.remove(&device);
-            } else {
-                self.states.insert(device, state);
-            }
-        }
+        self.dirty.clear();
     }
 
-    /// The batch failed: forget its changes.
+    /// The batch failed: its changes to device states are void.
     pub fn rolled_back(&mut self) {
-        self.pending.clear();
+        self.dirty.clear();
+        self.reload = true;
     }
 
     /// Stored state of a device (tests and `status`).

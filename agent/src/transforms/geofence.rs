@@ -321,13 +321,21 @@ pub struct FenceEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFences {
     /// Fence id → (entered at ts, dwell already reported).
+    #[serde(default)]
     pub inside: BTreeMap<String, (i64, bool)>,
-    /// Fence id → left at ts, until `absent` fires or the device is back.
+    /// Fence id → ts at which `absent` fires if the device is not back by
+    /// then (only fences with `absent_seconds`).
+    #[serde(default)]
     pub left: BTreeMap<String, i64>,
 }
 
 impl DeviceFences {
+    pub fn is_empty(&self) -> bool {
+        self.inside.is_empty() && self.left.is_empty()
+    }
+
     /// Advances the state with one position; returns the events it raises.
+    /// The state changes exactly when an event is raised.
     pub fn step(
         &mut self,
         index: &FenceIndex,
@@ -339,6 +347,9 @@ impl DeviceFences {
     ) -> Vec<FenceEvent> {
         let now_inside = index.containing(lat, lon);
         let mut events = Vec::new();
+        if now_inside.is_empty() && self.is_empty() {
+            return events;
+        }
         let mut emit = |kind: FenceEventKind, fence_id: &str| {
             events.push(FenceEvent {
                 id: format!("{device_id}:{seq}:{fence_id}:{}", kind.as_str()),
@@ -351,54 +362,62 @@ impl DeviceFences {
                 lon,
             });
         };
-        let exited: Vec<String> = self
-            .inside
-            .keys()
-            .filter(|id| !now_inside.iter().any(|f| &f.id == *id))
-            .cloned()
-            .collect();
-        for id in exited {
-            self.inside.remove(&id);
-            emit(FenceEventKind::Exit, &id);
-            if index.get(&id).is_some_and(|f| f.absent_ms.is_some()) {
-                self.left.insert(id, ts);
+        if self.inside.len() != now_inside.len()
+            || !now_inside.iter().all(|f| self.inside.contains_key(&f.id))
+        {
+            let exited: Vec<String> = self
+                .inside
+                .keys()
+                .filter(|id| !now_inside.iter().any(|f| &f.id == *id))
+                .cloned()
+                .collect();
+            for id in exited {
+                self.inside.remove(&id);
+                emit(FenceEventKind::Exit, &id);
+                if let Some(absent) = index.get(&id).and_then(|f| f.absent_ms) {
+                    self.left.insert(id, ts.saturating_add(absent));
+                }
             }
-        }
-        for fence in &now_inside {
-            if !self.inside.contains_key(&fence.id) {
-                self.inside.insert(fence.id.clone(), (ts, false));
-                self.left.remove(&fence.id);
-                emit(FenceEventKind::Enter, &fence.id);
+            for fence in &now_inside {
+                if !self.inside.contains_key(&fence.id) {
+                    self.inside.insert(fence.id.clone(), (ts, false));
+                    self.left.remove(&fence.id);
+                    emit(FenceEventKind::Enter, &fence.id);
+                }
             }
         }
         for (id, (entered, reported)) in self.inside.iter_mut() {
-            if let Some(dwell) = index.get(id).and_then(|f| f.dwell_ms)
-                && !*reported
+            if !*reported
+                && let Some(dwell) = index.get(id).and_then(|f| f.dwell_ms)
                 && ts - *entered >= dwell
             {
                 *reported = true;
                 emit(FenceEventKind::Dwell, id);
             }
         }
-        let absent: Vec<String> = self
-            .left
-            .iter()
-            .filter(|(id, left_at)| {
-                index
-                    .get(id)
-                    .and_then(|f| f.absent_ms)
-                    .is_some_and(|t| ts - **left_at >= t)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in absent {
-            self.left.remove(&id);
-            emit(FenceEventKind::Absent, &id);
+        if self.left.values().any(|&due| ts >= due) {
+            let absent: Vec<String> = self
+                .left
+                .iter()
+                .filter(|(_, due)| ts >= **due)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in absent {
+                self.left.remove(&id);
+                emit(FenceEventKind::Absent, &id);
+            }
         }
-        // Fences removed from the registry leave no state behind.
-        self.inside.retain(|id, _| index.get(id).is_some());
-        self.left.retain(|id, _| index.get(id).is_some());
         events
+    }
+
+    /// Drops what refers to fences no longer in `index` (after a registry
+    /// change); returns whether anything was dropped.
+    pub fn forget_unknown(&mut self, index: &FenceIndex) -> bool {
+        let before = self.inside.len() + self.left.len();
+        self.left.retain(|id, _| index.get(id).is_some());
+        // `inside` entries of a removed fence go on the next step, with an
+        // `exit` event; only absent timers are dropped here.
+        before != self.inside.len() + self.left.len()
     }
 }
 

@@ -172,7 +172,244 @@ const KNOWN_FIELDS: [&str; 11] = [
 
 /// Decodes and validates one JSON reading. `topic_device` is the device id
 /// from the topic, which the payload must repeat.
+///
+/// A well-formed reading takes the fast path: one pass of serde over the
+/// bytes into typed fields, no intermediate JSON tree. Anything the fast
+/// path cannot read (a missing field, a wrong type, bad JSON) is decoded
+/// again by the general path, which names exactly what is wrong; both give
+/// the same result for every input (tested).
 pub fn decode_reading(
+    payload: &[u8],
+    topic_device: Option<&str>,
+    now_ms: i64,
+    limits: &ValidationConfig,
+) -> Result<Reading, Rejection> {
+    if payload.len() <= limits.max_payload_bytes
+        && let Ok(wire) = serde_json::from_slice::<fast::Wire<'_>>(payload)
+        && let Some(reading) = wire.complete()
+    {
+        return reading.finish(topic_device, now_ms, limits);
+    }
+    decode_reading_general(payload, topic_device, now_ms, limits)
+}
+
+/// Parsed, not yet checked fields of a JSON reading.
+struct Parts {
+    device_id: String,
+    device_seq: u64,
+    epoch: Option<u64>,
+    ts: i64,
+    temperature: f64,
+    humidity: f64,
+    battery: f64,
+    lat: f64,
+    lon: f64,
+    speed: f64,
+    attributes: Map<String, Value>,
+}
+
+impl Parts {
+    /// The checks on values, in the general path's order.
+    fn finish(
+        self,
+        topic_device: Option<&str>,
+        now_ms: i64,
+        limits: &ValidationConfig,
+    ) -> Result<Reading, Rejection> {
+        let device_id = self.device_id;
+        if !is_valid_id(&device_id) {
+            return Err(Rejection::new(
+                RejectReason::InvalidDeviceId,
+                format!(
+                    "device_id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+                ),
+            ));
+        }
+        if let Some(expected) = topic_device
+            && expected != device_id
+        {
+            return Err(Rejection::new(
+                RejectReason::DeviceIdMismatch,
+                format!("payload device_id {device_id:?} differs from topic device {expected:?}"),
+            ));
+        }
+        let seq = fold_seq(self.device_seq, self.epoch)?;
+        check_timestamp(self.ts, now_ms, limits)?;
+        check_ranges(
+            self.temperature,
+            self.humidity,
+            self.battery,
+            self.lat,
+            self.lon,
+            self.speed,
+        )?;
+        Ok(Reading {
+            device_id,
+            seq,
+            device_seq: self.device_seq,
+            epoch: self.epoch,
+            ts: self.ts,
+            temperature: self.temperature,
+            humidity: self.humidity,
+            battery: self.battery,
+            lat: self.lat,
+            lon: self.lon,
+            speed: self.speed,
+            attributes: self.attributes,
+        })
+    }
+}
+
+/// The key the gateway dedupes on: `epoch << 32 | seq` with an epoch.
+fn fold_seq(device_seq: u64, epoch: Option<u64>) -> Result<u64, Rejection> {
+    match epoch {
+        Some(epoch) => {
+            if epoch > MAX_EPOCH {
+                return Err(out_of_range(
+                    "epoch",
+                    epoch as f64,
+                    &format!("0 to {MAX_EPOCH}"),
+                ));
+            }
+            if device_seq > MAX_SEQ_WITH_EPOCH {
+                return Err(out_of_range(
+                    "seq",
+                    device_seq as f64,
+                    &format!("0 to {MAX_SEQ_WITH_EPOCH} when an epoch is given"),
+                ));
+            }
+            Ok((epoch << 32) | device_seq)
+        }
+        None => {
+            if device_seq > MAX_SEQ {
+                return Err(out_of_range(
+                    "seq",
+                    device_seq as f64,
+                    &format!("0 to {MAX_SEQ}"),
+                ));
+            }
+            Ok(device_seq)
+        }
+    }
+}
+
+/// The fast path's single-pass reader.
+mod fast {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
+    use serde_json::{Map, Value};
+
+    use super::{KNOWN_FIELDS, Parts};
+
+    /// A string borrowed from the input when it has no escapes.
+    struct Str<'a>(Cow<'a, str>);
+
+    impl<'de> Deserialize<'de> for Str<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Str<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Str<'de>, E> {
+                    Ok(Str(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Str<'de>, E> {
+                    Ok(Str(Cow::Owned(v.to_string())))
+                }
+                fn visit_string<E>(self, v: String) -> Result<Str<'de>, E> {
+                    Ok(Str(Cow::Owned(v)))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+
+    #[derive(Default)]
+    pub(super) struct Wire<'a> {
+        device_id: Option<Cow<'a, str>>,
+        seq: Option<u64>,
+        epoch: Option<u64>,
+        ts: Option<i64>,
+        temperature: Option<f64>,
+        humidity: Option<f64>,
+        battery: Option<f64>,
+        lat: Option<f64>,
+        lon: Option<f64>,
+        speed: Option<f64>,
+        attributes: Option<Map<String, Value>>,
+        extra: Vec<(String, Value)>,
+    }
+
+    impl Wire<'_> {
+        /// All required fields, or `None` (the general path explains).
+        pub(super) fn complete(self) -> Option<Parts> {
+            let mut attributes = self.attributes.unwrap_or_default();
+            for (key, value) in self.extra {
+                attributes.insert(key, value);
+            }
+            Some(Parts {
+                device_id: self.device_id?.into_owned(),
+                device_seq: self.seq?,
+                epoch: self.epoch,
+                ts: self.ts?,
+                temperature: self.temperature?,
+                humidity: self.humidity?,
+                battery: self.battery?,
+                lat: self.lat?,
+                lon: self.lon?,
+                speed: self.speed?,
+                attributes,
+            })
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Wire<'de> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Wire<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a reading object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Wire<'de>, A::Error> {
+                    let mut w = Wire::default();
+                    while let Some(Str(key)) = map.next_key::<Str<'de>>()? {
+                        match key.as_ref() {
+                            "device_id" => w.device_id = Some(map.next_value::<Str<'de>>()?.0),
+                            "seq" => w.seq = Some(map.next_value()?),
+                            "epoch" => w.epoch = map.next_value()?,
+                            "ts" => w.ts = Some(map.next_value()?),
+                            "temperature" => w.temperature = Some(map.next_value()?),
+                            "humidity" => w.humidity = Some(map.next_value()?),
+                            "battery" => w.battery = Some(map.next_value()?),
+                            "lat" => w.lat = Some(map.next_value()?),
+                            "lon" => w.lon = Some(map.next_value()?),
+                            "speed" => w.speed = Some(map.next_value()?),
+                            "attributes" => w.attributes = map.next_value()?,
+                            other => {
+                                debug_assert!(!KNOWN_FIELDS.contains(&other));
+                                let value = map.next_value::<Value>()?;
+                                // A repeated key: the last one counts, as in
+                                // the general path.
+                                w.extra.retain(|(k, _)| k != other);
+                                w.extra.push((other.to_string(), value));
+                            }
+                        }
+                    }
+                    Ok(w)
+                }
+            }
+            d.deserialize_map(V)
+        }
+    }
+}
+
+/// The general path: a JSON tree, then field by field with precise errors.
+pub(crate) fn decode_reading_general(
     payload: &[u8],
     topic_device: Option<&str>,
     now_ms: i64,

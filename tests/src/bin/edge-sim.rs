@@ -88,6 +88,19 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Write a registry file for the simulated devices (`sim-00000`...),
+    /// with square geofences spread along their GPS tracks, for the agent's
+    /// `registry.file`.
+    Registry {
+        /// Output file.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Number of geofences along the tracks.
+        #[arg(long, default_value_t = 0)]
+        fences: u32,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Devices publishing to an MQTT broker with QoS 1.
     Mqtt {
         /// Broker address.
@@ -239,6 +252,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ),
             }
         }
+        Command::Registry {
+            out,
+            fences,
+            common,
+        } => registry(&out, fences, &common),
         Command::Jsonl {
             out,
             invalid_fraction,
@@ -266,6 +284,57 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
     }
+}
+
+fn registry(out: &std::path::Path, fences: u32, common: &Common) -> anyhow::Result<()> {
+    let base = track(common)?;
+    let devices: Vec<serde_json::Value> = (0..common.devices)
+        .map(|d| {
+            serde_json::json!({
+                "device_id": format!("sim-{d:05}"),
+                "device_type": "tracker",
+                "name": format!("Simulated tracker {d}"),
+                "site": "sim",
+                "tags": {"fleet": format!("f{}", d % 10)},
+            })
+        })
+        .collect();
+    // Squares centred on the circle the devices drive along, a third of
+    // the spacing wide, so devices keep entering and leaving them.
+    let spacing = std::f64::consts::TAU / f64::from(fences.max(1));
+    let lon_scale = base.center_lat.to_radians().cos().max(0.1);
+    let half = base.radius_deg * spacing / 6.0;
+    let features: Vec<serde_json::Value> = (0..fences)
+        .map(|i| {
+            let a = spacing * f64::from(i);
+            let (lat, lon) = (
+                base.center_lat + base.radius_deg * a.sin(),
+                base.center_lon + base.radius_deg * a.cos() / lon_scale,
+            );
+            let (dlat, dlon) = (half, half / lon_scale);
+            serde_json::json!({
+                "type": "Feature",
+                "properties": {"id": format!("fence-{i:04}"), "dwell_seconds": 30, "absent_seconds": 300},
+                "geometry": {"type": "Polygon", "coordinates": [[
+                    [lon - dlon, lat - dlat], [lon + dlon, lat - dlat], [lon + dlon, lat + dlat],
+                    [lon - dlon, lat + dlat], [lon - dlon, lat - dlat]
+                ]]}
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "version": format!("sim-{}-{}-{}", common.devices, fences, common.seed),
+        "devices": devices,
+        "fences": {"type": "FeatureCollection", "features": features},
+    });
+    std::fs::write(out, serde_json::to_vec_pretty(&doc)?)
+        .with_context(|| format!("writing {}", out.display()))?;
+    eprintln!(
+        "wrote {} devices and {fences} fences to {}",
+        common.devices,
+        out.display()
+    );
+    Ok(())
 }
 
 fn jsonl(out: &std::path::Path, invalid_fraction: f64, common: &Common) -> anyhow::Result<()> {

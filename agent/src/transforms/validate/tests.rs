@@ -217,3 +217,73 @@ fn enriched_record_flattens_the_reading() {
     assert_eq!(json["site"], "north");
     assert_eq!(json["tags"]["fleet"], "a");
 }
+
+/// The fast path and the general path agree on every input: valid ones,
+/// each field missing or of each wrong type, extras, escapes, duplicates.
+#[test]
+fn fast_and_general_paths_agree() {
+    let odd_values: Vec<Value> = vec![
+        Value::Null,
+        "20".into(),
+        "dev-1".into(),
+        1.5.into(),
+        0.into(),
+        (-1).into(),
+        u64::MAX.into(),
+        i64::MIN.into(),
+        1e300.into(),
+        true.into(),
+        serde_json::json!([]),
+        serde_json::json!({}),
+        serde_json::json!({"k": 1}),
+    ];
+    let mut payloads: Vec<String> = Vec::new();
+    let mut with_epoch = good();
+    with_epoch["epoch"] = 5.into();
+    for base in [good(), with_epoch] {
+        payloads.push(base.to_string());
+        let fields: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
+        for field in fields.iter().chain(["epoch".to_string(), "attributes".to_string()].iter()) {
+            let mut v = base.clone();
+            v.as_object_mut().unwrap().remove(field);
+            payloads.push(v.to_string());
+            for odd in &odd_values {
+                let mut v = base.clone();
+                v[field.as_str()] = odd.clone();
+                payloads.push(v.to_string());
+            }
+        }
+        let mut v = base.clone();
+        v["firmware"] = "1.2".into();
+        v["attributes"] = serde_json::json!({"firmware": "0.9", "rssi": -70});
+        payloads.push(v.to_string());
+    }
+    let text = good().to_string();
+    let inner = &text[1..text.len() - 1];
+    payloads.extend([
+        // Duplicate keys: the last counts.
+        format!("{{{inner},\"seq\":9}}"),
+        format!("{{{inner},\"x\":1,\"x\":2}}"),
+        format!("{{{inner},\"attributes\":{{\"a\":1}},\"attributes\":null}}"),
+        // Escapes.
+        text.replace("\"dev-1\"", "\"dev\\u002d1\""),
+        text.replace("\"device_id\"", "\"device\\u005fid\""),
+        // Not objects, broken, trailing data, deep nesting.
+        "[]".into(),
+        "null".into(),
+        "{".into(),
+        format!("{text} {{}}"),
+        format!("{{{inner},\"deep\":{}1{}}}", "[".repeat(200), "]".repeat(200)),
+        String::new(),
+    ]);
+    for p in &payloads {
+        for topic in [None, Some("dev-1"), Some("dev-2")] {
+            assert_eq!(
+                decode_reading(p.as_bytes(), topic, NOW, &limits()),
+                decode_reading_general(p.as_bytes(), topic, NOW, &limits()),
+                "payload {p} topic {topic:?}"
+            );
+        }
+    }
+    assert!(payloads.len() > 300);
+}
