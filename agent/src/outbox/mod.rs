@@ -6,7 +6,7 @@
 //! the batch, advances the per-device high-water marks used for dedupe, and
 //! records rejects: a reading is either fully accepted or not at all.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt as _};
 use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
@@ -328,8 +328,12 @@ impl Outbox {
         let mut outcome = BatchOutcome::default();
         let mut body = Vec::with_capacity(items.len() * 300);
         let mut records = 0i64;
-        let mut new_marks: HashMap<String, u64> = HashMap::new();
+        let mut new_marks: HashMap<&str, u64> = HashMap::new();
+        // Readings the data plane refused: turned into rejected items once
+        // the loop no longer borrows them.
+        let mut late: Vec<(usize, RejectedInput)> = Vec::new();
         let mut alerts: Vec<Alert> = Vec::new();
+        let mut value = Vec::with_capacity(512);
         let tx = write_transaction(&self.conn)?;
         self.plane.begin(&tx)?;
         {
@@ -339,62 +343,70 @@ impl Outbox {
             let mut count = tx.prepare_cached(
                 "INSERT INTO reject_count (reason, count) VALUES (?1, 1) ON CONFLICT(reason) DO UPDATE SET count = count + 1",
             )?;
-            for item in items.iter_mut() {
-                if let Item::Reading(reading, raw) = item {
-                    let mark = new_marks
-                        .get(reading.device_id.as_str())
-                        .or_else(|| self.hwm.get(&reading.device_id))
-                        .copied();
-                    if mark.is_some_and(|m| reading.seq <= m) {
-                        outcome.duplicates += 1;
-                        continue;
-                    }
-                    match self.plane.check(&tx, reading)? {
-                        Ok(meta) => {
-                            new_marks.insert(reading.device_id.clone(), reading.seq);
-                            alerts.clear();
-                            self.plane.events(reading, meta.as_deref(), &mut alerts);
-                            let value = serde_json::to_vec(&EnrichedRecord::new(
-                                reading,
-                                meta.as_deref(),
-                                &self.gateway_id,
-                                now_ms,
-                            ))
-                            .expect("serializing a validated reading to JSON cannot fail");
-                            encode_record(
-                                &mut body,
-                                TopicId::Data,
-                                reading.device_id.as_bytes(),
-                                &value,
-                            );
-                            records += 1;
-                            outcome.valid += 1;
-                            for alert in &alerts {
-                                let value = serde_json::to_vec(&AlertRecord {
-                                    alert,
-                                    gateway_id: &self.gateway_id,
-                                    raised_at: now_ms,
-                                })
-                                .expect("serializing an alert to JSON cannot fail");
+            for (index, item) in items.iter().enumerate() {
+                let input = match item {
+                    Item::Rejected(input) => input,
+                    Item::Reading(reading, raw) => {
+                        let mark = new_marks
+                            .get(reading.device_id.as_str())
+                            .or_else(|| self.hwm.get(&reading.device_id))
+                            .copied();
+                        if mark.is_some_and(|m| reading.seq <= m) {
+                            outcome.duplicates += 1;
+                            continue;
+                        }
+                        match self.plane.check(&tx, reading)? {
+                            Ok(meta) => {
+                                new_marks.insert(reading.device_id.as_str(), reading.seq);
+                                alerts.clear();
+                                self.plane.events(reading, meta.as_deref(), &mut alerts);
+                                value.clear();
+                                EnrichedRecord::new(
+                                    reading,
+                                    meta.as_deref(),
+                                    &self.gateway_id,
+                                    now_ms,
+                                )
+                                .write_json(&mut value);
                                 encode_record(
                                     &mut body,
-                                    TopicId::Alert,
-                                    alert.device_id.as_bytes(),
+                                    TopicId::Data,
+                                    reading.device_id.as_bytes(),
                                     &value,
                                 );
                                 records += 1;
-                                outcome.alerts += 1;
+                                outcome.valid += 1;
+                                for alert in &alerts {
+                                    let value = serde_json::to_vec(&AlertRecord {
+                                        alert,
+                                        gateway_id: &self.gateway_id,
+                                        raised_at: now_ms,
+                                    })
+                                    .expect("serializing an alert to JSON cannot fail");
+                                    encode_record(
+                                        &mut body,
+                                        TopicId::Alert,
+                                        alert.device_id.as_bytes(),
+                                        &value,
+                                    );
+                                    records += 1;
+                                    outcome.alerts += 1;
+                                }
+                                continue;
                             }
-                            continue;
-                        }
-                        Err(rejection) => {
-                            let input = raw.rejected(reading, rejection, self.max_payload_bytes);
-                            *item = Item::Rejected(input);
+                            Err(rejection) => {
+                                late.push((
+                                    index,
+                                    raw.rejected(reading, rejection, self.max_payload_bytes),
+                                ));
+                                // Just pushed.
+                                match late.last() {
+                                    Some((_, input)) => input,
+                                    None => continue,
+                                }
+                            }
                         }
                     }
-                }
-                let Item::Rejected(input) = item else {
-                    continue;
                 };
                 let reason = input.rejection.reason.code();
                 let (payload, payload_hex) = match std::str::from_utf8(&input.payload) {
@@ -455,7 +467,17 @@ impl Outbox {
         }
         tx.commit()?;
         for (device, seq) in new_marks {
-            self.hwm.insert(device, seq);
+            match self.hwm.get_mut(device) {
+                Some(m) => *m = seq,
+                None => {
+                    self.hwm.insert(device.to_string(), seq);
+                }
+            }
+        }
+        for (index, input) in late {
+            if let Some(item) = items.get_mut(index) {
+                *item = Item::Rejected(input);
+            }
         }
         Ok(outcome)
     }

@@ -9,7 +9,9 @@
 //! each batch transaction and reloads its fence index and cache when it
 //! changed, so a batch always sees exactly one registry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt as _};
 use std::path::Path;
 use std::sync::Arc;
 

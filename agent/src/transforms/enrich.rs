@@ -8,7 +8,9 @@
 //! It is changed in place in memory; when a batch fails, the in-memory
 //! state is reloaded from SQLite (which rolled back) before the next one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use foldhash::{HashMap, HashMapExt as _};
 use std::sync::Arc;
 
 use rusqlite::{Connection, params};
@@ -135,7 +137,9 @@ impl DataPlane {
     pub fn load_states(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
         self.states.clear();
         let mut stmt = conn.prepare("SELECT device_id, body FROM device_state")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
         for row in rows {
             let (device, body) = row?;
             match postcard::from_bytes(&body) {

@@ -768,6 +768,71 @@ pub struct EnrichedRecord<'a> {
 }
 
 impl<'a> EnrichedRecord<'a> {
+    /// Appends the record as JSON: the same document serde would write
+    /// (tested), without the generic serializer's per-field overhead.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        use serde_json::ser::{CompactFormatter, Formatter};
+        let r = self.reading;
+        let mut f = CompactFormatter;
+        // Ids are validated to [A-Za-z0-9._-]: nothing to escape.
+        out.extend_from_slice(b"{\"device_id\":\"");
+        out.extend_from_slice(r.device_id.as_bytes());
+        out.extend_from_slice(b"\",\"seq\":");
+        let _ = f.write_u64(out, r.seq);
+        out.extend_from_slice(b",\"device_seq\":");
+        let _ = f.write_u64(out, r.device_seq);
+        if let Some(epoch) = r.epoch {
+            out.extend_from_slice(b",\"epoch\":");
+            let _ = f.write_u64(out, epoch);
+        }
+        out.extend_from_slice(b",\"ts\":");
+        let _ = f.write_i64(out, r.ts);
+        for (key, value) in [
+            (&b",\"temperature\":"[..], r.temperature),
+            (b",\"humidity\":", r.humidity),
+            (b",\"battery\":", r.battery),
+            (b",\"lat\":", r.lat),
+            (b",\"lon\":", r.lon),
+            (b",\"speed\":", r.speed),
+        ] {
+            out.extend_from_slice(key);
+            // Validated values are finite.
+            let _ = f.write_f64(out, value);
+        }
+        if !r.attributes.is_empty() {
+            out.extend_from_slice(b",\"attributes\":");
+            let _ = serde_json::to_writer(&mut *out, &r.attributes);
+        }
+        out.extend_from_slice(b",\"gateway_id\":\"");
+        out.extend_from_slice(self.gateway_id.as_bytes());
+        out.extend_from_slice(b"\",\"received_at\":");
+        let _ = f.write_i64(out, self.received_at);
+        out.extend_from_slice(if self.registered {
+            b",\"registered\":true"
+        } else {
+            b",\"registered\":false"
+        });
+        if let Some(t) = self.device_type {
+            out.extend_from_slice(b",\"device_type\":\"");
+            out.extend_from_slice(t.as_bytes());
+            out.push(b'"');
+        }
+        for (key, text) in [
+            (&b",\"device_name\":"[..], self.device_name),
+            (b",\"site\":", self.site),
+        ] {
+            if let Some(text) = text {
+                out.extend_from_slice(key);
+                let _ = serde_json::to_writer(&mut *out, text);
+            }
+        }
+        if let Some(tags) = self.tags {
+            out.extend_from_slice(b",\"tags\":");
+            let _ = serde_json::to_writer(&mut *out, tags);
+        }
+        out.push(b'}');
+    }
+
     pub fn new(
         reading: &'a Reading,
         meta: Option<&'a crate::registry::DeviceMeta>,

@@ -243,7 +243,10 @@ fn fast_and_general_paths_agree() {
     for base in [good(), with_epoch] {
         payloads.push(base.to_string());
         let fields: Vec<String> = base.as_object().unwrap().keys().cloned().collect();
-        for field in fields.iter().chain(["epoch".to_string(), "attributes".to_string()].iter()) {
+        for field in fields
+            .iter()
+            .chain(["epoch".to_string(), "attributes".to_string()].iter())
+        {
             let mut v = base.clone();
             v.as_object_mut().unwrap().remove(field);
             payloads.push(v.to_string());
@@ -273,7 +276,11 @@ fn fast_and_general_paths_agree() {
         "null".into(),
         "{".into(),
         format!("{text} {{}}"),
-        format!("{{{inner},\"deep\":{}1{}}}", "[".repeat(200), "]".repeat(200)),
+        format!(
+            "{{{inner},\"deep\":{}1{}}}",
+            "[".repeat(200),
+            "]".repeat(200)
+        ),
         String::new(),
     ]);
     for p in &payloads {
@@ -286,4 +293,28 @@ fn fast_and_general_paths_agree() {
         }
     }
     assert!(payloads.len() > 300);
+}
+
+#[test]
+fn hand_written_json_equals_serde_json() {
+    let mut with_extras = good();
+    with_extras["epoch"] = 3.into();
+    with_extras["note"] = "quote \" and \\ and \u{1}".into();
+    with_extras["attributes"] = serde_json::json!({"rssi": -70, "nested": {"a": [1, 2.5]}});
+    with_extras["temperature"] = (-0.000123).into();
+    with_extras["humidity"] = 1e-7.into();
+    let meta: crate::registry::DeviceMeta = serde_json::from_str(
+        r#"{"device_id": "dev-1", "device_type": "tracker", "name": "Truck \"7\"", "site": "nörth", "tags": {"fleet": "a\nb"}}"#,
+    )
+    .unwrap();
+    for v in [good(), with_extras] {
+        let r = decode(&v).unwrap();
+        for meta in [None, Some(&meta)] {
+            let record = EnrichedRecord::new(&r, meta, "gw-1", NOW);
+            let mut ours = Vec::new();
+            record.write_json(&mut ours);
+            let ours: Value = serde_json::from_slice(&ours).expect("valid JSON");
+            assert_eq!(ours, serde_json::to_value(&record).unwrap());
+        }
+    }
 }
