@@ -16,7 +16,15 @@ use crate::registry::RegistryError;
 use crate::transforms::enrich::{Alert, DataPlane};
 use crate::transforms::validate::{DeadLetterRecord, EnrichedRecord, Reading, Rejection};
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: batch bodies may be lz4-compressed (`outbox_batch.codec`).
+const SCHEMA_VERSION: i64 = 2;
+
+/// Largest decompressed batch body accepted when reading one back.
+const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
+
+/// `outbox_batch.codec` values.
+const CODEC_NONE: i64 = 0;
+const CODEC_LZ4: i64 = 1;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -28,7 +36,8 @@ CREATE TABLE IF NOT EXISTS outbox_batch (
     created_ms INTEGER NOT NULL,
     records    INTEGER NOT NULL,
     bytes      INTEGER NOT NULL,
-    body       BLOB NOT NULL
+    body       BLOB NOT NULL,
+    codec      INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS device_hwm (
     device_id TEXT PRIMARY KEY,
@@ -201,6 +210,12 @@ pub struct Outbox {
     plane: DataPlane,
     /// Payload bound for dead letters of readings the data plane rejects.
     max_payload_bytes: usize,
+    /// How batch bodies are stored.
+    compression: crate::config::OutboxCompression,
+    /// Reused between batches: big buffers allocated per batch cost page
+    /// faults every time.
+    body_buf: Vec<u8>,
+    stored_buf: Vec<u8>,
 }
 
 /// Opens the database with the pragmas every connection needs.
@@ -246,14 +261,23 @@ impl Outbox {
             .optional()?;
         match version {
             Some(v) if v > SCHEMA_VERSION => return Err(OutboxError::NewerSchema { found: v }),
-            Some(_) => {}
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
-                    params![SCHEMA_VERSION],
-                )?;
-            }
+            _ => {}
         }
+        // Version 1 had no codec column: every body it wrote is raw.
+        let has_codec: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('outbox_batch') WHERE name = 'codec'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_codec {
+            conn.execute_batch(
+                "ALTER TABLE outbox_batch ADD COLUMN codec INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![SCHEMA_VERSION],
+        )?;
         let mut hwm = HashMap::new();
         {
             let mut stmt = conn.prepare("SELECT device_id, seq FROM device_hwm")?;
@@ -272,6 +296,9 @@ impl Outbox {
             hwm,
             plane,
             max_payload_bytes: 4096,
+            compression: crate::config::OutboxCompression::Lz4,
+            body_buf: Vec::new(),
+            stored_buf: Vec::new(),
         })
     }
 
@@ -281,6 +308,7 @@ impl Outbox {
         plane.load_states(&self.conn)?;
         self.plane = plane;
         self.max_payload_bytes = config.validation.max_payload_bytes;
+        self.compression = config.outbox.compression;
         Ok(())
     }
 
@@ -326,7 +354,8 @@ impl Outbox {
         now_ms: i64,
     ) -> Result<BatchOutcome, OutboxError> {
         let mut outcome = BatchOutcome::default();
-        let mut body = Vec::with_capacity(items.len() * 300);
+        let mut body = std::mem::take(&mut self.body_buf);
+        body.clear();
         let mut records = 0i64;
         let mut new_marks: HashMap<&str, u64> = HashMap::new();
         // Readings the data plane refused: turned into rejected items once
@@ -444,12 +473,30 @@ impl Outbox {
                 outcome.rejected += 1;
             }
             if records > 0 {
+                let (stored, codec) = match self.compression {
+                    crate::config::OutboxCompression::Lz4 => {
+                        let stored = &mut self.stored_buf;
+                        stored.clear();
+                        stored.extend_from_slice(&(body.len() as u32).to_le_bytes());
+                        let bound = lz4_flex::block::get_maximum_output_size(body.len());
+                        stored.resize(4 + bound, 0);
+                        let n = lz4_flex::block::compress_into(&body, &mut stored[4..]).map_err(
+                            |_| OutboxError::Corrupt {
+                                batch_seq: 0,
+                                what: "lz4 output larger than its bound",
+                            },
+                        )?;
+                        stored.truncate(4 + n);
+                        (&stored[..], CODEC_LZ4)
+                    }
+                    crate::config::OutboxCompression::None => (&body[..], CODEC_NONE),
+                };
                 tx.execute(
-                    "INSERT INTO outbox_batch (created_ms, records, bytes, body) VALUES (?1, ?2, ?3, ?4)",
-                    params![now_ms, records, body.len() as i64, body],
+                    "INSERT INTO outbox_batch (created_ms, records, bytes, body, codec) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![now_ms, records, stored.len() as i64, stored, codec],
                 )?;
                 outcome.batch_seq = Some(tx.last_insert_rowid());
-                outcome.bytes = body.len() as u64;
+                outcome.bytes = stored.len() as u64;
             }
             let mut mark = tx.prepare_cached(
                 "INSERT INTO device_hwm (device_id, seq) VALUES (?1, ?2) ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq",
@@ -466,6 +513,7 @@ impl Outbox {
             }
         }
         tx.commit()?;
+        self.body_buf = body;
         for (device, seq) in new_marks {
             match self.hwm.get_mut(device) {
                 Some(m) => *m = seq,
@@ -587,7 +635,7 @@ pub fn load_batches(
     max_bytes: u64,
 ) -> Result<Vec<StoredBatch>, OutboxError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT batch_seq, bytes, body FROM outbox_batch WHERE batch_seq > ?1 ORDER BY batch_seq LIMIT ?2",
+        "SELECT batch_seq, bytes, body, codec FROM outbox_batch WHERE batch_seq > ?1 ORDER BY batch_seq LIMIT ?2",
     )?;
     let mut rows = stmt.query(params![after, max_batches as i64])?;
     let mut out = Vec::new();
@@ -599,8 +647,14 @@ pub fn load_batches(
             break;
         }
         let body: Vec<u8> = row.get(2)?;
-        let records =
-            decode_body(&body).map_err(|what| OutboxError::Corrupt { batch_seq, what })?;
+        let codec: i64 = row.get(3)?;
+        let corrupt = |what| OutboxError::Corrupt { batch_seq, what };
+        let body = match codec {
+            CODEC_NONE => body,
+            CODEC_LZ4 => decompress(&body).map_err(corrupt)?,
+            _ => return Err(corrupt("unknown body codec")),
+        };
+        let records = decode_body(&body).map_err(corrupt)?;
         total += bytes;
         out.push(StoredBatch {
             batch_seq,
@@ -689,6 +743,24 @@ fn encode_record(out: &mut Vec<u8>, topic: TopicId, key: &[u8], value: &[u8]) {
     out.extend_from_slice(key);
     out.extend_from_slice(&(value.len() as u32).to_le_bytes());
     out.extend_from_slice(value);
+}
+
+/// An lz4 block with its decompressed size in front (u32, little endian).
+fn decompress(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let (size, block) = stored
+        .split_first_chunk::<4>()
+        .ok_or("lz4 body shorter than its size header")?;
+    let size = u32::from_le_bytes(*size) as usize;
+    if size > MAX_BODY_BYTES {
+        return Err("lz4 body claims an impossible size");
+    }
+    let mut out = vec![0u8; size];
+    let n = lz4_flex::block::decompress_into(block, &mut out)
+        .map_err(|_| "lz4 body does not decompress")?;
+    if n != size {
+        return Err("lz4 body shorter than its size header says");
+    }
+    Ok(out)
 }
 
 fn decode_body(mut body: &[u8]) -> Result<Vec<OutRecord>, &'static str> {

@@ -591,3 +591,84 @@ fn a_new_registry_is_used_from_the_next_batch() {
     assert_eq!(records[0].topic, TopicId::DeadLetter);
     assert_eq!(outbox.plane().counters().registry_generation, 2);
 }
+
+#[test]
+fn bodies_are_stored_compressed_or_raw_and_read_back_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    let many: Vec<Item> = (1..=200).map(|s| reading("a", s)).collect();
+    let mut items = many.clone();
+    let lz4 = outbox.write_batch(&mut items, NOW).unwrap();
+    outbox
+        .configure(&plane_config("[outbox]\ncompression = \"none\"\n"))
+        .unwrap();
+    let mut items: Vec<Item> = (201..=400).map(|s| reading("a", s)).collect();
+    let raw = outbox.write_batch(&mut items, NOW).unwrap();
+    assert!(
+        lz4.bytes * 3 < raw.bytes,
+        "lz4 {} bytes, raw {} bytes",
+        lz4.bytes,
+        raw.bytes
+    );
+    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    assert_eq!(batches.len(), 2);
+    assert_eq!(batches[0].bytes, lz4.bytes);
+    assert_eq!(batches[1].bytes, raw.bytes);
+    for (batch, first) in batches.iter().zip([1, 201]) {
+        assert_eq!(batch.records.len(), 200);
+        let v: serde_json::Value = serde_json::from_slice(&batch.records[0].value).unwrap();
+        assert_eq!(v["seq"], first);
+    }
+}
+
+#[test]
+fn corrupt_compressed_bodies_are_errors_not_panics() {
+    assert!(decompress(&[]).is_err());
+    assert!(decompress(&[255, 255, 255, 255, 0]).is_err());
+    assert!(decompress(&[10, 0, 0, 0, 0xf0, 1, 2]).is_err());
+    let body = b"hello hello hello hello".to_vec();
+    let mut stored = (body.len() as u32).to_le_bytes().to_vec();
+    stored.extend(lz4_flex::block::compress(&body));
+    assert_eq!(decompress(&stored).unwrap(), body);
+    stored[0] += 1;
+    assert!(decompress(&stored).is_err());
+}
+
+#[test]
+fn a_version_1_outbox_is_upgraded_and_its_batches_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+             INSERT INTO meta VALUES ('schema_version', 1);
+             CREATE TABLE outbox_batch (batch_seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                 created_ms INTEGER NOT NULL, records INTEGER NOT NULL,
+                 bytes INTEGER NOT NULL, body BLOB NOT NULL);",
+        )
+        .unwrap();
+        let mut body = Vec::new();
+        encode_record(&mut body, TopicId::Data, b"k", b"{\"seq\":1}");
+        conn.execute(
+            "INSERT INTO outbox_batch (created_ms, records, bytes, body) VALUES (1, 1, ?1, ?2)",
+            params![body.len() as i64, body],
+        )
+        .unwrap();
+    }
+    let mut outbox = open(&dir);
+    outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    assert_eq!(batches.len(), 2);
+    assert_eq!(batches[0].records[0].key, b"k");
+    assert_eq!(batches[1].records[0].key, b"a");
+    let version: i64 = outbox
+        .conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+}

@@ -201,9 +201,9 @@ pub fn parse_registry(text: &str) -> Result<Registry, RegistryError> {
     })
 }
 
-/// Reads and parses a registry file; also returns a hash of its content, so
-/// an unchanged file is not applied again at every start.
-pub fn read_registry_file(path: &Path) -> Result<(Registry, String), RegistryError> {
+/// Reads a registry file, bounded in size; returns its text and a hash of
+/// it, so an unchanged file is not parsed and applied again at every start.
+pub fn read_registry_text(path: &Path) -> Result<(String, String), RegistryError> {
     let name = path.display().to_string();
     let read_err = |source| RegistryError::Read {
         path: name.clone(),
@@ -214,8 +214,14 @@ pub fn read_registry_file(path: &Path) -> Result<(Registry, String), RegistryErr
         return Err(RegistryError::TooLarge { path: name, size });
     }
     let text = std::fs::read_to_string(path).map_err(read_err)?;
-    let registry = parse_registry(&text)?;
-    Ok((registry, content_hash(text.as_bytes())))
+    let hash = content_hash(text.as_bytes());
+    Ok((text, hash))
+}
+
+/// Reads and parses a registry file; also returns the hash of its content.
+pub fn read_registry_file(path: &Path) -> Result<(Registry, String), RegistryError> {
+    let (text, hash) = read_registry_text(path)?;
+    Ok((parse_registry(&text)?, hash))
 }
 
 /// A stable 64-bit FNV-1a hash, hex: only used to notice a changed file.
@@ -352,24 +358,31 @@ pub fn apply_file_at_start(
 ) -> Result<Option<RegistryInfo>, RegistryError> {
     let before = current(conn)?;
     let source = format!("file:{}", path.display());
-    match read_registry_file(path) {
-        Ok((registry, hash)) => {
-            if before
-                .as_ref()
-                .is_some_and(|b| b.content_hash == hash && b.source == source)
-            {
-                tracing::info!(file = %path.display(), version = %registry.version, "registry file unchanged");
-            } else {
-                let generation = apply(conn, &registry, &source, &hash, now_ms)?;
-                tracing::info!(
-                    file = %path.display(),
-                    version = %registry.version,
-                    devices = registry.devices.len(),
-                    fences = registry.fences.len(),
-                    generation,
-                    "registry applied"
-                );
-            }
+    let parsed = read_registry_text(path).and_then(|(text, hash)| {
+        if before
+            .as_ref()
+            .is_some_and(|b| b.content_hash == hash && b.source == source)
+        {
+            return Ok(None);
+        }
+        Ok(Some((parse_registry(&text)?, hash)))
+    });
+    match parsed {
+        Ok(None) => {
+            tracing::info!(file = %path.display(), "registry file unchanged");
+        }
+        Ok(Some((registry, hash))) => {
+            let generation = apply(conn, &registry, &source, &hash, now_ms)?;
+            tracing::info!(
+                file = %path.display(),
+                version = %registry.version,
+                devices = registry.devices.len(),
+                fences = registry.fences.len(),
+                generation,
+                "registry applied"
+            );
+            drop(registry);
+            release_freed_memory();
         }
         Err(e) => match &before {
             Some(b) => tracing::error!(
@@ -388,6 +401,17 @@ pub fn apply_file_at_start(
         },
     }
     Ok(current(conn)?)
+}
+
+/// Hands memory freed after a large one-off job (parsing a registry) back
+/// to the system, so it does not count against the gateway's footprint.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; no pointers are
+    // involved.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// A bounded cache of registry lookups (unknown devices included), with

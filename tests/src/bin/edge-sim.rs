@@ -299,18 +299,18 @@ fn registry(out: &std::path::Path, fences: u32, common: &Common) -> anyhow::Resu
             })
         })
         .collect();
-    // Squares centred on the circle the devices drive along, a third of
-    // the spacing wide, so devices keep entering and leaving them.
-    let spacing = std::f64::consts::TAU / f64::from(fences.max(1));
+    // Squares scattered around the circle the devices drive along (within
+    // three radii of its centre, each 0.4 radius wide): some lie across the
+    // track, so devices enter and leave them every few dozen readings, as a
+    // vehicle passes depots and yards, while every position is still looked
+    // up against all fences.
+    let mut rng = StdRng::seed_from_u64(common.seed ^ 0x6765_6f66);
     let lon_scale = base.center_lat.to_radians().cos().max(0.1);
-    let half = base.radius_deg * spacing / 6.0;
+    let half = base.radius_deg * 0.2;
     let features: Vec<serde_json::Value> = (0..fences)
         .map(|i| {
-            let a = spacing * f64::from(i);
-            let (lat, lon) = (
-                base.center_lat + base.radius_deg * a.sin(),
-                base.center_lon + base.radius_deg * a.cos() / lon_scale,
-            );
+            let lat = base.center_lat + base.radius_deg * rng.random_range(-3.0..3.0);
+            let lon = base.center_lon + base.radius_deg * rng.random_range(-3.0..3.0) / lon_scale;
             let (dlat, dlon) = (half, half / lon_scale);
             serde_json::json!({
                 "type": "Feature",
