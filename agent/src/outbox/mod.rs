@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::config::SyncMode;
 use crate::registry::RegistryError;
 use crate::transforms::enrich::{Alert, DataPlane};
-use crate::transforms::validate::{DeadLetterRecord, EnrichedRecord, Reading, Rejection};
+use crate::transforms::validate::{DeadLetterRecord, Reading, Rejection, write_reading_json};
 
 /// 2: batch bodies may be lz4-compressed (`outbox_batch.codec`).
 const SCHEMA_VERSION: i64 = 2;
@@ -390,13 +390,15 @@ impl Outbox {
                                 alerts.clear();
                                 self.plane.events(reading, meta.as_deref(), &mut alerts);
                                 value.clear();
-                                EnrichedRecord::new(
+                                write_reading_json(
+                                    &mut value,
                                     reading,
-                                    meta.as_deref(),
                                     &self.gateway_id,
                                     now_ms,
-                                )
-                                .write_json(&mut value);
+                                    meta.is_some(),
+                                    meta.as_ref()
+                                        .map_or(&b""[..], |m| m.enrichment_json.as_bytes()),
+                                );
                                 encode_record(
                                     &mut body,
                                     TopicId::Data,

@@ -414,13 +414,38 @@ fn release_freed_memory() {
     }
 }
 
+/// What the data plane keeps of a device: its limits, and the enrichment
+/// fields pre-rendered as a JSON fragment (copied into every reading).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedDevice {
+    pub device_type: Option<Box<str>>,
+    pub ranges: ValueLimits,
+    pub thresholds: ValueLimits,
+    pub threshold_readings: Option<u32>,
+    /// `,"device_type":…,"device_name":…,"site":…,"tags":{…}` (each only
+    /// when set).
+    pub enrichment_json: Box<str>,
+}
+
+impl CachedDevice {
+    pub fn new(meta: &DeviceMeta) -> Self {
+        Self {
+            device_type: meta.device_type.as_deref().map(Box::from),
+            ranges: meta.ranges.clone(),
+            thresholds: meta.thresholds.clone(),
+            threshold_readings: meta.threshold_readings,
+            enrichment_json: crate::transforms::validate::enrichment_fragment(meta).into(),
+        }
+    }
+}
+
 /// A bounded cache of registry lookups (unknown devices included), with
 /// two generations: entries used recently survive, the rest age out. Both
 /// lookups and inserts are O(1); at most `capacity` entries are held.
 pub struct DeviceCache {
     capacity: usize,
-    hot: HashMap<String, Option<Arc<DeviceMeta>>>,
-    cold: HashMap<String, Option<Arc<DeviceMeta>>>,
+    hot: HashMap<Box<str>, Option<Arc<CachedDevice>>>,
+    cold: HashMap<Box<str>, Option<Arc<CachedDevice>>>,
     pub hits: u64,
     pub misses: u64,
 }
@@ -437,7 +462,7 @@ impl DeviceCache {
     }
 
     /// `Some(entry)` on a hit (`entry` is `None` for a known-unknown device).
-    pub fn get(&mut self, device_id: &str) -> Option<Option<Arc<DeviceMeta>>> {
+    pub fn get(&mut self, device_id: &str) -> Option<Option<Arc<CachedDevice>>> {
         if let Some(e) = self.hot.get(device_id) {
             self.hits += 1;
             return Some(e.clone());
@@ -451,11 +476,11 @@ impl DeviceCache {
         None
     }
 
-    pub fn insert(&mut self, device_id: &str, entry: Option<Arc<DeviceMeta>>) {
-        self.insert_hot(device_id.to_string(), entry);
+    pub fn insert(&mut self, device_id: &str, entry: Option<Arc<CachedDevice>>) {
+        self.insert_hot(device_id.into(), entry);
     }
 
-    fn insert_hot(&mut self, key: String, entry: Option<Arc<DeviceMeta>>) {
+    fn insert_hot(&mut self, key: Box<str>, entry: Option<Arc<CachedDevice>>) {
         if self.hot.len() >= self.capacity / 2 {
             self.cold = std::mem::take(&mut self.hot);
         }

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
 use crate::config::{Bounds, Config, DeviceTypeConfig, UnknownDevice};
-use crate::registry::{self, DeviceCache, DeviceMeta};
+use crate::registry::{self, CachedDevice, DeviceCache};
 use crate::transforms::geofence::{DeviceFences, FenceIndex};
 use crate::transforms::validate::{Reading, RejectReason, Rejection};
 
@@ -201,11 +201,12 @@ impl DataPlane {
         &mut self,
         conn: &Connection,
         reading: &Reading,
-    ) -> Result<Result<Option<Arc<DeviceMeta>>, Rejection>, registry::RegistryError> {
+    ) -> Result<Result<Option<Arc<CachedDevice>>, Rejection>, registry::RegistryError> {
         let meta = match self.cache.get(&reading.device_id) {
             Some(entry) => entry,
             None => {
-                let entry = registry::lookup(conn, &reading.device_id)?.map(Arc::new);
+                let entry = registry::lookup(conn, &reading.device_id)?
+                    .map(|m| Arc::new(CachedDevice::new(&m)));
                 self.cache.insert(&reading.device_id, entry.clone());
                 entry
             }
@@ -223,7 +224,7 @@ impl DataPlane {
                 )),
             });
         };
-        let type_defaults = meta.device_type.as_ref().and_then(|t| self.types.get(t));
+        let type_defaults = meta.device_type.as_ref().and_then(|t| self.types.get(&**t));
         for (field, value) in values(reading) {
             let bounds = field_of(&meta.ranges, field)
                 .map(|b| (b, "the device's registry entry"))
@@ -252,12 +253,12 @@ impl DataPlane {
     pub fn events(
         &mut self,
         reading: &Reading,
-        meta: Option<&DeviceMeta>,
+        meta: Option<&CachedDevice>,
         alerts: &mut Vec<Alert>,
     ) {
         let type_defaults = meta
             .and_then(|m| m.device_type.as_ref())
-            .and_then(|t| self.types.get(t));
+            .and_then(|t| self.types.get(&**t));
         let has_thresholds = meta.is_some_and(|m| !m.thresholds.is_empty())
             || type_defaults.is_some_and(|t| !t.thresholds.is_empty());
         let id = reading.device_id.as_str();

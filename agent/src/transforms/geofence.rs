@@ -6,8 +6,6 @@
 //! and returns events; the caller persists [`DeviceFences`] with the outbox
 //! batch so a restart never produces a spurious `enter`.
 
-use std::collections::BTreeMap;
-
 use geo::{Contains, Coord, LineString, MultiPolygon, Point, Polygon, Validation};
 use rstar::{AABB, RTree, RTreeObject};
 use serde::{Deserialize, Serialize};
@@ -317,21 +315,41 @@ pub struct FenceEvent {
     pub lon: f64,
 }
 
-/// Per-device fence state; persisted with the outbox batch.
+/// A fence a device is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inside {
+    pub fence: String,
+    /// Event time the device entered.
+    pub since: i64,
+    /// `dwell` already raised for this stay.
+    pub dwell_reported: bool,
+}
+
+/// A fence a device left, waiting for `absent`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Left {
+    pub fence: String,
+    /// Event time at which `absent` fires unless the device is back.
+    pub due: i64,
+}
+
+/// Per-device fence state; persisted with the outbox batch. Small vectors
+/// rather than maps: a device is in a handful of fences at most, and 10,000
+/// devices' states must stay small.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceFences {
-    /// Fence id → (entered at ts, dwell already reported).
-    #[serde(default)]
-    pub inside: BTreeMap<String, (i64, bool)>,
-    /// Fence id → ts at which `absent` fires if the device is not back by
-    /// then (only fences with `absent_seconds`).
-    #[serde(default)]
-    pub left: BTreeMap<String, i64>,
+    pub inside: Vec<Inside>,
+    pub left: Vec<Left>,
 }
 
 impl DeviceFences {
     pub fn is_empty(&self) -> bool {
         self.inside.is_empty() && self.left.is_empty()
+    }
+
+    /// Whether the device is inside `fence`.
+    pub fn is_inside(&self, fence: &str) -> bool {
+        self.inside.iter().any(|i| i.fence == fence)
     }
 
     /// Advances the state with one position; returns the events it raises.
@@ -363,47 +381,57 @@ impl DeviceFences {
             });
         };
         if self.inside.len() != now_inside.len()
-            || !now_inside.iter().all(|f| self.inside.contains_key(&f.id))
+            || !now_inside.iter().all(|f| self.is_inside(&f.id))
         {
-            let exited: Vec<String> = self
-                .inside
-                .keys()
-                .filter(|id| !now_inside.iter().any(|f| &f.id == *id))
-                .cloned()
-                .collect();
-            for id in exited {
-                self.inside.remove(&id);
-                emit(FenceEventKind::Exit, &id);
-                if let Some(absent) = index.get(&id).and_then(|f| f.absent_ms) {
-                    self.left.insert(id, ts.saturating_add(absent));
+            let mut i = 0;
+            while i < self.inside.len() {
+                if now_inside.iter().any(|f| f.id == self.inside[i].fence) {
+                    i += 1;
+                    continue;
+                }
+                let gone = self.inside.remove(i);
+                emit(FenceEventKind::Exit, &gone.fence);
+                if let Some(absent) = index.get(&gone.fence).and_then(|f| f.absent_ms) {
+                    self.left.retain(|l| l.fence != gone.fence);
+                    self.left.push(Left {
+                        fence: gone.fence,
+                        due: ts.saturating_add(absent),
+                    });
                 }
             }
             for fence in &now_inside {
-                if !self.inside.contains_key(&fence.id) {
-                    self.inside.insert(fence.id.clone(), (ts, false));
-                    self.left.remove(&fence.id);
+                if !self.is_inside(&fence.id) {
+                    self.inside.push(Inside {
+                        fence: fence.id.clone(),
+                        since: ts,
+                        dwell_reported: false,
+                    });
+                    self.left.retain(|l| l.fence != fence.id);
                     emit(FenceEventKind::Enter, &fence.id);
                 }
             }
+            self.inside.sort_by(|a, b| a.fence.cmp(&b.fence));
         }
-        for (id, (entered, reported)) in self.inside.iter_mut() {
-            if !*reported
-                && let Some(dwell) = index.get(id).and_then(|f| f.dwell_ms)
-                && ts - *entered >= dwell
+        for inside in self.inside.iter_mut() {
+            if !inside.dwell_reported
+                && let Some(dwell) = index.get(&inside.fence).and_then(|f| f.dwell_ms)
+                && ts - inside.since >= dwell
             {
-                *reported = true;
-                emit(FenceEventKind::Dwell, id);
+                inside.dwell_reported = true;
+                emit(FenceEventKind::Dwell, &inside.fence);
             }
         }
-        if self.left.values().any(|&due| ts >= due) {
-            let absent: Vec<String> = self
-                .left
-                .iter()
-                .filter(|(_, due)| ts >= **due)
-                .map(|(id, _)| id.clone())
-                .collect();
+        if self.left.iter().any(|l| ts >= l.due) {
+            let mut absent: Vec<String> = Vec::new();
+            self.left.retain(|l| {
+                let due = ts >= l.due;
+                if due {
+                    absent.push(l.fence.clone());
+                }
+                !due
+            });
+            absent.sort();
             for id in absent {
-                self.left.remove(&id);
                 emit(FenceEventKind::Absent, &id);
             }
         }
@@ -413,11 +441,11 @@ impl DeviceFences {
     /// Drops what refers to fences no longer in `index` (after a registry
     /// change); returns whether anything was dropped.
     pub fn forget_unknown(&mut self, index: &FenceIndex) -> bool {
-        let before = self.inside.len() + self.left.len();
-        self.left.retain(|id, _| index.get(id).is_some());
+        let before = self.left.len();
+        self.left.retain(|l| index.get(&l.fence).is_some());
         // `inside` entries of a removed fence go on the next step, with an
         // `exit` event; only absent timers are dropped here.
-        before != self.inside.len() + self.left.len()
+        before != self.left.len()
     }
 }
 

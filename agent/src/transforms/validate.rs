@@ -771,66 +771,22 @@ impl<'a> EnrichedRecord<'a> {
     /// Appends the record as JSON: the same document serde would write
     /// (tested), without the generic serializer's per-field overhead.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        use serde_json::ser::{CompactFormatter, Formatter};
-        let r = self.reading;
-        let mut f = CompactFormatter;
-        // Ids are validated to [A-Za-z0-9._-]: nothing to escape.
-        out.extend_from_slice(b"{\"device_id\":\"");
-        out.extend_from_slice(r.device_id.as_bytes());
-        out.extend_from_slice(b"\",\"seq\":");
-        let _ = f.write_u64(out, r.seq);
-        out.extend_from_slice(b",\"device_seq\":");
-        let _ = f.write_u64(out, r.device_seq);
-        if let Some(epoch) = r.epoch {
-            out.extend_from_slice(b",\"epoch\":");
-            let _ = f.write_u64(out, epoch);
-        }
-        out.extend_from_slice(b",\"ts\":");
-        let _ = f.write_i64(out, r.ts);
-        for (key, value) in [
-            (&b",\"temperature\":"[..], r.temperature),
-            (b",\"humidity\":", r.humidity),
-            (b",\"battery\":", r.battery),
-            (b",\"lat\":", r.lat),
-            (b",\"lon\":", r.lon),
-            (b",\"speed\":", r.speed),
-        ] {
-            out.extend_from_slice(key);
-            // Validated values are finite.
-            let _ = f.write_f64(out, value);
-        }
-        if !r.attributes.is_empty() {
-            out.extend_from_slice(b",\"attributes\":");
-            let _ = serde_json::to_writer(&mut *out, &r.attributes);
-        }
-        out.extend_from_slice(b",\"gateway_id\":\"");
-        out.extend_from_slice(self.gateway_id.as_bytes());
-        out.extend_from_slice(b"\",\"received_at\":");
-        let _ = f.write_i64(out, self.received_at);
-        out.extend_from_slice(if self.registered {
-            b",\"registered\":true"
-        } else {
-            b",\"registered\":false"
-        });
-        if let Some(t) = self.device_type {
-            out.extend_from_slice(b",\"device_type\":\"");
-            out.extend_from_slice(t.as_bytes());
-            out.push(b'"');
-        }
-        for (key, text) in [
-            (&b",\"device_name\":"[..], self.device_name),
-            (b",\"site\":", self.site),
-        ] {
-            if let Some(text) = text {
-                out.extend_from_slice(key);
-                let _ = serde_json::to_writer(&mut *out, text);
-            }
-        }
-        if let Some(tags) = self.tags {
-            out.extend_from_slice(b",\"tags\":");
-            let _ = serde_json::to_writer(&mut *out, tags);
-        }
-        out.push(b'}');
+        let mut fragment = Vec::new();
+        write_enrichment(
+            &mut fragment,
+            self.device_type,
+            self.device_name,
+            self.site,
+            self.tags,
+        );
+        write_reading_json(
+            out,
+            self.reading,
+            self.gateway_id,
+            self.received_at,
+            self.registered,
+            &fragment,
+        );
     }
 
     pub fn new(
@@ -850,6 +806,100 @@ impl<'a> EnrichedRecord<'a> {
             tags: meta.map(|m| &m.tags).filter(|t| !t.is_empty()),
         }
     }
+}
+
+/// The enrichment fields of a registered device as a JSON fragment, for
+/// [`write_reading_json`]; computed once per device and cached.
+pub fn enrichment_fragment(meta: &crate::registry::DeviceMeta) -> String {
+    let mut out = Vec::new();
+    write_enrichment(
+        &mut out,
+        meta.device_type.as_deref(),
+        meta.name.as_deref(),
+        meta.site.as_deref(),
+        Some(&meta.tags).filter(|t| !t.is_empty()),
+    );
+    // serde_json writes UTF-8.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+fn write_enrichment(
+    out: &mut Vec<u8>,
+    device_type: Option<&str>,
+    name: Option<&str>,
+    site: Option<&str>,
+    tags: Option<&std::collections::BTreeMap<String, String>>,
+) {
+    if let Some(t) = device_type {
+        // A device type is a validated id: nothing to escape.
+        out.extend_from_slice(b",\"device_type\":\"");
+        out.extend_from_slice(t.as_bytes());
+        out.push(b'"');
+    }
+    for (key, text) in [(&b",\"device_name\":"[..], name), (b",\"site\":", site)] {
+        if let Some(text) = text {
+            out.extend_from_slice(key);
+            let _ = serde_json::to_writer(&mut *out, text);
+        }
+    }
+    if let Some(tags) = tags {
+        out.extend_from_slice(b",\"tags\":");
+        let _ = serde_json::to_writer(&mut *out, tags);
+    }
+}
+
+/// Appends an enriched reading as JSON; `enrichment` is a fragment from
+/// [`enrichment_fragment`] (empty for an unregistered device).
+pub fn write_reading_json(
+    out: &mut Vec<u8>,
+    r: &Reading,
+    gateway_id: &str,
+    received_at: i64,
+    registered: bool,
+    enrichment: &[u8],
+) {
+    use serde_json::ser::{CompactFormatter, Formatter};
+    let mut f = CompactFormatter;
+    // Ids are validated to [A-Za-z0-9._-]: nothing to escape.
+    out.extend_from_slice(b"{\"device_id\":\"");
+    out.extend_from_slice(r.device_id.as_bytes());
+    out.extend_from_slice(b"\",\"seq\":");
+    let _ = f.write_u64(out, r.seq);
+    out.extend_from_slice(b",\"device_seq\":");
+    let _ = f.write_u64(out, r.device_seq);
+    if let Some(epoch) = r.epoch {
+        out.extend_from_slice(b",\"epoch\":");
+        let _ = f.write_u64(out, epoch);
+    }
+    out.extend_from_slice(b",\"ts\":");
+    let _ = f.write_i64(out, r.ts);
+    for (key, value) in [
+        (&b",\"temperature\":"[..], r.temperature),
+        (b",\"humidity\":", r.humidity),
+        (b",\"battery\":", r.battery),
+        (b",\"lat\":", r.lat),
+        (b",\"lon\":", r.lon),
+        (b",\"speed\":", r.speed),
+    ] {
+        out.extend_from_slice(key);
+        // Validated values are finite.
+        let _ = f.write_f64(out, value);
+    }
+    if !r.attributes.is_empty() {
+        out.extend_from_slice(b",\"attributes\":");
+        let _ = serde_json::to_writer(&mut *out, &r.attributes);
+    }
+    out.extend_from_slice(b",\"gateway_id\":\"");
+    out.extend_from_slice(gateway_id.as_bytes());
+    out.extend_from_slice(b"\",\"received_at\":");
+    let _ = f.write_i64(out, received_at);
+    out.extend_from_slice(if registered {
+        b",\"registered\":true"
+    } else {
+        b",\"registered\":false"
+    });
+    out.extend_from_slice(enrichment);
+    out.push(b'}');
 }
 
 /// The record sent to `iot-dlq` for a rejected input.

@@ -218,7 +218,7 @@ fn event_ids_are_deterministic() {
 fn fences_removed_from_the_registry_leave_no_state() {
     let mut state = DeviceFences::default();
     state.step(&index(), "d", 1, 0, 48.095, 11.495);
-    assert!(state.inside.contains_key("yard"));
+    assert!(state.is_inside("yard"));
     let without_yard = FenceIndex::new(
         parse_fences(FENCES)
             .unwrap()
