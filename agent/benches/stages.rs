@@ -39,15 +39,24 @@ fn position(angle: f64) -> (f64, f64) {
     )
 }
 
-/// 200 small squares along that circle.
+/// 200 squares scattered within three radii of the circle's centre, each
+/// 0.4 radius wide (the geometry of `edge-sim registry`): some lie across
+/// the track, so devices enter and leave one every few dozen readings.
 fn fences_json() -> String {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = || {
+        // A fixed linear congruential sequence: the same fences every run.
+        x = x
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (x >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0
+    };
     let features: Vec<String> = (0..FENCES)
         .map(|i| {
-            let a = std::f64::consts::TAU * i as f64 / FENCES as f64;
-            let (lat, lon) = position(a);
-            let (dlat, dlon) = (0.00005, 0.00005 / 0.667);
+            let (lat, lon) = (48.137 + 0.01 * next(), 11.575 + 0.01 * next() / 0.667);
+            let (dlat, dlon) = (0.002, 0.002 / 0.667);
             format!(
-                r#"{{"type":"Feature","properties":{{"id":"fence-{i:04}","dwell_seconds":30,"absent_seconds":60}},"geometry":{{"type":"Polygon","coordinates":[[[{a},{b}],[{c},{b}],[{c},{d}],[{a},{d}],[{a},{b}]]]}}}}"#,
+                r#"{{"type":"Feature","properties":{{"id":"fence-{i:04}","dwell_seconds":30,"absent_seconds":300}},"geometry":{{"type":"Polygon","coordinates":[[[{a},{b}],[{c},{b}],[{c},{d}],[{a},{d}],[{a},{b}]]]}}}}"#,
                 a = lon - dlon,
                 b = lat - dlat,
                 c = lon + dlon,
@@ -156,14 +165,14 @@ fn outbox(c: &mut Criterion) {
         b.iter_batched(
             || {
                 seq += 1;
+                // Device by device as `edge-sim jsonl` writes them, each
+                // moving 0.02 rad along its circle per reading.
                 (0..BATCH)
                     .map(|i| {
-                        payload(
-                            (seq as usize * BATCH + i) % DEVICES,
-                            seq,
-                            now,
-                            seq as f64 * 0.02 + i as f64,
-                        )
+                        let n = (seq as usize - 1) * BATCH + i;
+                        let (device, round) = (n % DEVICES, (n / DEVICES) as u64 + 1);
+                        let angle = device as f64 * 0.7 + round as f64 * 0.02;
+                        payload(device, round, now - 3_600_000 + round as i64 * 1000, angle)
                     })
                     .collect::<Vec<_>>()
             },

@@ -73,9 +73,33 @@ pub async fn run(config: &Config, origin: &str) -> Vec<Check> {
             .await
             .unwrap_or_else(|e| check("kafka", Verdict::Fail, format!("check crashed: {e}"))),
     );
+    if let Some(file) = &config.registry.file {
+        checks.push(registry_file(file));
+    }
     checks.push(disk(config));
     checks.push(clock());
     checks
+}
+
+fn registry_file(file: &Path) -> Check {
+    let name = format!("registry {}", file.display());
+    match crate::registry::read_registry_file(file) {
+        Ok((r, _)) => check(
+            name,
+            Verdict::Ok,
+            format!(
+                "valid: version {}, {} devices, {} fences",
+                r.version,
+                r.devices.len(),
+                r.fences.len()
+            ),
+        ),
+        Err(e) => check(
+            name,
+            Verdict::Fail,
+            format!("{e}; the agent keeps its last good registry until this is fixed"),
+        ),
+    }
 }
 
 fn serial_port(serial: &SerialSourceConfig) -> Check {

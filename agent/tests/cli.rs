@@ -231,10 +231,20 @@ data_dir = "{}"
 path = "{}"
 [kafka]
 brokers = "127.0.0.1:1"
+[registry]
+file = "{}"
 "#,
             dir.path().join("data").display(),
-            dir.path().join("no-such-tty").display()
+            dir.path().join("no-such-tty").display(),
+            dir.path().join("registry.json").display()
         ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("registry.json"),
+        r#"{"version": "1", "fences": {"type": "FeatureCollection", "features": [
+            {"type": "Feature", "properties": {"id": "bowtie"}, "geometry": {"type": "Polygon",
+             "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}}]}}"#,
     )
     .unwrap();
     let out = Command::new(BIN)
@@ -252,6 +262,11 @@ brokers = "127.0.0.1:1"
             .to_string()
     };
     assert!(line("config").starts_with("ok"), "{text}");
+    // A self-intersecting fence: the file is refused, naming the feature.
+    assert!(
+        line("registry").starts_with("FAIL") && line("registry").contains("feature 0"),
+        "{text}"
+    );
     assert!(
         line("serial").starts_with("FAIL") && line("serial").contains("not present"),
         "{text}"
