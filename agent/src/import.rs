@@ -84,7 +84,7 @@ pub async fn import(
     let (outbox, (batches, bytes)) = outbox;
     stats.outbox_batches.store(batches, Relaxed);
     stats.outbox_bytes.store(bytes, Relaxed);
-    let (tx, rx) = mpsc::channel(16 * 1024);
+    let (tx, rx) = mpsc::channel(crate::INPUT_QUEUE);
     let (_stop_tx, stop_rx) = watch::channel(false);
     let signals = Arc::new(OutboxSignals::default());
     let mut writer = BatchWriter::new(

@@ -36,8 +36,10 @@ use crate::pipeline::{AckRouter, BatchWriter};
 use crate::signal::OutboxSignals;
 use crate::sinks::kafka::{KafkaUplink, UplinkError};
 
-/// Capacity of the queue between the sources and the batch writer.
-const INPUT_QUEUE: usize = 16 * 1024;
+/// Capacity of the queue between the sources and the batch writer: more
+/// than a full batch (so group commit can fill one), small enough that
+/// queued inputs stay a few MB.
+pub(crate) const INPUT_QUEUE: usize = 8 * 1024;
 
 /// How long shutdown waits for the uplink to finish its transaction.
 const UPLINK_STOP_GRACE: Duration = Duration::from_secs(5);

@@ -419,8 +419,9 @@ fn release_freed_memory() {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachedDevice {
     pub device_type: Option<Box<str>>,
-    pub ranges: ValueLimits,
-    pub thresholds: ValueLimits,
+    /// `None` when the entry sets none (most devices: kept small).
+    pub ranges: Option<Box<ValueLimits>>,
+    pub thresholds: Option<Box<ValueLimits>>,
     pub threshold_readings: Option<u32>,
     /// `,"device_type":…,"device_name":…,"site":…,"tags":{…}` (each only
     /// when set).
@@ -431,8 +432,8 @@ impl CachedDevice {
     pub fn new(meta: &DeviceMeta) -> Self {
         Self {
             device_type: meta.device_type.as_deref().map(Box::from),
-            ranges: meta.ranges.clone(),
-            thresholds: meta.thresholds.clone(),
+            ranges: (!meta.ranges.is_empty()).then(|| Box::new(meta.ranges.clone())),
+            thresholds: (!meta.thresholds.is_empty()).then(|| Box::new(meta.thresholds.clone())),
             threshold_readings: meta.threshold_readings,
             enrichment_json: crate::transforms::validate::enrichment_fragment(meta).into(),
         }

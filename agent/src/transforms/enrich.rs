@@ -226,7 +226,10 @@ impl DataPlane {
         };
         let type_defaults = meta.device_type.as_ref().and_then(|t| self.types.get(&**t));
         for (field, value) in values(reading) {
-            let bounds = field_of(&meta.ranges, field)
+            let bounds = meta
+                .ranges
+                .as_deref()
+                .and_then(|r| field_of(r, field))
                 .map(|b| (b, "the device's registry entry"))
                 .or_else(|| {
                     type_defaults
@@ -259,7 +262,7 @@ impl DataPlane {
         let type_defaults = meta
             .and_then(|m| m.device_type.as_ref())
             .and_then(|t| self.types.get(&**t));
-        let has_thresholds = meta.is_some_and(|m| !m.thresholds.is_empty())
+        let has_thresholds = meta.is_some_and(|m| m.thresholds.is_some())
             || type_defaults.is_some_and(|t| !t.thresholds.is_empty());
         let id = reading.device_id.as_str();
         if self.fences.is_empty() && !has_thresholds && !self.states.contains_key(id) {
@@ -300,7 +303,8 @@ impl DataPlane {
             .unwrap_or(self.threshold_readings);
         for (field, value) in values(reading) {
             let bounds = meta
-                .and_then(|m| field_of(&m.thresholds, field))
+                .and_then(|m| m.thresholds.as_deref())
+                .and_then(|t| field_of(t, field))
                 .or_else(|| type_defaults.and_then(|t| field_of(&t.thresholds, field)));
             match bounds {
                 Some(b) if !(b[0]..=b[1]).contains(&value) => {

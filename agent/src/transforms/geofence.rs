@@ -6,6 +6,8 @@
 //! and returns events; the caller persists [`DeviceFences`] with the outbox
 //! batch so a restart never produces a spurious `enter`.
 
+use std::sync::Arc;
+
 use geo::{Contains, Coord, LineString, MultiPolygon, Point, Polygon, Validation};
 use rstar::{AABB, RTree, RTreeObject};
 use serde::{Deserialize, Serialize};
@@ -36,7 +38,8 @@ pub enum FenceError {
 /// One geofence.
 #[derive(Debug, Clone)]
 pub struct Fence {
-    pub id: String,
+    /// Shared with every device state that refers to the fence.
+    pub id: Arc<str>,
     pub area: MultiPolygon<f64>,
     /// Emit `dwell` once a device stayed inside this long.
     pub dwell_ms: Option<i64>,
@@ -196,7 +199,7 @@ pub fn fences_from_value(doc: &Value) -> Result<Vec<Fence>, FenceError> {
             ));
         }
         fences.push(Fence {
-            id: id.to_string(),
+            id: Arc::from(id),
             area,
             dwell_ms: optional_seconds(index, props, "dwell_seconds")?,
             absent_ms: optional_seconds(index, props, "absent_seconds")?,
@@ -220,7 +223,7 @@ impl RTreeObject for Indexed {
 /// Fences with an R-tree over their bounding boxes.
 pub struct FenceIndex {
     fences: Vec<Fence>,
-    by_id: std::collections::HashMap<String, usize>,
+    by_id: std::collections::HashMap<Arc<str>, usize>,
     tree: RTree<Indexed>,
 }
 
@@ -315,10 +318,27 @@ pub struct FenceEvent {
     pub lon: f64,
 }
 
+/// Fence ids in device state: one shared allocation per fence (stored as
+/// plain strings).
+mod shared_id {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(id)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(d).map(Arc::from)
+    }
+}
+
 /// A fence a device is in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inside {
-    pub fence: String,
+    #[serde(with = "shared_id")]
+    pub fence: Arc<str>,
     /// Event time the device entered.
     pub since: i64,
     /// `dwell` already raised for this stay.
@@ -328,7 +348,8 @@ pub struct Inside {
 /// A fence a device left, waiting for `absent`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Left {
-    pub fence: String,
+    #[serde(with = "shared_id")]
+    pub fence: Arc<str>,
     /// Event time at which `absent` fires unless the device is back.
     pub due: i64,
 }
@@ -349,7 +370,7 @@ impl DeviceFences {
 
     /// Whether the device is inside `fence`.
     pub fn is_inside(&self, fence: &str) -> bool {
-        self.inside.iter().any(|i| i.fence == fence)
+        self.inside.iter().any(|i| &*i.fence == fence)
     }
 
     /// Advances the state with one position; returns the events it raises.
@@ -422,7 +443,7 @@ impl DeviceFences {
             }
         }
         if self.left.iter().any(|l| ts >= l.due) {
-            let mut absent: Vec<String> = Vec::new();
+            let mut absent: Vec<Arc<str>> = Vec::new();
             self.left.retain(|l| {
                 let due = ts >= l.due;
                 if due {

@@ -25,7 +25,7 @@ fn index() -> FenceIndex {
 }
 
 fn ids(fences: Vec<&Fence>) -> Vec<&str> {
-    fences.into_iter().map(|f| f.id.as_str()).collect()
+    fences.into_iter().map(|f| &*f.id).collect()
 }
 
 #[test]
@@ -223,7 +223,7 @@ fn fences_removed_from_the_registry_leave_no_state() {
         parse_fences(FENCES)
             .unwrap()
             .into_iter()
-            .filter(|f| f.id != "yard")
+            .filter(|f| &*f.id != "yard")
             .collect(),
     );
     let events = state.step(&without_yard, "d", 2, 1_000, 48.095, 11.495);
