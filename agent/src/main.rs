@@ -95,6 +95,14 @@ fn status(config: &Config, json: bool) -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             match serde_json::from_str::<serde_json::Value>(&body) {
+                Ok(v) if v["gateway_id"].as_str() != Some(config.gateway_id.as_str()) => {
+                    eprintln!(
+                        "edge-agent: the agent answering on {listen} is gateway {}, not {} of this config; \
+                         give each agent its own http.listen",
+                        v["gateway_id"], config.gateway_id
+                    );
+                    ExitCode::FAILURE
+                }
                 Ok(v) => {
                     print!("{}", edge_agent::ops::render_status(&v));
                     if v["healthy"].as_bool() == Some(true) {

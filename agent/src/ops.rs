@@ -27,6 +27,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// The batch writer wakes at least once a second; older than this is stuck.
 const WRITER_STALE_MS: i64 = 10_000;
 const RECENT_CAPACITY: usize = 20;
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 16;
 
 /// A warning or error logged recently.
 #[derive(Debug, Clone, Serialize)]
@@ -416,6 +418,9 @@ pub fn metrics_text(state: &OpsState) -> String {
 
 /// Serves the endpoint until the task is dropped.
 pub async fn serve(listener: TcpListener, state: Arc<OpsState>) {
+    // Bounded: idle connections must never use up the file descriptors the
+    // outbox, MQTT and Kafka need.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -425,9 +430,14 @@ pub async fn serve(listener: TcpListener, state: Arc<OpsState>) {
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
             let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &state)).await;
+            drop(slot);
         });
     }
 }

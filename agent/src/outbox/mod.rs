@@ -475,8 +475,9 @@ impl Outbox {
                 outcome.rejected += 1;
             }
             if records > 0 {
+                // A body too big to be read back decompressed is stored raw.
                 let (stored, codec) = match self.compression {
-                    crate::config::OutboxCompression::Lz4 => {
+                    crate::config::OutboxCompression::Lz4 if body.len() <= MAX_BODY_BYTES => {
                         let stored = &mut self.stored_buf;
                         stored.clear();
                         stored.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -491,7 +492,7 @@ impl Outbox {
                         stored.truncate(4 + n);
                         (&stored[..], CODEC_LZ4)
                     }
-                    crate::config::OutboxCompression::None => (&body[..], CODEC_NONE),
+                    _ => (&body[..], CODEC_NONE),
                 };
                 tx.execute(
                     "INSERT INTO outbox_batch (created_ms, records, bytes, body, codec) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -628,8 +629,8 @@ pub fn backlog(conn: &Connection) -> Result<(u64, u64), OutboxError> {
     )?)
 }
 
-/// Reads batches after `after`, at most `max_batches` and about `max_bytes`
-/// (always at least one batch).
+/// Reads batches after `after`, at most `max_batches` and `max_bytes` of
+/// decompressed bodies (always at least one batch).
 pub fn load_batches(
     conn: &Connection,
     after: i64,
@@ -645,9 +646,6 @@ pub fn load_batches(
     while let Some(row) = rows.next()? {
         let batch_seq: i64 = row.get(0)?;
         let bytes = row.get::<_, i64>(1)? as u64;
-        if !out.is_empty() && total + bytes > max_bytes {
-            break;
-        }
         let body: Vec<u8> = row.get(2)?;
         let codec: i64 = row.get(3)?;
         let corrupt = |what| OutboxError::Corrupt { batch_seq, what };
@@ -656,8 +654,12 @@ pub fn load_batches(
             CODEC_LZ4 => decompress(&body).map_err(corrupt)?,
             _ => return Err(corrupt("unknown body codec")),
         };
+        // The budget counts bytes as they go to Kafka, not as stored.
+        if !out.is_empty() && total + body.len() as u64 > max_bytes {
+            break;
+        }
         let records = decode_body(&body).map_err(corrupt)?;
-        total += bytes;
+        total += body.len() as u64;
         out.push(StoredBatch {
             batch_seq,
             bytes,

@@ -672,3 +672,89 @@ fn a_version_1_outbox_is_upgraded_and_its_batches_still_read() {
         .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
 }
+
+#[test]
+fn the_transaction_budget_counts_decompressed_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    for round in 0..2u64 {
+        let mut items: Vec<Item> = (1..=200).map(|s| reading("a", round * 1000 + s)).collect();
+        outbox.write_batch(&mut items, NOW).unwrap();
+    }
+    let all = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let stored: u64 = all.iter().map(|b| b.bytes).sum();
+    let raw_first: usize = all[0]
+        .records
+        .iter()
+        .map(|r| r.key.len() + r.value.len())
+        .sum();
+    // Both batches fit the budget as stored (compressed), not as sent.
+    assert!(stored < raw_first as u64);
+    let limited = load_batches(&outbox.conn, 0, 10, raw_first as u64 + 100).unwrap();
+    assert_eq!(limited.len(), 1);
+}
+
+#[test]
+fn a_failed_batch_after_a_registry_change_redoes_the_change() {
+    use crate::transforms::enrich::DataPlane;
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config("");
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    // sensor-9 enters and leaves the yard: an absent timer (120 s) runs.
+    let at = |seq: u64, s: i64, lat: f64| At {
+        seq,
+        ts: NOW + s * 1000,
+        lat,
+        lon: 11.2,
+        ..BASE
+    };
+    write(&mut outbox, "sensor-9", &[at(1, 0, 48.2), at(2, 10, 30.0)]);
+    drop(outbox);
+    // A new registry without the yard; the first batch using it fails.
+    let mut conn = open_connection(&dir.path().join("o.db"), SyncMode::Full).unwrap();
+    let mut doc = crate::registry::tests::document();
+    doc["fences"]["features"] = serde_json::json!([]);
+    let r = crate::registry::parse_registry(&doc.to_string()).unwrap();
+    crate::registry::apply(&mut conn, &r, "test", "h2", NOW).unwrap();
+    let mut plane = DataPlane::new(&config);
+    plane.load_states(&conn).unwrap();
+    assert_eq!(plane.state("sensor-9").unwrap().fences.left.len(), 1);
+    plane.begin(&conn).unwrap();
+    assert!(
+        plane.state("sensor-9").is_none(),
+        "timer of the removed fence dropped"
+    );
+    plane.rolled_back();
+    // The retry reloads the old state from SQLite and drops the timer again.
+    plane.begin(&conn).unwrap();
+    assert!(plane.state("sensor-9").is_none());
+    let reading = decode_reading(
+        &payload("sensor-9", &at(3, 500, 30.0)),
+        None,
+        NOW + 500_000,
+        &ValidationConfig::default(),
+    )
+    .unwrap();
+    let mut alerts = Vec::new();
+    plane.events(&reading, None, &mut alerts);
+    assert!(alerts.is_empty(), "{alerts:?}");
+}
+
+#[test]
+fn an_unreadable_registry_entry_makes_the_device_unknown_not_a_stall() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open_with(&dir, &plane_config(""));
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    outbox
+        .connection()
+        .execute(
+            "UPDATE registry_device SET body = '{\"device_id\": \"truck-1\", \"colour\": 1}' WHERE device_id = 'truck-1'",
+            [],
+        )
+        .unwrap();
+    let records = write(&mut outbox, "truck-1", &[BASE]);
+    assert_eq!(records[0].topic, TopicId::Data);
+    let v: serde_json::Value = serde_json::from_slice(&records[0].value).unwrap();
+    assert_eq!(v["registered"], false);
+}

@@ -175,7 +175,15 @@ impl DataPlane {
         }
         let generation = registry::generation(conn)?;
         if generation != self.generation {
-            let fences = registry::load_fences(conn)?;
+            let fences = match registry::load_fences(conn) {
+                Ok(f) => f,
+                // Stored by a build that validated differently: keep going
+                // with the fences in use rather than stop taking input.
+                Err(e) => {
+                    error!(generation, error = %e, "stored geofences unreadable; keeping the fences in use");
+                    self.fences.fences().to_vec()
+                }
+            };
             if self.generation >= 0 {
                 info!(
                     generation,
@@ -186,11 +194,13 @@ impl DataPlane {
             self.fences = FenceIndex::new(fences);
             self.cache.clear();
             self.generation = generation;
-            for (device, state) in self.states.iter_mut() {
-                if state.fences.forget_unknown(&self.fences) {
-                    self.dirty.push(device.clone());
+            let (fences, dirty) = (&self.fences, &mut self.dirty);
+            self.states.retain(|device, state| {
+                if state.fences.forget_unknown(fences) {
+                    dirty.push(device.clone());
                 }
-            }
+                !state.is_empty()
+            });
         }
         Ok(())
     }
@@ -205,8 +215,16 @@ impl DataPlane {
         let meta = match self.cache.get(&reading.device_id) {
             Some(entry) => entry,
             None => {
-                let entry = registry::lookup(conn, &reading.device_id)?
-                    .map(|m| Arc::new(CachedDevice::new(&m)));
+                let entry = match registry::lookup(conn, &reading.device_id) {
+                    Ok(m) => m.map(|m| Arc::new(CachedDevice::new(&m))),
+                    // One unreadable entry must not stop every batch: the
+                    // device is treated as unknown (policy applies).
+                    Err(registry::RegistryError::Json(e)) => {
+                        error!(device = %reading.device_id, error = %e, "stored registry entry unreadable; treating the device as unknown");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                };
                 self.cache.insert(&reading.device_id, entry.clone());
                 entry
             }
@@ -378,10 +396,13 @@ impl DataPlane {
         self.dirty.clear();
     }
 
-    /// The batch failed: its changes to device states are void.
+    /// The batch failed: its changes to device states are void. The
+    /// registry switch it may have made is redone by the next batch too
+    /// (its clean-up of state for removed fences was rolled back as well).
     pub fn rolled_back(&mut self) {
         self.dirty.clear();
         self.reload = true;
+        self.generation = -1;
     }
 
     /// Stored state of a device (tests and `status`).

@@ -259,6 +259,10 @@ impl FenceIndex {
         self.fences.len()
     }
 
+    pub fn fences(&self) -> &[Fence] {
+        &self.fences
+    }
+
     pub fn is_empty(&self) -> bool {
         self.fences.is_empty()
     }
@@ -459,11 +463,13 @@ impl DeviceFences {
         events
     }
 
-    /// Drops what refers to fences no longer in `index` (after a registry
-    /// change); returns whether anything was dropped.
+    /// Drops absent timers of fences no longer in `index`, or no longer
+    /// with `absent_seconds` (after a registry change); returns whether
+    /// anything was dropped.
     pub fn forget_unknown(&mut self, index: &FenceIndex) -> bool {
         let before = self.left.len();
-        self.left.retain(|l| index.get(&l.fence).is_some());
+        self.left
+            .retain(|l| index.get(&l.fence).is_some_and(|f| f.absent_ms.is_some()));
         // `inside` entries of a removed fence go on the next step, with an
         // `exit` event; only absent timers are dropped here.
         before != self.left.len()

@@ -341,7 +341,7 @@ mod fast {
         lon: Option<f64>,
         speed: Option<f64>,
         attributes: Option<Map<String, Value>>,
-        extra: Vec<(String, Value)>,
+        extra: Map<String, Value>,
     }
 
     impl Wire<'_> {
@@ -395,8 +395,7 @@ mod fast {
                                 let value = map.next_value::<Value>()?;
                                 // A repeated key: the last one counts, as in
                                 // the general path.
-                                w.extra.retain(|(k, _)| k != other);
-                                w.extra.push((other.to_string(), value));
+                                w.extra.insert(other.to_string(), value);
                             }
                         }
                     }

@@ -233,3 +233,34 @@ fn fences_removed_from_the_registry_leave_no_state() {
     );
     assert!(state.inside.is_empty() && state.left.is_empty());
 }
+
+#[test]
+fn absent_timers_end_with_the_fence_or_its_absent_setting() {
+    let text = r#"{"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"id": "a", "absent_seconds": 10},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}},
+        {"type": "Feature", "properties": {"id": "b", "absent_seconds": 10},
+         "geometry": {"type": "Polygon", "coordinates": [[[2, 0], [3, 0], [3, 1], [2, 1], [2, 0]]]}}]}"#;
+    let index = FenceIndex::new(parse_fences(text).unwrap());
+    let mut state = DeviceFences::default();
+    state.step(&index, "d", 1, 0, 0.5, 0.5);
+    state.step(&index, "d", 2, 1_000, 0.5, 2.5);
+    state.step(&index, "d", 3, 2_000, 5.0, 5.0);
+    assert_eq!(state.left.len(), 2);
+    // "a" loses its absent setting, "b" stays as it was.
+    let changed =
+        FenceIndex::new(parse_fences(&text.replacen(", \"absent_seconds\": 10", "", 1)).unwrap());
+    assert!(state.forget_unknown(&changed));
+    assert_eq!(
+        state.left.iter().map(|l| &*l.fence).collect::<Vec<_>>(),
+        ["b"]
+    );
+    let events = state.step(&changed, "d", 4, 60_000, 5.0, 5.0);
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.kind, e.fence_id.as_str()))
+            .collect::<Vec<_>>(),
+        [(FenceEventKind::Absent, "b")]
+    );
+}
