@@ -43,6 +43,63 @@ pub struct BridgeConfig {
     pub kafka: KafkaSourceConfig,
     #[serde(default)]
     pub mysql: MysqlSinkConfig,
+    /// Alerts into OpenSearch/Elasticsearch; off while `url` is empty.
+    #[serde(default)]
+    pub opensearch: OpenSearchSinkConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenSearchSinkConfig {
+    /// `http(s)://host:port` of OpenSearch or Elasticsearch; empty turns
+    /// the alerts sink off. Env: `CLOUD_BRIDGE_OPENSEARCH_URL`.
+    #[serde(default)]
+    pub url: String,
+    /// Index the alerts go to. Env: `CLOUD_BRIDGE_ALERTS_INDEX`.
+    #[serde(default = "default_alerts_index")]
+    pub index: String,
+    /// Topic the gateways send alerts to. Env: `CLOUD_BRIDGE_TOPIC_ALERTS`.
+    #[serde(default = "default_topic_alerts")]
+    pub topic: String,
+    /// Consumer group of the alerts sink (default: `{kafka.group_id}-alerts`).
+    pub group_id: Option<String>,
+    /// Basic authentication; the password is read from a file.
+    pub username: Option<String>,
+    pub password_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate to trust for `https` (besides the system's).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Most alerts per `_bulk` request.
+    #[serde(default = "default_bulk_max_docs")]
+    pub bulk_max_docs: usize,
+    /// How long to gather alerts for a bulk request after the first arrives.
+    #[serde(default = "default_batch_linger_ms")]
+    pub batch_linger_ms: u64,
+}
+
+impl Default for OpenSearchSinkConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            index: default_alerts_index(),
+            topic: default_topic_alerts(),
+            group_id: None,
+            username: None,
+            password_file: None,
+            ca_file: None,
+            bulk_max_docs: default_bulk_max_docs(),
+            batch_linger_ms: default_batch_linger_ms(),
+        }
+    }
+}
+
+fn default_alerts_index() -> String {
+    "iot-alerts".into()
+}
+fn default_topic_alerts() -> String {
+    "iot-alerts".into()
+}
+const fn default_bulk_max_docs() -> usize {
+    500
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -208,6 +265,15 @@ impl BridgeConfig {
         if let Some(v) = env("CLOUD_BRIDGE_MYSQL_URL") {
             config.mysql.url = v;
         }
+        if let Some(v) = env("CLOUD_BRIDGE_OPENSEARCH_URL") {
+            config.opensearch.url = v;
+        }
+        if let Some(v) = env("CLOUD_BRIDGE_ALERTS_INDEX") {
+            config.opensearch.index = v;
+        }
+        if let Some(v) = env("CLOUD_BRIDGE_TOPIC_ALERTS") {
+            config.opensearch.topic = v;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -226,6 +292,46 @@ impl BridgeConfig {
                 &self.kafka.group_id,
                 "a non-empty consumer group name",
             ));
+        }
+        let os = &self.opensearch;
+        if !os.url.is_empty() {
+            if !(os.url.starts_with("http://") || os.url.starts_with("https://")) {
+                return Err(invalid(
+                    "opensearch.url",
+                    redact_url(&os.url),
+                    "http://host:port or https://host:port, or empty to turn the alerts sink off",
+                ));
+            }
+            let index_ok = !os.index.is_empty()
+                && os.index.len() <= 255
+                && !os.index.starts_with(['_', '-', '+'])
+                && os.index.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+                });
+            if !index_ok {
+                return Err(invalid(
+                    "opensearch.index",
+                    &os.index,
+                    "an index name: lowercase letters, digits, '-', '_', '.', not starting with '_', '-' or '+'",
+                ));
+            }
+            if os.topic.is_empty() || os.topic.len() > 249 {
+                return Err(invalid("opensearch.topic", &os.topic, "a Kafka topic name"));
+            }
+            if !(1..=10_000).contains(&os.bulk_max_docs) {
+                return Err(invalid(
+                    "opensearch.bulk_max_docs",
+                    os.bulk_max_docs,
+                    "1 to 10000",
+                ));
+            }
+            if os.password_file.is_some() && os.username.is_none() {
+                return Err(invalid(
+                    "opensearch.password_file",
+                    "set",
+                    "give opensearch.username too",
+                ));
+            }
         }
         if self.kafka.topic_data.is_empty() || self.kafka.topic_data.len() > 249 {
             return Err(invalid(
@@ -332,6 +438,40 @@ mod tests {
         assert_eq!(
             err,
             "invalid config: `mysql.url` = \"postgres://a:***@h/d\": mysql://user:password@host:port/database"
+        );
+    }
+
+    #[test]
+    fn the_alerts_sink_is_off_until_given_a_url_and_checked_then() {
+        let c = BridgeConfig::load(None, |_| None).unwrap();
+        assert!(c.opensearch.url.is_empty());
+        let c = BridgeConfig::load(None, |k| match k {
+            "CLOUD_BRIDGE_OPENSEARCH_URL" => Some("https://os:9200".into()),
+            "CLOUD_BRIDGE_ALERTS_INDEX" => Some("site-a.alerts".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.opensearch.index, "site-a.alerts");
+        let err = |k: &'static str, v: &'static str| {
+            BridgeConfig::load(None, move |key| match key {
+                "CLOUD_BRIDGE_OPENSEARCH_URL" if k != key => Some("http://os:9200".into()),
+                _ if key == k => Some(v.into()),
+                _ => None,
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(
+            err("CLOUD_BRIDGE_OPENSEARCH_URL", "os:9200")
+                .starts_with("invalid config: `opensearch.url`")
+        );
+        assert!(
+            err("CLOUD_BRIDGE_ALERTS_INDEX", "Alerts")
+                .starts_with("invalid config: `opensearch.index` = \"Alerts\"")
+        );
+        assert!(
+            err("CLOUD_BRIDGE_ALERTS_INDEX", "_x")
+                .starts_with("invalid config: `opensearch.index`")
         );
     }
 

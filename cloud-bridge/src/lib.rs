@@ -122,6 +122,23 @@ pub async fn run(
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let rt = Handle::current();
+    let alerts_thread = if config.opensearch.url.is_empty() {
+        None
+    } else {
+        let alert_sink = sinks::opensearch::AlertSink::new(&config.opensearch)?;
+        let (config, pool, rt, stop) = (
+            config.clone(),
+            sink.pool.clone(),
+            rt.clone(),
+            stop_rx.clone(),
+        );
+        Some(
+            std::thread::Builder::new()
+                .name("alerts-consumer".into())
+                .spawn(move || consume_alerts(config, alert_sink, pool, rt, stop))
+                .context("starting the alerts consumer thread")?,
+        )
+    };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("kafka-consumer".into())
@@ -136,10 +153,212 @@ pub async fn run(
         _ = done_rx => {}
     }
     let _ = stop_tx.send(true);
+    if let Some(alerts) = alerts_thread {
+        tokio::task::spawn_blocking(move || alerts.join())
+            .await
+            .context("joining the alerts consumer thread")?
+            .map_err(|_| anyhow::anyhow!("the alerts consumer thread panicked"))??;
+    }
     tokio::task::spawn_blocking(move || thread.join())
         .await
         .context("joining the consumer thread")?
         .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))?
+}
+
+/// Consumes `iot-alerts` into OpenSearch: bulk-indexes each batch under the
+/// alerts' deterministic ids, dead-letters what can never be indexed, and
+/// commits the Kafka offsets only once the whole batch is settled.
+fn consume_alerts(
+    config: BridgeConfig,
+    sink: sinks::opensearch::AlertSink,
+    pool: sqlx::MySqlPool,
+    rt: Handle,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use sinks::opensearch::{AlertRecord, ItemOutcome, alert_id};
+    let os = &config.opensearch;
+    let group = os
+        .group_id
+        .clone()
+        .unwrap_or_else(|| format!("{}-alerts", config.kafka.group_id));
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.kafka.brokers)
+        .set("group.id", &group)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
+    for (k, v) in &config.kafka.librdkafka_options {
+        client.set(k, v);
+    }
+    let consumer: BaseConsumer = client
+        .create()
+        .with_context(|| format!("creating the alerts consumer for {}", config.kafka.brokers))?;
+    consumer
+        .subscribe(&[&os.topic])
+        .with_context(|| format!("subscribing to {}", os.topic))?;
+    info!(topic = %os.topic, group = %group, index = %os.index, "indexing alerts");
+    let linger = Duration::from_millis(os.batch_linger_ms);
+    let mut batch: Vec<AlertRecord> = Vec::new();
+    let mut first_at = Instant::now();
+    let (mut indexed, mut dead) = (0u64, 0u64);
+    loop {
+        let stopping = *stop.borrow();
+        if !batch.is_empty()
+            && (batch.len() >= os.bulk_max_docs || first_at.elapsed() >= linger || stopping)
+        {
+            // Settle every alert: indexed, or dead-lettered with a reason.
+            let mut pending: Vec<(String, usize)> = Vec::new();
+            let mut letters: Vec<(usize, String, String)> = Vec::new();
+            for (i, r) in batch.iter().enumerate() {
+                match alert_id(&r.payload) {
+                    Ok(id) => pending.push((id, i)),
+                    Err(why) => letters.push((i, "not_an_alert".into(), why)),
+                }
+            }
+            let mut backoff = Duration::from_millis(200);
+            while !pending.is_empty() {
+                let docs: Vec<(String, &[u8])> = pending
+                    .iter()
+                    .map(|(id, i)| (id.clone(), batch[*i].payload.as_slice()))
+                    .collect();
+                let retry = match rt.block_on(sink.bulk(&docs)) {
+                    Ok(outcomes) => {
+                        let mut again = Vec::new();
+                        for ((id, i), outcome) in pending.drain(..).zip(outcomes) {
+                            match outcome {
+                                ItemOutcome::Indexed => indexed += 1,
+                                ItemOutcome::Retry(why) => {
+                                    warn!(alert_id = %id, why, "alert not indexed yet; retrying");
+                                    again.push((id, i));
+                                }
+                                ItemOutcome::Permanent { reason, message } => {
+                                    letters.push((i, reason, message))
+                                }
+                            }
+                        }
+                        pending = again;
+                        !pending.is_empty()
+                    }
+                    Err(e) => {
+                        warn!(
+                            error = format!("{e:#}"),
+                            alerts = pending.len(),
+                            "OpenSearch bulk request failed; retrying in {backoff:?}"
+                        );
+                        true
+                    }
+                };
+                if retry {
+                    if *stop.borrow() {
+                        // Not committed: consumed again after the restart,
+                        // and the ids make that harmless.
+                        info!(
+                            "stopping with alerts not yet indexed; they are consumed again on restart"
+                        );
+                        consumer.unsubscribe();
+                        return Ok(());
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+            let mut backoff = Duration::from_millis(200);
+            while !letters.is_empty() {
+                match rt.block_on(dead_letter(&pool, &config, &batch, &letters)) {
+                    Ok(()) => {
+                        for (i, reason, message) in &letters {
+                            warn!(
+                                partition = batch[*i].partition,
+                                offset = batch[*i].offset,
+                                reason,
+                                message,
+                                "alert dead-lettered"
+                            );
+                        }
+                        dead += letters.len() as u64;
+                        letters.clear();
+                    }
+                    Err(e) => {
+                        if *stop.borrow() {
+                            consumer.unsubscribe();
+                            return Ok(());
+                        }
+                        warn!(error = %e, "writing alert dead letters to MySQL failed; retrying in {backoff:?}");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                    }
+                }
+            }
+            let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+            for r in &batch {
+                let e = next.entry(r.partition).or_insert(0);
+                *e = (*e).max(r.offset + 1);
+            }
+            let mut tpl = TopicPartitionList::new();
+            for (p, o) in next {
+                let _ = tpl.add_partition_offset(&os.topic, p, Offset::Offset(o));
+            }
+            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+                // The alerts are indexed: a replay only overwrites them.
+                warn!(error = %e, "committing alert offsets failed; they may be indexed again (same ids)");
+            }
+            info!(indexed, dead_lettered = dead, "alerts settled");
+            batch.clear();
+        }
+        if stopping {
+            break;
+        }
+        match consumer.poll(Duration::from_millis(if batch.is_empty() {
+            100
+        } else {
+            5
+        })) {
+            None => {}
+            Some(Ok(msg)) => {
+                if batch.is_empty() {
+                    first_at = Instant::now();
+                }
+                batch.push(AlertRecord {
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                });
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => {}
+            Some(Err(e)) => {
+                warn!(error = %e, "Kafka consumer error (alerts); librdkafka retries by itself")
+            }
+        }
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
+
+async fn dead_letter(
+    pool: &sqlx::MySqlPool,
+    config: &BridgeConfig,
+    batch: &[sinks::opensearch::AlertRecord],
+    letters: &[(usize, String, String)],
+) -> anyhow::Result<()> {
+    let mut tx = pool.begin().await?;
+    for (i, reason, message) in letters {
+        let r = &batch[*i];
+        sqlx::query(
+            "INSERT IGNORE INTO bridge_dead_letters (sink, topic, kafka_partition, kafka_offset, reason, message, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind("opensearch-alerts")
+        .bind(&config.opensearch.topic)
+        .bind(r.partition)
+        .bind(r.offset)
+        .bind(reason.chars().take(64).collect::<String>())
+        .bind(message)
+        .bind(&r.payload)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 fn consume(

@@ -29,6 +29,11 @@ pub fn kafka_brokers() -> String {
 }
 
 /// Server URL of the test MariaDB without a database (`EDGE_TEST_MYSQL_URL`).
+/// The OpenSearch the test services run (`EDGE_TEST_OPENSEARCH`).
+pub fn opensearch_url() -> String {
+    std::env::var("EDGE_TEST_OPENSEARCH").unwrap_or_else(|_| "http://127.0.0.1:29200".into())
+}
+
 pub fn mysql_server_url() -> String {
     let url = std::env::var("EDGE_TEST_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://edge:edge@127.0.0.1:23306/edge".into());

@@ -1,7 +1,9 @@
-//! The data plane against the real Kafka: readings enriched from the
-//! registry file, geofence and threshold alerts on `iot-alerts` with their
-//! deterministic ids, an unknown device passed through flagged, all
-//! committed exactly once by the transactional uplink.
+//! The data plane against the real Kafka and OpenSearch: readings enriched
+//! from the registry file, geofence and threshold alerts on `iot-alerts`
+//! with their deterministic ids, an unknown device passed through flagged,
+//! all committed exactly once by the transactional uplink; then the bridge
+//! indexes the alerts into OpenSearch once (a full replay changes nothing)
+//! and dead-letters what can never be indexed.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -31,9 +33,200 @@ async fn alerts_and_enriched_readings_reach_kafka_once() -> anyhow::Result<()> {
         (&topics[3], 1, true),
     ])
     .await?;
-    let result = scenario(&sfx, &topics).await;
+    let db = TestDatabase::create("edge_alerts").await?;
+    let http = reqwest::Client::new();
+    let index = format!("alerts_{}", sfx.to_lowercase());
+    let result = async {
+        scenario(&sfx, &topics).await?;
+        bridge_to_opensearch(&sfx, &topics, &index, &db.url, &http).await
+    }
+    .await;
+    let _ = http
+        .delete(format!("{}/{index}", opensearch_url()))
+        .send()
+        .await;
     delete_topics(&topics.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    db.drop_now().await;
     result
+}
+
+const EXPECTED: [&str; 3] = [
+    "trk-1:2:depot:enter",
+    "trk-1:4:depot:exit",
+    "trk-1:6:threshold:speed",
+];
+
+/// Runs the bridge's alerts sink until `done` holds (or fails after 60 s).
+async fn run_bridge_until<F, Fut>(
+    data: &str,
+    group: &str,
+    topic: &str,
+    index: &str,
+    db_url: &str,
+    what: &str,
+    done: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Option<()>>>,
+{
+    let (data_topic, group, topic, index, db_url) = (
+        data.to_string(),
+        group.to_string(),
+        topic.to_string(),
+        index.to_string(),
+        db_url.to_string(),
+    );
+    let config = cloud_bridge::BridgeConfig::load(None, |k| match k {
+        "CLOUD_BRIDGE_KAFKA_BROKERS" => Some(kafka_brokers()),
+        "CLOUD_BRIDGE_GROUP_ID" => Some(group.clone()),
+        "CLOUD_BRIDGE_TOPIC_DATA" => Some(data_topic.clone()),
+        "CLOUD_BRIDGE_MYSQL_URL" => Some(db_url.clone()),
+        "CLOUD_BRIDGE_OPENSEARCH_URL" => Some(opensearch_url()),
+        "CLOUD_BRIDGE_ALERTS_INDEX" => Some(index.clone()),
+        "CLOUD_BRIDGE_TOPIC_ALERTS" => Some(topic.clone()),
+        _ => None,
+    })?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let bridge = tokio::spawn(cloud_bridge::run(
+        config,
+        Arc::new(cloud_bridge::sinks::mysql::MysqlSinkStats::default()),
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let waited = wait_for(what, Duration::from_secs(60), done).await;
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(60), bridge)
+        .await
+        .context("bridge did not stop")??
+        .context("bridge failed")?;
+    waited
+}
+
+/// Ids in the index (after a refresh).
+async fn indexed_ids(http: &reqwest::Client, index: &str) -> anyhow::Result<Vec<String>> {
+    let base = opensearch_url();
+    let refresh = http.post(format!("{base}/{index}/_refresh")).send().await?;
+    if refresh.status() == reqwest::StatusCode::NOT_FOUND {
+        return Ok(Vec::new());
+    }
+    let body = http
+        .get(format!("{base}/{index}/_search?size=100"))
+        .send()
+        .await?
+        .bytes()
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&body)?;
+    let mut ids: Vec<String> = v["hits"]["hits"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|h| h["_id"].as_str().map(str::to_string))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Offsets a group committed on the two partitions of `topic`.
+fn committed(group: &str, topic: &str) -> anyhow::Result<Vec<rdkafka::Offset>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", group)
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, 0);
+    tpl.add_partition(topic, 1);
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(5))?;
+    Ok(committed.elements().iter().map(|e| e.offset()).collect())
+}
+
+async fn dead_letters(db_url: &str) -> anyhow::Result<Vec<(String, String)>> {
+    let pool = sqlx::MySqlPool::connect(db_url).await?;
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT reason, CAST(payload AS CHAR) FROM bridge_dead_letters WHERE sink = 'opensearch-alerts' ORDER BY kafka_offset",
+    )
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    Ok(rows)
+}
+
+async fn bridge_to_opensearch(
+    sfx: &str,
+    topics: &[String; 4],
+    index: &str,
+    db_url: &str,
+    http: &reqwest::Client,
+) -> anyhow::Result<()> {
+    let (data, topic) = (topics[0].as_str(), topics[2].as_str());
+    let expected: Vec<String> = EXPECTED.iter().map(|s| s.to_string()).collect();
+    let group = format!("bridge-{sfx}");
+    run_bridge_until(
+        data,
+        &group,
+        topic,
+        index,
+        db_url,
+        "the three alerts indexed",
+        || async { Ok((indexed_ids(http, index).await? == expected).then_some(())) },
+    )
+    .await?;
+
+    // Two records that can never be indexed: not JSON, and a document the
+    // index mapping refuses (lat is a number there).
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .create()?;
+    for payload in [
+        "not json".to_string(),
+        serde_json::json!({"alert_id": "bad-1", "lat": "far north"}).to_string(),
+    ] {
+        producer
+            .send(BaseRecord::to(topic).key("x").payload(&payload))
+            .map_err(|(e, _)| e)?;
+    }
+    producer.flush(Duration::from_secs(10))?;
+    run_bridge_until(
+        data,
+        &group,
+        topic,
+        index,
+        db_url,
+        "two dead letters",
+        || async { Ok((dead_letters(db_url).await?.len() == 2).then_some(())) },
+    )
+    .await?;
+    let letters = dead_letters(db_url).await?;
+    assert_eq!(letters[0].0, "not_an_alert");
+    assert_eq!(letters[0].1, "not json");
+    assert_eq!(letters[1].0, "mapper_parsing_exception", "{letters:?}");
+
+    // A new group replays the whole topic: nothing is added anywhere.
+    let replay = format!("replay-{sfx}");
+    run_bridge_until(
+        data,
+        &replay,
+        topic,
+        index,
+        db_url,
+        "the replay settled",
+        || async {
+            // Settled once the replay's group (the alerts sink uses
+            // `{group_id}-alerts`) committed what the first group did.
+            let first = committed(&format!("{group}-alerts"), topic)?;
+            Ok((committed(&format!("{replay}-alerts"), topic)? == first).then_some(()))
+        },
+    )
+    .await?;
+    assert_eq!(indexed_ids(http, index).await?, expected);
+    assert_eq!(dead_letters(db_url).await?.len(), 2);
+    println!(
+        "opensearch: {} alerts indexed once, 2 dead letters, replay changed nothing",
+        expected.len()
+    );
+    Ok(())
 }
 
 /// Reads a topic to its end (read_committed); returns the JSON values.
@@ -179,14 +372,7 @@ interval_seconds = 0
         .collect();
     let unique: BTreeSet<&str> = ids.iter().copied().collect();
     assert_eq!(ids.len(), unique.len(), "duplicate alerts: {ids:?}");
-    assert_eq!(
-        unique,
-        BTreeSet::from([
-            "trk-1:2:depot:enter",
-            "trk-1:4:depot:exit",
-            "trk-1:6:threshold:speed",
-        ])
-    );
+    assert_eq!(unique, BTreeSet::from(EXPECTED));
     let threshold = alerts
         .iter()
         .find(|a| a["event"] == "threshold")

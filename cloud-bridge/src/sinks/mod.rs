@@ -1,3 +1,4 @@
 //! Where the bridge writes.
 
 pub mod mysql;
+pub mod opensearch;
