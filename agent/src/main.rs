@@ -133,7 +133,13 @@ fn status(config: &Config, json: bool) -> ExitCode {
                 Ok(text) => print!("{text}"),
                 Err(e) => eprintln!("edge-agent: cannot read the data folder: {e:#}"),
             }
-            ExitCode::from(3)
+            // 3: not running. Something there that does not answer is a
+            // failure, not a stopped agent.
+            if running.is_err() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::from(3)
+            }
         }
     }
 }
