@@ -681,7 +681,7 @@ pub fn offline_status(config: &crate::config::Config) -> anyhow::Result<String> 
         path.display(),
         bytes / 1024
     );
-    let devices: i64 = conn.query_row("SELECT COUNT(*) FROM device_hwm", [], |r| r.get(0))?;
+    let devices = crate::outbox::load_marks(&conn)?.len();
     let _ = writeln!(out, "devices known: {devices}");
     match crate::registry::current(&conn) {
         Ok(Some(r)) => {

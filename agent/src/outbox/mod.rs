@@ -3,8 +3,17 @@
 //! The outbox is an append-only log of batches with a monotonically
 //! increasing `batch_seq` (AUTOINCREMENT, so a number is never reused even
 //! after the log is trimmed empty). One SQLite transaction per batch writes
-//! the batch, advances the per-device high-water marks used for dedupe, and
-//! records rejects: a reading is either fully accepted or not at all.
+//! the batch, device state and rejects: a reading is either fully accepted
+//! or not at all.
+//!
+//! Per-device high-water marks (dedupe) follow one invariant: the mark of
+//! every accepted reading is either in a batch still in `outbox_batch` or in
+//! `device_hwm`. Batches carry their readings' `(device_id, seq)`, so the
+//! batch commit itself makes the marks durable; `device_hwm` is written only
+//! when batches leave the outbox (trim after Kafka committed them, or
+//! drop-oldest), in the same transaction as the delete. At open the marks
+//! are `device_hwm` plus a replay of the batches still present. This keeps a
+//! per-device write out of every batch commit.
 
 use foldhash::{HashMap, HashMapExt as _};
 use std::path::Path;
@@ -278,15 +287,7 @@ impl Outbox {
             "INSERT INTO meta (key, value) VALUES ('schema_version', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![SCHEMA_VERSION],
         )?;
-        let mut hwm = HashMap::new();
-        {
-            let mut stmt = conn.prepare("SELECT device_id, seq FROM device_hwm")?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
-            for row in rows {
-                let (device, seq) = row?;
-                hwm.insert(device, seq as u64);
-            }
-        }
+        let hwm = load_marks(&conn)?;
         let mut plane = DataPlane::passthrough();
         plane.load_states(&conn)?;
         Ok(Self {
@@ -501,12 +502,8 @@ impl Outbox {
                 outcome.batch_seq = Some(tx.last_insert_rowid());
                 outcome.bytes = stored.len() as u64;
             }
-            let mut mark = tx.prepare_cached(
-                "INSERT INTO device_hwm (device_id, seq) VALUES (?1, ?2) ON CONFLICT(device_id) DO UPDATE SET seq = excluded.seq",
-            )?;
-            for (device, seq) in &new_marks {
-                mark.execute(params![device, *seq as i64])?;
-            }
+            // The marks need no write here: this batch holds them (see the
+            // module documentation).
             self.plane.persist(&tx)?;
             if outcome.rejected > 0 {
                 tx.execute(
@@ -584,6 +581,7 @@ impl Outbox {
             }
         }
         if let Some(upto) = upto {
+            persist_marks_upto(&tx, upto)?;
             tx.execute(
                 "DELETE FROM outbox_batch WHERE batch_seq <= ?1",
                 params![upto],
@@ -684,6 +682,7 @@ fn write_transaction(conn: &Connection) -> Result<rusqlite::Transaction<'_>, Out
 /// the bytes freed.
 pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
     let tx = write_transaction(conn)?;
+    persist_marks_upto(&tx, upto)?;
     let freed: i64 = tx.query_row(
         "SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch WHERE batch_seq <= ?1",
         params![upto],
@@ -747,6 +746,114 @@ fn encode_record(out: &mut Vec<u8>, topic: TopicId, key: &[u8], value: &[u8]) {
     out.extend_from_slice(key);
     out.extend_from_slice(&(value.len() as u32).to_le_bytes());
     out.extend_from_slice(value);
+}
+
+/// The `seq` of an enriched record (the only field needed back).
+#[derive(serde::Deserialize)]
+struct SeqOnly {
+    seq: u64,
+}
+
+/// Folds the marks of the readings in batches `after < batch_seq <= upto`
+/// into `marks`.
+fn marks_of_batches(
+    conn: &Connection,
+    after: i64,
+    upto: i64,
+    marks: &mut HashMap<String, u64>,
+) -> Result<u64, OutboxError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT batch_seq, body, codec FROM outbox_batch WHERE batch_seq > ?1 AND batch_seq <= ?2 ORDER BY batch_seq",
+    )?;
+    let mut rows = stmt.query(params![after, upto])?;
+    let mut records = 0u64;
+    while let Some(row) = rows.next()? {
+        let batch_seq: i64 = row.get(0)?;
+        let body: Vec<u8> = row.get(1)?;
+        let codec: i64 = row.get(2)?;
+        let decoded = match codec {
+            CODEC_NONE => Ok(body),
+            CODEC_LZ4 => decompress(&body),
+            _ => Err("unknown body codec"),
+        }
+        .and_then(|body| decode_body(&body));
+        // A corrupt batch can never be sent: its readings are lost, and not
+        // knowing their marks lets the devices' redeliveries in again.
+        let batch = match decoded {
+            Ok(b) => b,
+            Err(what) => {
+                tracing::error!(
+                    batch_seq,
+                    what,
+                    "corrupt outbox batch: its readings cannot be deduplicated against"
+                );
+                continue;
+            }
+        };
+        for record in batch {
+            if record.topic != TopicId::Data {
+                continue;
+            }
+            let (Ok(device), Ok(SeqOnly { seq })) = (
+                String::from_utf8(record.key),
+                serde_json::from_slice::<SeqOnly>(&record.value),
+            ) else {
+                tracing::error!(
+                    batch_seq,
+                    "outbox record without a device id or seq; skipped for dedupe"
+                );
+                continue;
+            };
+            records += 1;
+            match marks.get_mut(&device) {
+                Some(m) => *m = (*m).max(seq),
+                None => {
+                    marks.insert(device, seq);
+                }
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// Writes the marks of batches `<= upto` to `device_hwm` (never lowering
+/// one), before those batches are deleted in the same transaction.
+fn persist_marks_upto(conn: &Connection, upto: i64) -> Result<(), OutboxError> {
+    let mut marks = HashMap::new();
+    marks_of_batches(conn, i64::MIN, upto, &mut marks)?;
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO device_hwm (device_id, seq) VALUES (?1, ?2) \
+         ON CONFLICT(device_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
+    )?;
+    let mut marks: Vec<(String, u64)> = marks.into_iter().collect();
+    marks.sort_unstable();
+    for (device, seq) in marks {
+        stmt.execute(params![device, seq as i64])?;
+    }
+    Ok(())
+}
+
+/// The dedupe marks: `device_hwm` plus the batches still in the outbox.
+pub fn load_marks(conn: &Connection) -> Result<HashMap<String, u64>, OutboxError> {
+    let mut marks = HashMap::new();
+    {
+        let mut stmt = conn.prepare("SELECT device_id, seq FROM device_hwm")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        for row in rows {
+            let (device, seq) = row?;
+            marks.insert(device, seq as u64);
+        }
+    }
+    let started = std::time::Instant::now();
+    let replayed = marks_of_batches(conn, i64::MIN, i64::MAX, &mut marks)?;
+    if replayed > 0 {
+        tracing::info!(
+            readings = replayed,
+            ms = started.elapsed().as_millis() as u64,
+            "dedupe marks rebuilt from the unsent batches"
+        );
+    }
+    Ok(marks)
 }
 
 /// An lz4 block with its decompressed size in front (u32, little endian).

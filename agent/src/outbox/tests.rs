@@ -758,3 +758,82 @@ fn an_unreadable_registry_entry_makes_the_device_unknown_not_a_stall() {
     let v: serde_json::Value = serde_json::from_slice(&records[0].value).unwrap();
     assert_eq!(v["registered"], false);
 }
+
+#[test]
+fn marks_survive_trim_drop_and_restart_and_never_go_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    for seq in 1..=6 {
+        outbox
+            .write_batch(&mut [reading("a", seq), reading("b", seq * 10)], NOW)
+            .unwrap();
+    }
+    // No mark is written per batch: the batches hold them.
+    let rows: i64 = outbox
+        .conn
+        .query_row("SELECT COUNT(*) FROM device_hwm", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+    // Sent batches 1..=4 leave; their marks move to device_hwm.
+    trim(&outbox.conn, 4).unwrap();
+    let marks: Vec<(String, i64)> = outbox
+        .conn
+        .prepare("SELECT device_id, seq FROM device_hwm ORDER BY device_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(marks, [("a".to_string(), 4), ("b".to_string(), 40)]);
+    // Drop-oldest takes batch 5 the same way.
+    let dropped = outbox.drop_oldest(0).unwrap();
+    assert_eq!(dropped.batches, 2);
+    drop(outbox);
+    // After a restart, everything ever accepted is still a duplicate.
+    let mut outbox = open(&dir);
+    assert_eq!(
+        load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap().len(),
+        0
+    );
+    let out = outbox
+        .write_batch(
+            &mut [
+                reading("a", 3),
+                reading("a", 6),
+                reading("b", 60),
+                reading("b", 61),
+            ],
+            NOW,
+        )
+        .unwrap();
+    assert_eq!((out.valid, out.duplicates), (1, 3));
+    // Trimming an older batch never lowers a mark.
+    trim(&outbox.conn, i64::MAX).unwrap();
+    let b: i64 = outbox
+        .conn
+        .query_row(
+            "SELECT seq FROM device_hwm WHERE device_id = 'b'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(b, 61);
+}
+
+#[test]
+fn marks_are_rebuilt_from_unsent_batches_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    outbox.write_batch(&mut [reading("a", 5)], NOW).unwrap();
+    // A crash: nothing but the committed batch is left.
+    drop(outbox);
+    let mut outbox = open(&dir);
+    assert_eq!(outbox.known_devices(), 1);
+    let out = outbox
+        .write_batch(
+            &mut [reading("a", 5), reading("a", 4), reading("a", 6)],
+            NOW,
+        )
+        .unwrap();
+    assert_eq!((out.valid, out.duplicates), (1, 2));
+}
