@@ -681,7 +681,11 @@ pub fn offline_status(config: &crate::config::Config) -> anyhow::Result<String> 
         path.display(),
         bytes / 1024
     );
+    // One snapshot for both reads: a trim by a running agent moves marks
+    // from batches to device_hwm.
+    conn.execute_batch("BEGIN")?;
     let devices = crate::outbox::load_marks(&conn)?.len();
+    conn.execute_batch("COMMIT")?;
     let _ = writeln!(out, "devices known: {devices}");
     match crate::registry::current(&conn) {
         Ok(Some(r)) => {

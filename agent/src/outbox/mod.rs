@@ -26,7 +26,9 @@ use crate::transforms::enrich::{Alert, DataPlane};
 use crate::transforms::validate::{DeadLetterRecord, Reading, Rejection, write_reading_json};
 
 /// 2: batch bodies may be lz4-compressed (`outbox_batch.codec`).
-const SCHEMA_VERSION: i64 = 2;
+/// 3: dedupe marks live in the unsent batches, `device_hwm` only holds those
+/// of batches that left (an older build would lose the rest: it must refuse).
+const SCHEMA_VERSION: i64 = 3;
 
 /// Largest decompressed batch body accepted when reading one back.
 const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
@@ -681,8 +683,14 @@ fn write_transaction(conn: &Connection) -> Result<rusqlite::Transaction<'_>, Out
 /// Deletes batches up to and including `upto` (committed to Kafka); returns
 /// the bytes freed.
 pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
+    // The marks are gathered before taking the write lock, so the batch
+    // writer is not held up while they are decoded. Batches up to `upto`
+    // cannot change meanwhile: numbers only grow, and a drop-oldest in
+    // between saves its own marks (the upsert keeps the higher one).
+    let mut marks = HashMap::new();
+    marks_of_batches(conn, i64::MIN, upto, &mut marks)?;
     let tx = write_transaction(conn)?;
-    persist_marks_upto(&tx, upto)?;
+    upsert_marks(&tx, marks)?;
     let freed: i64 = tx.query_row(
         "SELECT COALESCE(SUM(bytes), 0) FROM outbox_batch WHERE batch_seq <= ?1",
         params![upto],
@@ -821,6 +829,10 @@ fn marks_of_batches(
 fn persist_marks_upto(conn: &Connection, upto: i64) -> Result<(), OutboxError> {
     let mut marks = HashMap::new();
     marks_of_batches(conn, i64::MIN, upto, &mut marks)?;
+    upsert_marks(conn, marks)
+}
+
+fn upsert_marks(conn: &Connection, marks: HashMap<String, u64>) -> Result<(), OutboxError> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO device_hwm (device_id, seq) VALUES (?1, ?2) \
          ON CONFLICT(device_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
