@@ -175,7 +175,7 @@ fn consume_alerts(
     rt: Handle,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    use sinks::opensearch::{AlertRecord, ItemOutcome, alert_id};
+    use sinks::opensearch::AlertRecord;
     let os = &config.opensearch;
     let group = os
         .group_id
@@ -201,138 +201,188 @@ fn consume_alerts(
     let linger = Duration::from_millis(os.batch_linger_ms);
     let mut batch: Vec<AlertRecord> = Vec::new();
     let mut first_at = Instant::now();
-    let (mut indexed, mut dead) = (0u64, 0u64);
+    let mut counts = AlertCounts::default();
     loop {
         let stopping = *stop.borrow();
         if !batch.is_empty()
             && (batch.len() >= os.bulk_max_docs || first_at.elapsed() >= linger || stopping)
         {
-            // Settle every alert: indexed, or dead-lettered with a reason.
-            let mut pending: Vec<(String, usize)> = Vec::new();
-            let mut letters: Vec<(usize, String, String)> = Vec::new();
-            for (i, r) in batch.iter().enumerate() {
-                match alert_id(&r.payload) {
-                    Ok(id) => pending.push((id, i)),
-                    Err(why) => letters.push((i, "not_an_alert".into(), why)),
-                }
+            if !settle_alerts(
+                &sink,
+                &pool,
+                &config,
+                &rt,
+                &consumer,
+                &batch,
+                &stop,
+                &mut counts,
+            ) {
+                // Not committed: consumed again after the restart, and the
+                // ids make that harmless.
+                info!("stopping with alerts not yet settled; they are consumed again on restart");
+                consumer.unsubscribe();
+                return Ok(());
             }
-            let mut backoff = Duration::from_millis(200);
-            while !pending.is_empty() {
-                let docs: Vec<(String, &[u8])> = pending
-                    .iter()
-                    .map(|(id, i)| (id.clone(), batch[*i].payload.as_slice()))
-                    .collect();
-                let retry = match rt.block_on(sink.bulk(&docs)) {
-                    Ok(outcomes) => {
-                        let mut again = Vec::new();
-                        for ((id, i), outcome) in pending.drain(..).zip(outcomes) {
-                            match outcome {
-                                ItemOutcome::Indexed => indexed += 1,
-                                ItemOutcome::Retry(why) => {
-                                    warn!(alert_id = %id, why, "alert not indexed yet; retrying");
-                                    again.push((id, i));
-                                }
-                                ItemOutcome::Permanent { reason, message } => {
-                                    letters.push((i, reason, message))
-                                }
-                            }
-                        }
-                        pending = again;
-                        !pending.is_empty()
-                    }
-                    Err(e) => {
-                        warn!(
-                            error = format!("{e:#}"),
-                            alerts = pending.len(),
-                            "OpenSearch bulk request failed; retrying in {backoff:?}"
-                        );
-                        true
-                    }
-                };
-                if retry {
-                    if *stop.borrow() {
-                        // Not committed: consumed again after the restart,
-                        // and the ids make that harmless.
-                        info!(
-                            "stopping with alerts not yet indexed; they are consumed again on restart"
-                        );
-                        consumer.unsubscribe();
-                        return Ok(());
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
-                }
-            }
-            let mut backoff = Duration::from_millis(200);
-            while !letters.is_empty() {
-                match rt.block_on(dead_letter(&pool, &config, &batch, &letters)) {
-                    Ok(()) => {
-                        for (i, reason, message) in &letters {
-                            warn!(
-                                partition = batch[*i].partition,
-                                offset = batch[*i].offset,
-                                reason,
-                                message,
-                                "alert dead-lettered"
-                            );
-                        }
-                        dead += letters.len() as u64;
-                        letters.clear();
-                    }
-                    Err(e) => {
-                        if *stop.borrow() {
-                            consumer.unsubscribe();
-                            return Ok(());
-                        }
-                        warn!(error = %e, "writing alert dead letters to MySQL failed; retrying in {backoff:?}");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(10));
-                    }
-                }
-            }
-            let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
-            for r in &batch {
-                let e = next.entry(r.partition).or_insert(0);
-                *e = (*e).max(r.offset + 1);
-            }
-            let mut tpl = TopicPartitionList::new();
-            for (p, o) in next {
-                let _ = tpl.add_partition_offset(&os.topic, p, Offset::Offset(o));
-            }
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                // The alerts are indexed: a replay only overwrites them.
-                warn!(error = %e, "committing alert offsets failed; they may be indexed again (same ids)");
-            }
-            info!(indexed, dead_lettered = dead, "alerts settled");
             batch.clear();
         }
         if stopping {
             break;
         }
-        match consumer.poll(Duration::from_millis(if batch.is_empty() {
-            100
-        } else {
-            5
-        })) {
-            None => {}
-            Some(Ok(msg)) => {
-                if batch.is_empty() {
-                    first_at = Instant::now();
-                }
-                batch.push(AlertRecord {
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                });
+        if let Some((partition, offset, payload)) =
+            poll_record(&consumer, !batch.is_empty(), "alerts")
+        {
+            if batch.is_empty() {
+                first_at = Instant::now();
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(e)) => {
-                warn!(error = %e, "Kafka consumer error (alerts); librdkafka retries by itself")
-            }
+            batch.push(AlertRecord {
+                partition,
+                offset,
+                payload: payload.unwrap_or_default(),
+            });
         }
     }
     consumer.unsubscribe();
     Ok(())
+}
+
+#[derive(Default)]
+struct AlertCounts {
+    indexed: u64,
+    dead_lettered: u64,
+}
+
+/// Settles every alert of a batch (indexed, or dead-lettered with a
+/// reason), then commits its offsets. Returns false when asked to stop
+/// before the batch was settled (nothing is committed then).
+#[allow(clippy::too_many_arguments)]
+fn settle_alerts(
+    sink: &sinks::opensearch::AlertSink,
+    pool: &sqlx::MySqlPool,
+    config: &BridgeConfig,
+    rt: &Handle,
+    consumer: &BaseConsumer,
+    batch: &[sinks::opensearch::AlertRecord],
+    stop: &watch::Receiver<bool>,
+    counts: &mut AlertCounts,
+) -> bool {
+    use sinks::opensearch::{ItemOutcome, alert_id};
+    let os = &config.opensearch;
+    let mut pending: Vec<(String, usize)> = Vec::new();
+    let mut letters: Vec<(usize, String, String)> = Vec::new();
+    for (i, r) in batch.iter().enumerate() {
+        match alert_id(&r.payload) {
+            Ok(id) => pending.push((id, i)),
+            Err(why) => letters.push((i, "not_an_alert".into(), why)),
+        }
+    }
+    let mut backoff = Duration::from_millis(200);
+    while !pending.is_empty() {
+        let docs: Vec<(String, &[u8])> = pending
+            .iter()
+            .map(|(id, i)| (id.clone(), batch[*i].payload.as_slice()))
+            .collect();
+        let retry = match rt.block_on(sink.bulk(&docs)) {
+            Ok(outcomes) => {
+                let mut again = Vec::new();
+                for ((id, i), outcome) in pending.drain(..).zip(outcomes) {
+                    match outcome {
+                        ItemOutcome::Indexed => counts.indexed += 1,
+                        ItemOutcome::Retry(why) => {
+                            warn!(alert_id = %id, why, "alert not indexed yet; retrying");
+                            again.push((id, i));
+                        }
+                        ItemOutcome::Permanent { reason, message } => {
+                            letters.push((i, reason, message))
+                        }
+                    }
+                }
+                pending = again;
+                !pending.is_empty()
+            }
+            Err(e) => {
+                warn!(
+                    error = format!("{e:#}"),
+                    alerts = pending.len(),
+                    "OpenSearch bulk request failed; retrying in {backoff:?}"
+                );
+                true
+            }
+        };
+        if retry {
+            if *stop.borrow() {
+                return false;
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+    }
+    let mut backoff = Duration::from_millis(200);
+    while !letters.is_empty() {
+        match rt.block_on(dead_letter(&pool, &config, &batch, &letters)) {
+            Ok(()) => {
+                for (i, reason, message) in &letters {
+                    warn!(
+                        partition = batch[*i].partition,
+                        offset = batch[*i].offset,
+                        reason,
+                        message,
+                        "alert dead-lettered"
+                    );
+                }
+                counts.dead_lettered += letters.len() as u64;
+                letters.clear();
+            }
+            Err(e) => {
+                if *stop.borrow() {
+                    return false;
+                }
+                warn!(error = %e, "writing alert dead letters to MySQL failed; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    for r in batch {
+        let e = next.entry(r.partition).or_insert(0);
+        *e = (*e).max(r.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in next {
+        let _ = tpl.add_partition_offset(&os.topic, p, Offset::Offset(o));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
+        // The alerts are indexed: a replay only overwrites them.
+        warn!(error = %e, "committing alert offsets failed; they may be indexed again (same ids)");
+    }
+    info!(
+        indexed = counts.indexed,
+        dead_lettered = counts.dead_lettered,
+        "alerts settled"
+    );
+    true
+}
+
+/// One record from the consumer, or `None`: nothing yet, the end of a
+/// partition, or an error librdkafka retries by itself (logged).
+fn poll_record<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    batch_open: bool,
+    what: &str,
+) -> Option<(i32, i64, Option<Vec<u8>>)> {
+    let wait = Duration::from_millis(if batch_open { 5 } else { 100 });
+    match consumer.poll(wait) {
+        None | Some(Err(KafkaError::PartitionEOF(_))) => None,
+        Some(Ok(msg)) => Some((
+            msg.partition(),
+            msg.offset(),
+            msg.payload().map(<[u8]>::to_vec),
+        )),
+        Some(Err(e)) => {
+            warn!(error = %e, what, "Kafka consumer error; librdkafka retries by itself");
+            None
+        }
+    }
 }
 
 async fn dead_letter(
@@ -406,24 +456,17 @@ fn consume(
         if stopping {
             break;
         }
-        match consumer.poll(Duration::from_millis(if batch.is_empty() {
-            100
-        } else {
-            5
-        })) {
-            None => {}
-            Some(Ok(msg)) => {
-                if batch.is_empty() {
-                    first_at = Instant::now();
-                }
-                batch.push(KafkaRecord {
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    payload: msg.payload().map(<[u8]>::to_vec),
-                });
+        if let Some((partition, offset, payload)) =
+            poll_record(&consumer, !batch.is_empty(), "data")
+        {
+            if batch.is_empty() {
+                first_at = Instant::now();
             }
-            Some(Err(KafkaError::PartitionEOF(_))) => {}
-            Some(Err(e)) => warn!(error = %e, "Kafka consumer error; librdkafka retries by itself"),
+            batch.push(KafkaRecord {
+                partition,
+                offset,
+                payload,
+            });
         }
     }
     info!("leaving the consumer group");

@@ -166,3 +166,39 @@ pub fn init_logging() {
         .with_test_writer()
         .try_init();
 }
+
+/// Reads a topic to its end with `read_committed` (all `partitions`);
+/// returns the JSON values.
+pub fn read_topic_to_end(
+    topic: &str,
+    partitions: usize,
+    group: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("group.id", group)
+        .set("isolation.level", "read_committed")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
+        .create()?;
+    rdkafka::consumer::Consumer::subscribe(&consumer, &[topic])?;
+    let mut out = Vec::new();
+    let mut eof = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while eof.len() < partitions {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "did not read {topic} to its end"
+        );
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => out.push(serde_json::from_slice(
+                rdkafka::message::Message::payload(&m).unwrap_or_default(),
+            )?),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                eof.insert(p);
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}

@@ -14,7 +14,6 @@ use anyhow::Context as _;
 use edge_tests::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn alerts_and_enriched_readings_reach_kafka_once() -> anyhow::Result<()> {
@@ -229,35 +228,6 @@ async fn bridge_to_opensearch(
     Ok(())
 }
 
-/// Reads a topic to its end (read_committed); returns the JSON values.
-fn read_all(topic: &str, partitions: usize, group: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", group)
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true")
-        .create()?;
-    consumer.subscribe(&[topic])?;
-    let mut out = Vec::new();
-    let mut eof = BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while eof.len() < partitions {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "did not read {topic} to its end"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => out.push(serde_json::from_slice(m.payload().unwrap_or_default())?),
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                eof.insert(p);
-            }
-            _ => {}
-        }
-    }
-    Ok(out)
-}
-
 async fn scenario(sfx: &str, topics: &[String; 4]) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let registry = dir.path().join("registry.json");
@@ -365,7 +335,7 @@ interval_seconds = 0
         .map_err(|e| anyhow::anyhow!("agent failed: {e}"))?;
     waited?;
 
-    let alerts = read_all(&topics[2], 2, &format!("check-alerts-{sfx}"))?;
+    let alerts = read_topic_to_end(&topics[2], 2, &format!("check-alerts-{sfx}"))?;
     let ids: Vec<&str> = alerts
         .iter()
         .map(|a| a["alert_id"].as_str().unwrap_or_default())
@@ -381,7 +351,7 @@ interval_seconds = 0
     assert_eq!(threshold["consecutive"], 2);
     assert_eq!(threshold["gateway_id"], format!("gw-{sfx}"));
 
-    let data = read_all(&topics[0], 2, &format!("check-data-{sfx}"))?;
+    let data = read_topic_to_end(&topics[0], 2, &format!("check-data-{sfx}"))?;
     let trk: Vec<&serde_json::Value> = data.iter().filter(|r| r["device_id"] == "trk-1").collect();
     assert_eq!(trk.len(), 7);
     for r in &trk {

@@ -10,9 +10,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use edge_tests::*;
-use rdkafka::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
 
 fn config(
     sfx: &str,
@@ -120,36 +117,15 @@ async fn scenario(sfx: &str, data: &str, dlq: &str, offsets: &str) -> anyhow::Re
     );
 
     // Kafka holds every reading once (read_committed, both gateways).
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kafka_brokers())
-        .set("group.id", format!("check-{sfx}"))
-        .set("isolation.level", "read_committed")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "true")
-        .create()?;
-    consumer.subscribe(&[data])?;
-    let mut keys = Vec::new();
-    let mut eof = BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while eof.len() < 2 {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "did not read the data topic to its end"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let v: serde_json::Value = serde_json::from_slice(m.payload().unwrap_or_default())?;
-                keys.push((
-                    v["device_id"].as_str().unwrap_or_default().to_string(),
-                    v["seq"].as_u64().unwrap_or_default(),
-                ));
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                eof.insert(p);
-            }
-            _ => {}
-        }
-    }
+    let keys: Vec<(String, u64)> = read_topic_to_end(data, 2, &format!("check-{sfx}"))?
+        .iter()
+        .map(|v| {
+            (
+                v["device_id"].as_str().unwrap_or_default().to_string(),
+                v["seq"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
     let unique: BTreeSet<_> = keys.iter().cloned().collect();
     assert_eq!(keys.len(), unique.len(), "duplicates in Kafka");
     let committed: u64 = [&first, &other, &second]

@@ -217,22 +217,7 @@ impl Parts {
         limits: &ValidationConfig,
     ) -> Result<Reading, Rejection> {
         let device_id = self.device_id;
-        if !is_valid_id(&device_id) {
-            return Err(Rejection::new(
-                RejectReason::InvalidDeviceId,
-                format!(
-                    "device_id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
-                ),
-            ));
-        }
-        if let Some(expected) = topic_device
-            && expected != device_id
-        {
-            return Err(Rejection::new(
-                RejectReason::DeviceIdMismatch,
-                format!("payload device_id {device_id:?} differs from topic device {expected:?}"),
-            ));
-        }
+        check_device_id(&device_id, topic_device)?;
         let seq = fold_seq(self.device_seq, self.epoch)?;
         check_timestamp(self.ts, now_ms, limits)?;
         check_ranges(
@@ -258,6 +243,27 @@ impl Parts {
             attributes: self.attributes,
         })
     }
+}
+
+/// The payload's device id is well formed and the one its topic names.
+fn check_device_id(device_id: &str, topic_device: Option<&str>) -> Result<(), Rejection> {
+    if !is_valid_id(device_id) {
+        return Err(Rejection::new(
+            RejectReason::InvalidDeviceId,
+            format!(
+                "device_id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+            ),
+        ));
+    }
+    if let Some(expected) = topic_device
+        && expected != device_id
+    {
+        return Err(Rejection::new(
+            RejectReason::DeviceIdMismatch,
+            format!("payload device_id {device_id:?} differs from topic device {expected:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// The key the gateway dedupes on: `epoch << 32 | seq` with an epoch.
@@ -438,57 +444,14 @@ pub(crate) fn decode_reading_general(
         Some(other) => return Err(wrong_type("device_id", "a string", &other)),
         None => return Err(missing("device_id")),
     };
-    if !is_valid_id(&device_id) {
-        return Err(Rejection::new(
-            RejectReason::InvalidDeviceId,
-            format!(
-                "device_id {device_id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
-            ),
-        ));
-    }
-    if let Some(expected) = topic_device
-        && expected != device_id
-    {
-        return Err(Rejection::new(
-            RejectReason::DeviceIdMismatch,
-            format!("payload device_id {device_id:?} differs from topic device {expected:?}"),
-        ));
-    }
+    check_device_id(&device_id, topic_device)?;
 
     let device_seq = take_u64(&obj, "seq")?;
     let epoch = match obj.get("epoch") {
         None | Some(Value::Null) => None,
         Some(_) => Some(take_u64(&obj, "epoch")?),
     };
-    let seq = match epoch {
-        Some(epoch) => {
-            if epoch > MAX_EPOCH {
-                return Err(out_of_range(
-                    "epoch",
-                    epoch as f64,
-                    &format!("0 to {MAX_EPOCH}"),
-                ));
-            }
-            if device_seq > MAX_SEQ_WITH_EPOCH {
-                return Err(out_of_range(
-                    "seq",
-                    device_seq as f64,
-                    &format!("0 to {MAX_SEQ_WITH_EPOCH} when an epoch is given"),
-                ));
-            }
-            (epoch << 32) | device_seq
-        }
-        None => {
-            if device_seq > MAX_SEQ {
-                return Err(out_of_range(
-                    "seq",
-                    device_seq as f64,
-                    &format!("0 to {MAX_SEQ}"),
-                ));
-            }
-            device_seq
-        }
-    };
+    let seq = fold_seq(device_seq, epoch)?;
 
     let ts = match obj.get("ts") {
         Some(Value::Number(n)) => n.as_i64().ok_or_else(|| {
