@@ -4,8 +4,10 @@
 //! commits them to the SQLite outbox in group-committed batches; the Kafka
 //! uplink ships committed batches in transactions, exactly once.
 
+pub mod cli;
 pub mod config;
 pub mod doctor;
+pub mod fault;
 pub mod import;
 pub mod lock;
 pub mod ops;

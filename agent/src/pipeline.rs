@@ -324,7 +324,10 @@ impl BatchWriter {
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
             match self.outbox.write_batch(&mut items, now) {
-                Ok(outcome) => break outcome,
+                Ok(outcome) => {
+                    crate::fault::point("outbox_committed");
+                    break outcome;
+                }
                 Err(e) => {
                     error!(
                         error = %e,

@@ -1,6 +1,7 @@
 //! `cloud-bridge`: consumes the gateways' Kafka topics and writes MySQL,
 //! exactly once (offsets stored with the rows in the same transaction).
 
+pub mod cli;
 pub mod config;
 pub mod migrations;
 pub mod sinks;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+pub mod fleet;
 pub mod sim;
 
 /// Unix time in milliseconds (the agent's own clock helper).

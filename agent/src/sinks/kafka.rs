@@ -220,6 +220,7 @@ impl KafkaUplink {
             };
             let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
             self.send_transaction(&producer, &batches, last)?;
+            crate::fault::point("kafka_committed");
             committed = last;
             self.stats.kafka_committed_batch.store(committed, Relaxed);
             self.stats
@@ -269,6 +270,11 @@ impl KafkaUplink {
                     .key(self.config.gateway_id.as_bytes())
                     .payload(marker.as_slice()),
             )?;
+            if crate::fault::hit("kafka_sent") {
+                // Make sure the records really sit in the open transaction.
+                let _ = producer.flush(commit_timeout);
+                crate::fault::crash("kafka_sent");
+            }
             producer.commit_transaction(commit_timeout)
         })();
         match result {

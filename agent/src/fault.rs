@@ -1,0 +1,101 @@
+//! Crash points for the fault-injection tests.
+//!
+//! With the `fault-injection` feature (enabled only by the `edge-tests`
+//! crate), `EDGE_FAULT=<point>:<n>` makes the process abort the n-th time it
+//! reaches `<point>`, as abruptly as a power cut: no destructor, no flush,
+//! no further write. The points sit between the steps of the exactly-once
+//! chain:
+//!
+//! - `outbox_committed`: a batch is durable in SQLite, its sources are not
+//!   acknowledged yet;
+//! - `kafka_sent`: a transaction's records and marker are in Kafka, the
+//!   transaction is not committed;
+//! - `kafka_committed`: the transaction is committed, the outbox is not
+//!   trimmed yet.
+//!
+//! Without the feature every function here is an empty inline function.
+
+/// Every crash point, for the tests and for checking `EDGE_FAULT`.
+pub const POINTS: [&str; 3] = ["outbox_committed", "kafka_sent", "kafka_committed"];
+
+#[cfg(feature = "fault-injection")]
+mod armed {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Plan {
+        point: String,
+        at: u64,
+        seen: AtomicU64,
+    }
+
+    fn plan() -> Option<&'static Plan> {
+        static PLAN: OnceLock<Option<Plan>> = OnceLock::new();
+        PLAN.get_or_init(|| {
+            let spec = std::env::var("EDGE_FAULT").ok()?;
+            let parsed = spec.split_once(':').and_then(|(point, n)| {
+                let at = n.parse::<u64>().ok().filter(|n| *n > 0)?;
+                super::POINTS.contains(&point).then(|| Plan {
+                    point: point.to_string(),
+                    at,
+                    seen: AtomicU64::new(0),
+                })
+            });
+            if parsed.is_none() {
+                eprintln!(
+                    "EDGE_FAULT={spec:?} ignored: expected <point>:<n> with n >= 1 and point one of {:?}",
+                    super::POINTS
+                );
+            }
+            parsed
+        })
+        .as_ref()
+    }
+
+    pub fn hit(point: &str) -> bool {
+        match plan() {
+            Some(p) if p.point == point => p.seen.fetch_add(1, Ordering::SeqCst) + 1 == p.at,
+            _ => false,
+        }
+    }
+
+    pub fn crash(point: &str) -> ! {
+        eprintln!("fault injection: crashing at {point}");
+        std::process::abort()
+    }
+}
+
+/// True when this is the occurrence of `point` that `EDGE_FAULT` names.
+#[cfg(feature = "fault-injection")]
+pub fn hit(point: &str) -> bool {
+    armed::hit(point)
+}
+
+/// Aborts the process, reporting the point on stderr.
+#[cfg(feature = "fault-injection")]
+pub fn crash(point: &str) -> ! {
+    armed::crash(point)
+}
+
+/// Aborts here when `EDGE_FAULT` says so.
+#[cfg(feature = "fault-injection")]
+pub fn point(point: &str) {
+    if hit(point) {
+        crash(point)
+    }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn hit(_point: &str) -> bool {
+    false
+}
+
+#[cfg(not(feature = "fault-injection"))]
+#[inline(always)]
+pub fn point(_point: &str) {}
+
+#[cfg(not(feature = "fault-injection"))]
+pub fn crash(point: &str) -> ! {
+    unreachable!("fault point {point} reached without the fault-injection feature")
+}
