@@ -2,8 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
 use crate::{AgentError, Config, Stats};
+use clap::{Parser, Subcommand};
 
 /// Edge gateway agent: devices in, validated and durable, to Kafka exactly once.
 #[derive(Parser)]

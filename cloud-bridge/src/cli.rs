@@ -2,8 +2,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
 use crate::BridgeConfig;
+use clap::{Parser, Subcommand};
 
 /// Cloud bridge: Kafka into MySQL, exactly once.
 #[derive(Parser)]

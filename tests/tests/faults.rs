@@ -238,7 +238,9 @@ interval_seconds = 0
                 match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
                     Ok(_) => {}
-                    Err(e) => return Err(anyhow::anyhow!("creating the agent's MQTT session: {e}")),
+                    Err(e) => {
+                        return Err(anyhow::anyhow!("creating the agent's MQTT session: {e}"));
+                    }
                 }
             }
         })
@@ -666,8 +668,12 @@ async fn agent_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
         let mut kinds = std::collections::BTreeMap::<&str, u32>::new();
         while crashed < crashes && !progress.done.load(Relaxed) {
             // Cycle through the ways to die; moments and occurrences random.
-            let kind = ["kill -9", "outbox_committed", "kafka_sent", "kafka_committed"]
-                [crashed as usize % 4];
+            let kind = [
+                "kill -9",
+                "outbox_committed",
+                "kafka_sent",
+                "kafka_committed",
+            ][crashed as usize % 4];
             let deadline = Instant::now() + Duration::from_secs(60);
             if kind == "kill -9" {
                 let after = Duration::from_millis(w.rng.random_range(100..2500));
@@ -688,7 +694,9 @@ async fn agent_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
                 let n = w.rng.random_range(1..6);
                 w.start_agent(Some(format!("{kind}:{n}")))?;
                 loop {
-                    if let Some(status) = w.agent.as_mut().map(|a| a.exited()).transpose()?.flatten() {
+                    if let Some(status) =
+                        w.agent.as_mut().map(|a| a.exited()).transpose()?.flatten()
+                    {
                         ensure!(
                             !status.success(),
                             "the agent armed with {kind}:{n} exited cleanly instead of crashing"
@@ -711,7 +719,10 @@ async fn agent_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
             w.agent = None;
             w.start_agent(None)?;
         }
-        let faults_hit = w.log_text("agent").matches("fault injection: crashing at").count();
+        let faults_hit = w
+            .log_text("agent")
+            .matches("fault injection: crashing at")
+            .count();
         eprintln!("[faults] agent crashes: {kinds:?}, {faults_hit} crash points reached");
         ensure!(
             faults_hit > 0 || long_run(),
@@ -785,11 +796,15 @@ async fn mosquitto_restart_loses_and_duplicates_nothing() -> anyhow::Result<()> 
 async fn bridge_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     init_logging();
-    let world = World::new("bridge_crashes", 40, 250, 2000.0, None).await?;
+    let (devices, per_device, rate, kills) = if long_run() {
+        (100, 500, 1000.0, 40)
+    } else {
+        (40, 250, 2000.0, 4)
+    };
+    let world = World::new("bridge_crashes", devices, per_device, rate, None).await?;
     scenario(world, async |w| {
         let (progress, stop) = start_all(w).await?;
         let total = w.fleet.total();
-        let kills = 4;
         for k in 1..=kills {
             let at = total * k / (kills + 1) + w.rng.random_range(0..total / 20);
             w.until_produced(&progress, at, Duration::from_secs(60))
@@ -815,10 +830,118 @@ async fn two_bridges_one_killed_lose_and_duplicate_nothing() -> anyhow::Result<(
         let total = w.fleet.total();
         w.until_produced(&progress, total / 2, Duration::from_secs(60))
             .await?;
-        // One of the two dies for good; the other takes its partitions over.
+        // Both hold partitions before one of them dies for good; the
+        // other takes its partitions over.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !(holds_partitions(&w.log_text("bridge-0"))
+            && holds_partitions(&w.log_text("bridge-1")))
+        {
+            w.check_running()?;
+            ensure!(
+                Instant::now() < deadline,
+                "the two bridges did not share the partitions; bridge 1 log:\n{}",
+                tail(&w.log_text("bridge-1"), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         if let Some(mut b) = w.bridges[1].take() {
             b.kill9();
         }
+        w.verify(&progress, &stop, 1).await
+    })
+    .await
+}
+
+/// True when the last assignment a bridge logged holds partitions.
+fn holds_partitions(log: &str) -> bool {
+    log.lines()
+        .rev()
+        .find(|l| l.contains("partitions assigned") || l.contains("partitions revoked"))
+        .is_some_and(|l| l.contains("partitions assigned") && !l.contains("partitions=[]"))
+}
+
+// ---------------------------------------------------------------------------
+// Two agents with one gateway id: the older is fenced.
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_agent_with_the_same_gateway_id_fences_the_first() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_logging();
+    let world = World::new("zombie", 40, 250, 2000.0, None).await?;
+    scenario(world, async |w| {
+        let (progress, stop) = start_all(w).await?;
+        let total = w.fleet.total();
+        w.until_produced(&progress, total / 3, Duration::from_secs(60))
+            .await?;
+        // A second agent with the same gateway id (its own data folder and
+        // MQTT session; no device talks to it) takes the Kafka
+        // transactional id over.
+        let toml = std::fs::read_to_string(&w.agent_config)?
+            .replace(
+                &format!("data_dir = \"{}\"", w.data_dir.display()),
+                &format!("data_dir = \"{}\"", w.dir.path().join("twin").display()),
+            )
+            .replace(&format!("\"{}/", w.sfx), &format!("\"{}-twin/", w.sfx))
+            .replace(
+                &format!("\"agent-{}\"", w.sfx),
+                &format!("\"twin-{}\"", w.sfx),
+            );
+        let twin_config = w.dir.path().join("twin.toml");
+        std::fs::write(&twin_config, toml)?;
+        let twin = Command::new(AGENT)
+            .arg("--config")
+            .arg(&twin_config)
+            .arg("run")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(w.log("twin")?)
+            .spawn()
+            .context("starting the second agent")?;
+        let mut twin = Proc {
+            child: twin,
+            what: "the second agent".into(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let status = loop {
+            if let Some(status) = w.agent.as_mut().map(|a| a.exited()).transpose()?.flatten() {
+                break status;
+            }
+            ensure!(
+                twin.exited()?.is_none(),
+                "the second agent exited; its log:\n{}",
+                tail(&w.log_text("twin"), 20)
+            );
+            ensure!(
+                Instant::now() < deadline,
+                "the first agent was not fenced within 90 s; its log:\n{}",
+                tail(&w.log_text("agent"), 20)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let log = w.log_text("agent");
+        ensure!(
+            status.code() == Some(3) && log.contains("this agent was fenced"),
+            "the fenced agent must exit with code 3 and say why; it exited with {status}, log:\n{}",
+            tail(&log, 20)
+        );
+        eprintln!("[faults] the first agent was fenced and exited with code 3");
+        w.agent = None;
+        // The operator stops the impostor and starts the gateway again: it
+        // fences the second one in turn and ships what it holds, once.
+        w.until_produced(&progress, total * 2 / 3, Duration::from_secs(60))
+            .await?;
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(twin.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while twin.exited()?.is_none() {
+            ensure!(
+                Instant::now() < deadline,
+                "the second agent did not stop on SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        w.start_agent(None)?;
         w.verify(&progress, &stop, 1).await
     })
     .await
@@ -843,7 +966,10 @@ async fn full_disk_holds_input_back_and_loses_nothing() -> anyhow::Result<()> {
         .arg(&mount)
         .status()
         .context("running mount")?;
-    ensure!(status.success(), "mounting a 16 MiB tmpfs on {mount:?} failed");
+    ensure!(
+        status.success(),
+        "mounting a 16 MiB tmpfs on {mount:?} failed"
+    );
     let world = World::new("full_disk", 40, 250, 2000.0, Some(mount.join("data"))).await;
     let mut world = match world {
         Ok(w) => w,
