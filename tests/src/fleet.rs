@@ -25,7 +25,8 @@ pub struct FleetConfig {
     pub id_prefix: String,
     pub devices: usize,
     pub readings_per_device: u64,
-    /// Readings per second over the whole fleet.
+    /// Readings per second over the whole fleet; 0 = as fast as the broker
+    /// takes them (open loop).
     pub readings_per_second: f64,
     /// Every reading whose seq is a multiple of this has an impossible
     /// latitude (rejected by the agent); 0 = none.
@@ -35,6 +36,8 @@ pub struct FleetConfig {
     pub hot_every: u64,
     /// Timestamps are `base_ts_ms + global index` (deterministic).
     pub base_ts_ms: i64,
+    /// Timestamps are the send time instead (latency measurements).
+    pub live_timestamps: bool,
 }
 
 /// Upper temperature limit the fault tests register for every device.
@@ -119,7 +122,8 @@ impl FleetConfig {
             20.0 + (seq % 7) as f64
         };
         let payload = serde_json::json!({
-            "device_id": id, "seq": seq, "ts": self.base_ts_ms + index as i64,
+            "device_id": id, "seq": seq,
+            "ts": if self.live_timestamps { crate::now_ms() } else { self.base_ts_ms + index as i64 },
             "temperature": temperature, "humidity": 40.0 + (seq % 20) as f64,
             "battery": 90.0, "lat": lat, "lon": 13.4 + device as f64 * 1e-4, "speed": 3.0
         });
@@ -172,7 +176,7 @@ pub async fn run_fleet(
     let mut acked: u64 = 0;
     let mut connected = false;
     let started = tokio::time::Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     while !stop.load(Relaxed) {
@@ -219,7 +223,11 @@ pub async fn run_fleet(
                     let key = if let Some(key) = resend.pop_front() {
                         key
                     } else {
-                        let allowed = (started.elapsed().as_secs_f64() * config.readings_per_second) as u64;
+                        let allowed = if config.readings_per_second > 0.0 {
+                            (started.elapsed().as_secs_f64() * config.readings_per_second) as u64
+                        } else {
+                            u64::MAX
+                        };
                         if next_index >= total || next_index >= allowed {
                             break;
                         }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+pub mod bench;
 pub mod fleet;
 pub mod sim;
 

@@ -147,6 +147,7 @@ impl World {
             invalid_every: 97,
             hot_every: 10,
             base_ts_ms: now_ms() - 60_000,
+            live_timestamps: false,
         };
         let registry = dir.path().join("registry.json");
         std::fs::write(&registry, fleet.registry_json().to_string())?;
@@ -806,7 +807,9 @@ async fn bridge_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
         let (progress, stop) = start_all(w).await?;
         let total = w.fleet.total();
         for k in 1..=kills {
-            let at = total * k / (kills + 1) + w.rng.random_range(0..total / 20);
+            // Spread over the run, each at a random point of its slot.
+            let slot = total / (kills + 1);
+            let at = slot * k + w.rng.random_range(0..slot / 2);
             w.until_produced(&progress, at, Duration::from_secs(60))
                 .await?;
             if let Some(b) = w.bridges[0].as_mut() {

@@ -1,0 +1,912 @@
+//! The end-to-end load benchmark behind `edge-bench`: runs the real agent
+//! (and optionally the real bridge) as processes against the test services,
+//! drives them at a target rate, and samples once a second what was
+//! accepted, committed to Kafka and stored in MariaDB, the latency from the
+//! device's send timestamp to a `read_committed` consumer and to the MariaDB
+//! row, and the agent's RSS, CPU and outbox backlog.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use hdrhistogram::Histogram;
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use serde_json::{Value, json};
+
+use crate::fleet::{FleetConfig, FleetProgress, run_fleet};
+use crate::{TestDatabase, create_topics, delete_topics, kafka_brokers, mqtt_addr, now_ms, unique};
+
+/// How readings reach the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// Simulated MQTT devices → Mosquitto → the agent's MQTT source.
+    Mqtt,
+    /// The agent's in-process `demo` source: no broker in the path.
+    Direct,
+}
+
+/// One benchmark run.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    pub name: String,
+    pub feed: Feed,
+    pub devices: usize,
+    /// Readings per second; 0 = open loop (as fast as it goes).
+    pub rate: f64,
+    pub duration: Duration,
+    /// Also run the bridge into MariaDB and measure rows.
+    pub bridge: bool,
+    /// MQTT connections the devices share (MQTT feed).
+    pub connections: usize,
+    pub agent_bin: PathBuf,
+    pub bridge_bin: PathBuf,
+    pub out_dir: PathBuf,
+}
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            count: h.len(),
+            p50: h.value_at_quantile(0.50) as f64,
+            p99: h.value_at_quantile(0.99) as f64,
+            p999: h.value_at_quantile(0.999) as f64,
+            max: h.max() as f64,
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"count": self.count, "p50_ms": self.p50, "p99_ms": self.p99, "p999_ms": self.p999, "max_ms": self.max})
+    }
+}
+
+/// One second of a run.
+#[derive(Debug, Clone, Default)]
+pub struct Sample {
+    pub t: f64,
+    pub accepted_per_s: f64,
+    pub committed_per_s: f64,
+    pub stored_per_s: f64,
+    pub kafka_latency: Percentiles,
+    pub rss_mb: f64,
+    pub cpu_percent: f64,
+    pub backlog_bytes: f64,
+}
+
+/// What a run measured.
+#[derive(Debug, Clone, Default)]
+pub struct RunResult {
+    pub name: String,
+    pub feed: String,
+    pub target_rate: f64,
+    pub devices: usize,
+    pub seconds: f64,
+    pub sent: u64,
+    pub accepted: u64,
+    pub committed: u64,
+    pub stored: u64,
+    /// Mean over the measured window (after the first second).
+    pub accepted_per_s: f64,
+    pub committed_per_s: f64,
+    pub stored_per_s: f64,
+    pub kafka_latency: Percentiles,
+    pub mysql_latency: Percentiles,
+    pub rss_max_mb: f64,
+    pub cpu_mean_percent: f64,
+    pub backlog_max_bytes: f64,
+    pub samples: Vec<Sample>,
+}
+
+impl RunResult {
+    pub fn json(&self) -> Value {
+        json!({
+            "name": self.name, "feed": self.feed, "target_rate": self.target_rate,
+            "devices": self.devices, "seconds": self.seconds,
+            "sent": self.sent, "accepted": self.accepted, "committed": self.committed, "stored": self.stored,
+            "accepted_per_s": self.accepted_per_s.round(), "committed_per_s": self.committed_per_s.round(),
+            "stored_per_s": self.stored_per_s.round(),
+            "latency_to_kafka_commit": self.kafka_latency.json(),
+            "latency_to_mariadb_row": self.mysql_latency.json(),
+            "agent_rss_max_mb": (self.rss_max_mb * 10.0).round() / 10.0,
+            "agent_cpu_mean_percent": self.cpu_mean_percent.round(),
+            "outbox_backlog_max_bytes": self.backlog_max_bytes,
+            "samples": self.samples.iter().map(|s| json!({
+                "t": s.t, "accepted_per_s": s.accepted_per_s, "committed_per_s": s.committed_per_s,
+                "stored_per_s": s.stored_per_s, "kafka_latency": s.kafka_latency.json(),
+                "rss_mb": s.rss_mb, "cpu_percent": s.cpu_percent, "backlog_bytes": s.backlog_bytes,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// A child process, killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM first so the agent leaves cleanly; SIGKILL after 10 s.
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// CPU time (user + system) of a process in clock ticks, and its RSS in MB.
+fn proc_usage(pid: u32) -> Option<(u64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((ticks, rss_kb / 1024.0))
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+/// Values of the agent's `/metrics` (unlabelled series only).
+fn scrape(listen: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    if let Ok(Some((200, body))) = edge_agent::ops::fetch(listen, "/metrics") {
+        for line in body.lines().filter(|l| !l.starts_with('#')) {
+            if let Some((name, value)) = line.split_once(' ')
+                && !name.contains('{')
+                && let Ok(v) = value.trim().parse::<f64>()
+            {
+                out.insert(name.to_string(), v);
+            }
+        }
+    }
+    out
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000, 3).expect("valid histogram bounds")
+}
+
+/// Reads the data topic with `read_committed` and records, per second of
+/// the run, how many readings became visible and how long after their
+/// device timestamp.
+struct KafkaWatch {
+    committed: Arc<AtomicU64>,
+    windows: Arc<Mutex<Histogram<u64>>>,
+    total: Arc<Mutex<Histogram<u64>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl KafkaWatch {
+    fn start(topic: &str, group: &str) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("group.id", group)
+            .set("isolation.level", "read_committed")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .set("fetch.wait.max.ms", "5")
+            .set("fetch.min.bytes", "1")
+            .create()
+            .context("creating the measuring consumer")?;
+        consumer.subscribe(&[topic])?;
+        let committed = Arc::new(AtomicU64::new(0));
+        let windows = Arc::new(Mutex::new(new_histogram()));
+        let total = Arc::new(Mutex::new(new_histogram()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, w, t, s) = (
+            committed.clone(),
+            windows.clone(),
+            total.clone(),
+            stop.clone(),
+        );
+        let thread = std::thread::spawn(move || {
+            #[derive(serde::Deserialize)]
+            struct Ts {
+                ts: i64,
+            }
+            while !s.load(Relaxed) {
+                let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
+                    continue;
+                };
+                let now = now_ms();
+                if let Some(Ok(r)) = m.payload().map(serde_json::from_slice::<Ts>) {
+                    let latency = (now - r.ts).max(1) as u64;
+                    if let Ok(mut h) = w.lock() {
+                        let _ = h.record(latency);
+                    }
+                    if let Ok(mut h) = t.lock() {
+                        let _ = h.record(latency);
+                    }
+                }
+                c.fetch_add(1, Relaxed);
+            }
+        });
+        Ok(Self {
+            committed,
+            windows,
+            total,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn take_window(&self) -> Percentiles {
+        match self.windows.lock() {
+            Ok(mut h) => {
+                let p = Percentiles::of(&h);
+                h.reset();
+                p
+            }
+            Err(_) => Percentiles::default(),
+        }
+    }
+}
+
+impl Drop for KafkaWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Runs one benchmark and writes `<out>/<name>.json` and `<name>.svg`.
+pub async fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
+    let sfx = unique("bench");
+    let topics = [
+        format!("data-{sfx}"),
+        format!("dlq-{sfx}"),
+        format!("alerts-{sfx}"),
+        format!("offsets-{sfx}"),
+    ];
+    create_topics(&[
+        (&topics[0], 3, false),
+        (&topics[1], 1, false),
+        (&topics[2], 1, false),
+        (&topics[3], 1, true),
+    ])
+    .await?;
+    let db = if spec.bridge {
+        Some(TestDatabase::create("edge_bench").await?)
+    } else {
+        None
+    };
+    let result = run_inner(spec, &sfx, &topics, db.as_ref()).await;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    delete_topics(&names).await;
+    if let Some(db) = db {
+        db.drop_now().await;
+    }
+    let result = result?;
+    std::fs::create_dir_all(&spec.out_dir)?;
+    std::fs::write(
+        spec.out_dir.join(format!("{}.json", spec.name)),
+        serde_json::to_string_pretty(&result.json())?,
+    )?;
+    std::fs::write(
+        spec.out_dir.join(format!("{}.svg", spec.name)),
+        plot(&result),
+    )?;
+    Ok(result)
+}
+
+async fn run_inner(
+    spec: &RunSpec,
+    sfx: &str,
+    topics: &[String; 4],
+    db: Option<&TestDatabase>,
+) -> anyhow::Result<RunResult> {
+    let dir = tempfile::tempdir()?;
+    let listen = format!("127.0.0.1:{}", free_port()?);
+    let (mqtt_host, mqtt_port) = mqtt_addr();
+    let source = match spec.feed {
+        Feed::Mqtt => format!(
+            "[sources.mqtt]\nhost = \"{mqtt_host}\"\nport = {mqtt_port}\nclient_id = \"agent-{sfx}\"\n\
+             topic_prefix = \"{sfx}/\"\ntopics = [\"{sfx}/devices/#\"]\n"
+        ),
+        Feed::Direct => format!(
+            "[sources.demo]\ndevices = {}\nreadings_per_second = {}\ninvalid_fraction = 0.0\n",
+            spec.devices,
+            if spec.rate > 0.0 {
+                spec.rate as u64
+            } else {
+                10_000_000
+            }
+        ),
+    };
+    let toml = format!(
+        "gateway_id = \"gw-{sfx}\"\ndata_dir = \"{}\"\n{source}[http]\nlisten = \"{listen}\"\n\
+         [kafka]\nbrokers = \"{}\"\ntopic_data = \"{}\"\ntopic_dlq = \"{}\"\ntopic_alerts = \"{}\"\n\
+         topic_offsets = \"{}\"\n[progress]\ninterval_seconds = 0\n",
+        dir.path().join("data").display(),
+        kafka_brokers(),
+        topics[0],
+        topics[1],
+        topics[2],
+        topics[3],
+    );
+    edge_agent::Config::from_toml(&toml, "edge-bench")?;
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, &toml)?;
+    if spec.feed == Feed::Mqtt {
+        create_session(&format!("agent-{sfx}"), &format!("{sfx}/devices/#")).await?;
+    }
+
+    let _bridge = match db {
+        Some(db) => Some(Proc(
+            Command::new(&spec.bridge_bin)
+                .arg("run")
+                .env("RUST_LOG", "warn")
+                .env("CLOUD_BRIDGE_KAFKA_BROKERS", kafka_brokers())
+                .env("CLOUD_BRIDGE_GROUP_ID", format!("bridge-{sfx}"))
+                .env("CLOUD_BRIDGE_TOPIC_DATA", &topics[0])
+                .env("CLOUD_BRIDGE_MYSQL_URL", &db.url)
+                .env("CLOUD_BRIDGE_OPENSEARCH_URL", "")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log_file(&spec.out_dir, &format!("{}-bridge", spec.name))?)
+                .spawn()
+                .with_context(|| format!("starting {}", spec.bridge_bin.display()))?,
+        )),
+        None => None,
+    };
+    let agent = Proc(
+        Command::new(&spec.agent_bin)
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file(&spec.out_dir, &format!("{}-agent", spec.name))?)
+            .spawn()
+            .with_context(|| format!("starting {}", spec.agent_bin.display()))?,
+    );
+    let pid = agent.0.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(
+        edge_agent::ops::fetch(&listen, "/health"),
+        Ok(Some((200, _)))
+    ) {
+        ensure!(
+            Instant::now() < deadline,
+            "the agent did not become healthy within 60 s; see {}",
+            spec.out_dir
+                .join(format!("{}-agent.log", spec.name))
+                .display()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let watch = KafkaWatch::start(&topics[0], &format!("measure-{sfx}"))?;
+
+    // The devices.
+    let fleet_stop = Arc::new(AtomicBool::new(false));
+    let mut fleets = Vec::new();
+    if spec.feed == Feed::Mqtt {
+        let connections = spec.connections.max(1);
+        for c in 0..connections {
+            let progress = Arc::new(FleetProgress::default());
+            let config = FleetConfig {
+                topic_prefix: format!("{sfx}/"),
+                id_prefix: format!("dev-{c}-"),
+                devices: (spec.devices / connections).max(1),
+                readings_per_device: 1_000_000_000,
+                readings_per_second: spec.rate / connections as f64,
+                invalid_every: 0,
+                hot_every: 0,
+                base_ts_ms: 0,
+                live_timestamps: true,
+            };
+            tokio::spawn(run_fleet(
+                config,
+                mqtt_addr(),
+                format!("bench-{sfx}-{c}"),
+                progress.clone(),
+                fleet_stop.clone(),
+            ));
+            fleets.push(progress);
+        }
+    }
+    let sent = || -> u64 { fleets.iter().map(|f| f.acked.load(Relaxed)).sum() };
+
+    let pool = match db {
+        Some(db) => Some(
+            sqlx::mysql::MySqlPoolOptions::new()
+                .max_connections(1)
+                .connect(&db.url)
+                .await?,
+        ),
+        None => None,
+    };
+    let stored_count = async |pool: &Option<sqlx::MySqlPool>| -> u64 {
+        match pool {
+            Some(p) => sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM iot_metrics")
+                .fetch_one(p)
+                .await
+                .map(|n| n as u64)
+                .unwrap_or(0),
+            None => 0,
+        }
+    };
+
+    let ticks = clock_ticks();
+    let started = Instant::now();
+    let mut samples: Vec<Sample> = Vec::new();
+    let (mut last_accepted, mut last_committed, mut last_stored) = (0.0, 0u64, 0u64);
+    let mut last_cpu = proc_usage(pid).map(|u| u.0).unwrap_or(0);
+    let mut last_t = 0.0;
+    let total_secs = spec.duration.as_secs_f64();
+    let mut next = started + Duration::from_secs(1);
+    while started.elapsed() < spec.duration {
+        tokio::time::sleep_until(next.into()).await;
+        next += Duration::from_secs(1);
+        let t = started.elapsed().as_secs_f64();
+        let dt = t - last_t;
+        last_t = t;
+        let m = scrape(&listen);
+        let accepted = m.get("edge_readings_valid_total").copied().unwrap_or(0.0);
+        let committed = watch.committed.load(Relaxed);
+        let stored = stored_count(&pool).await;
+        let (cpu, rss) = proc_usage(pid).unwrap_or((last_cpu, 0.0));
+        if rss == 0.0 {
+            bail!(
+                "the agent exited during the run; see {}",
+                spec.out_dir
+                    .join(format!("{}-agent.log", spec.name))
+                    .display()
+            );
+        }
+        let s = Sample {
+            t,
+            accepted_per_s: (accepted - last_accepted) / dt,
+            committed_per_s: (committed - last_committed) as f64 / dt,
+            stored_per_s: (stored - last_stored) as f64 / dt,
+            kafka_latency: watch.take_window(),
+            rss_mb: rss,
+            cpu_percent: (cpu - last_cpu) as f64 / ticks / dt * 100.0,
+            backlog_bytes: m.get("edge_outbox_backlog_bytes").copied().unwrap_or(0.0),
+        };
+        (last_accepted, last_committed, last_stored, last_cpu) = (accepted, committed, stored, cpu);
+        eprint!(
+            "\r[{name} {t:>4.0}/{total_secs:.0} s] accepted {a:>9.0}/s  committed {c:>9.0}/s  stored {st:>9.0}/s  \
+             p99 to Kafka {p99:>5.0} ms  rss {rss:>5.1} MB  cpu {cpu:>4.0}%  backlog {b:>6.1} MB   ",
+            name = spec.name,
+            a = s.accepted_per_s,
+            c = s.committed_per_s,
+            st = s.stored_per_s,
+            p99 = s.kafka_latency.p99,
+            rss = s.rss_mb,
+            cpu = s.cpu_percent,
+            b = s.backlog_bytes / 1e6,
+        );
+        let _ = std::io::stderr().flush();
+        samples.push(s);
+    }
+    eprintln!();
+    fleet_stop.store(true, Relaxed);
+    let sent_total = sent();
+    let seconds = started.elapsed().as_secs_f64();
+
+    // Let what was accepted reach Kafka and MariaDB (bounded wait).
+    let accepted_total = scrape(&listen)
+        .get("edge_readings_valid_total")
+        .copied()
+        .unwrap_or(last_accepted) as u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let committed = watch.committed.load(Relaxed);
+        let stored = stored_count(&pool).await;
+        if committed >= accepted_total && (pool.is_none() || stored >= accepted_total) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mysql_latency = match &pool {
+        Some(p) => {
+            let rows: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT ts_ms, CAST(UNIX_TIMESTAMP(stored_at) * 1000 AS SIGNED) FROM iot_metrics",
+            )
+            .fetch_all(p)
+            .await?;
+            let mut h = new_histogram();
+            for (ts, stored_at) in rows {
+                let _ = h.record((stored_at - ts).max(1) as u64);
+            }
+            Percentiles::of(&h)
+        }
+        None => Percentiles::default(),
+    };
+    let committed_total = watch.committed.load(Relaxed);
+    let stored_total = stored_count(&pool).await;
+    let kafka_latency = watch
+        .total
+        .lock()
+        .map(|h| Percentiles::of(&h))
+        .unwrap_or_default();
+    drop(watch);
+    drop(agent);
+
+    let measured: Vec<&Sample> = samples.iter().skip(1).collect();
+    let mean = |f: fn(&Sample) -> f64| {
+        if measured.is_empty() {
+            0.0
+        } else {
+            measured.iter().map(|s| f(s)).sum::<f64>() / measured.len() as f64
+        }
+    };
+    Ok(RunResult {
+        name: spec.name.clone(),
+        feed: match spec.feed {
+            Feed::Mqtt => "mqtt".into(),
+            Feed::Direct => "direct".into(),
+        },
+        target_rate: spec.rate,
+        devices: spec.devices,
+        seconds,
+        sent: if spec.feed == Feed::Mqtt {
+            sent_total
+        } else {
+            accepted_total
+        },
+        accepted: accepted_total,
+        committed: committed_total,
+        stored: stored_total,
+        accepted_per_s: mean(|s| s.accepted_per_s),
+        committed_per_s: mean(|s| s.committed_per_s),
+        stored_per_s: mean(|s| s.stored_per_s),
+        kafka_latency,
+        mysql_latency,
+        rss_max_mb: samples.iter().map(|s| s.rss_mb).fold(0.0, f64::max),
+        cpu_mean_percent: mean(|s| s.cpu_percent),
+        backlog_max_bytes: samples.iter().map(|s| s.backlog_bytes).fold(0.0, f64::max),
+        samples,
+    })
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
+}
+
+/// Creates a persistent MQTT session with a subscription, so readings
+/// published before its owner connects are queued for it.
+pub async fn create_session(client_id: &str, filter: &str) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let (host, port) = mqtt_addr();
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_clean_session(false);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    client.subscribe(filter, QoS::AtLeastOnce).await?;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => bail!("creating the MQTT session {client_id}: {e}"),
+            }
+        }
+    })
+    .await
+    .context("creating an MQTT session timed out")??;
+    client.disconnect().await?;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    Ok(())
+}
+
+/// Reference point: what Mosquitto alone passes from the same simulated
+/// devices to one QoS 1 subscriber, per second.
+pub async fn mosquitto_alone(
+    devices: usize,
+    connections: usize,
+    duration: Duration,
+) -> anyhow::Result<f64> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let sfx = unique("mqref");
+    let (host, port) = mqtt_addr();
+    let mut opts = MqttOptions::new(format!("sub-{sfx}"), host, port);
+    opts.set_clean_session(true);
+    opts.set_inflight(1000);
+    let (client, mut eventloop) = AsyncClient::new(opts, 100);
+    client
+        .subscribe(format!("{sfx}/devices/#"), QoS::AtLeastOnce)
+        .await?;
+    let received = Arc::new(AtomicU64::new(0));
+    let subscribed = Arc::new(AtomicBool::new(false));
+    let (r, s) = (received.clone(), subscribed.clone());
+    let sub = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(_))) => {
+                    r.fetch_add(1, Relaxed);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => s.store(true, Relaxed),
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !subscribed.load(Relaxed) {
+        ensure!(
+            Instant::now() < deadline,
+            "the reference subscriber did not subscribe"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for c in 0..connections.max(1) {
+        let config = FleetConfig {
+            topic_prefix: format!("{sfx}/"),
+            id_prefix: format!("ref-{c}-"),
+            devices: (devices / connections.max(1)).max(1),
+            readings_per_device: 1_000_000_000,
+            readings_per_second: 0.0,
+            invalid_every: 0,
+            hot_every: 0,
+            base_ts_ms: 0,
+            live_timestamps: true,
+        };
+        tokio::spawn(run_fleet(
+            config,
+            mqtt_addr(),
+            format!("ref-{sfx}-{c}"),
+            Arc::new(FleetProgress::default()),
+            stop.clone(),
+        ));
+    }
+    // One second of warm-up, then measure.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (t0, n0) = (Instant::now(), received.load(Relaxed));
+    tokio::time::sleep(duration).await;
+    let rate = (received.load(Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
+    stop.store(true, Relaxed);
+    sub.abort();
+    Ok(rate)
+}
+
+/// Reference point: what a transactional Kafka producer alone commits per
+/// second, with records the size of the agent's and 4096 per transaction.
+pub fn kafka_alone(duration: Duration) -> anyhow::Result<f64> {
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    let sfx = unique("kref");
+    let topic = format!("kref-{sfx}");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(create_topics(&[(&topic, 3, false)]))?;
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", kafka_brokers())
+        .set("transactional.id", format!("kref-{sfx}"))
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()?;
+    producer.init_transactions(Duration::from_secs(30))?;
+    let payload = json!({
+        "device_id": "dev-0-0001", "seq": 1, "ts": now_ms(), "temperature": 21.5, "humidity": 40.0,
+        "battery": 90.0, "lat": 52.5, "lon": 13.4, "speed": 3.0, "gateway_id": "gw-reference",
+        "received_ms": now_ms(), "enrichment": {"site": "yard-north", "device_type": "sensor"}
+    })
+    .to_string();
+    let started = Instant::now();
+    let mut committed = 0u64;
+    let mut key = 0u64;
+    while started.elapsed() < duration {
+        producer.begin_transaction()?;
+        for _ in 0..4096 {
+            key += 1;
+            let k = key.to_string();
+            let mut record = BaseRecord::to(&topic)
+                .key(k.as_str())
+                .payload(payload.as_str());
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull,
+                        ),
+                        r,
+                    )) => {
+                        record = r;
+                        producer.poll(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+        }
+        producer.commit_transaction(Duration::from_secs(60))?;
+        committed += 4096;
+    }
+    let rate = committed as f64 / started.elapsed().as_secs_f64();
+    drop(producer);
+    rt.block_on(delete_topics(&[&topic]));
+    Ok(rate)
+}
+
+/// Throughput (top) and latency percentiles to the Kafka commit (bottom)
+/// over the run, as an SVG a person can look at.
+pub fn plot(r: &RunResult) -> String {
+    let (w, h, left, right) = (900.0, 560.0, 80.0, 20.0);
+    let panel_h = 200.0;
+    let tops = [50.0, 320.0];
+    let t_max = r.samples.last().map(|s| s.t).unwrap_or(1.0).max(1.0);
+    let x = |t: f64| left + (w - left - right) * t / t_max;
+    let mut svg = format!(
+        "<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif' font-size='12'>\
+         <rect width='100%' height='100%' fill='white'/>\
+         <text x='{left}' y='22' font-size='15'>{} — {} feed, target {} readings/s, {} devices</text>",
+        xml(&r.name),
+        r.feed,
+        if r.target_rate > 0.0 {
+            format!("{:.0}", r.target_rate)
+        } else {
+            "open loop".into()
+        },
+        r.devices
+    );
+    let series_sets: [(&str, Vec<(&str, &str, Vec<f64>)>); 2] = [
+        (
+            "readings/s",
+            vec![
+                (
+                    "accepted",
+                    "#1f77b4",
+                    r.samples.iter().map(|s| s.accepted_per_s).collect(),
+                ),
+                (
+                    "committed to Kafka",
+                    "#2ca02c",
+                    r.samples.iter().map(|s| s.committed_per_s).collect(),
+                ),
+                (
+                    "stored in MariaDB",
+                    "#d62728",
+                    r.samples.iter().map(|s| s.stored_per_s).collect(),
+                ),
+            ],
+        ),
+        (
+            "ms to Kafka commit",
+            vec![
+                (
+                    "p50",
+                    "#1f77b4",
+                    r.samples.iter().map(|s| s.kafka_latency.p50).collect(),
+                ),
+                (
+                    "p99",
+                    "#ff7f0e",
+                    r.samples.iter().map(|s| s.kafka_latency.p99).collect(),
+                ),
+                (
+                    "p99.9",
+                    "#d62728",
+                    r.samples.iter().map(|s| s.kafka_latency.p999).collect(),
+                ),
+            ],
+        ),
+    ];
+    for ((label, series), top) in series_sets.iter().zip(tops) {
+        let y_max = series
+            .iter()
+            .flat_map(|(_, _, v)| v.iter().copied())
+            .fold(0.0, f64::max)
+            .max(1.0)
+            * 1.1;
+        let y = |v: f64| top + panel_h - panel_h * v / y_max;
+        svg += &format!(
+            "<rect x='{left}' y='{top}' width='{}' height='{panel_h}' fill='none' stroke='#999'/>\
+             <text x='10' y='{}' transform='rotate(-90 10 {})' >{label}</text>",
+            w - left - right,
+            top + panel_h / 2.0,
+            top + panel_h / 2.0
+        );
+        for i in 0..=4 {
+            let v = y_max * f64::from(i) / 4.0;
+            svg += &format!(
+                "<text x='{}' y='{}' text-anchor='end'>{}</text><line x1='{left}' x2='{}' y1='{}' y2='{}' stroke='#eee'/>",
+                left - 5.0,
+                y(v) + 4.0,
+                human(v),
+                w - right,
+                y(v),
+                y(v)
+            );
+        }
+        for (i, (name, color, values)) in series.iter().enumerate() {
+            if values.iter().all(|v| *v == 0.0) {
+                continue;
+            }
+            let points: Vec<String> = r
+                .samples
+                .iter()
+                .zip(values)
+                .map(|(s, v)| format!("{:.1},{:.1}", x(s.t), y(*v)))
+                .collect();
+            svg += &format!(
+                "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>\
+                 <text x='{}' y='{}' fill='{color}'>{name}</text>",
+                points.join(" "),
+                left + 10.0 + 150.0 * i as f64,
+                top + 15.0
+            );
+        }
+        svg += &format!(
+            "<text x='{}' y='{}' text-anchor='middle'>seconds</text>",
+            left + (w - left - right) / 2.0,
+            top + panel_h + 28.0
+        );
+        for i in 0..=5 {
+            let t = t_max * f64::from(i) / 5.0;
+            svg += &format!(
+                "<text x='{}' y='{}' text-anchor='middle'>{t:.0}</text>",
+                x(t),
+                top + panel_h + 14.0
+            );
+        }
+    }
+    svg += "</svg>\n";
+    svg
+}
+
+fn human(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.0}k", v / 1e3)
+    } else {
+        format!("{v:.0}")
+    }
+}
+
+fn xml(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -1,0 +1,310 @@
+//! edge-bench: the end-to-end load benchmark.
+//!
+//! Runs the real `edge-agent` (and `cloud-bridge`) binaries against the
+//! test services (`tests/services/up`), drives them at a target rate and
+//! writes, per run, a JSON result and an SVG plot (throughput and latency
+//! percentiles over time). `suite` runs the reference points, a rate sweep
+//! and the latency run, and writes `summary.md`.
+//!
+//! Build the binaries in release mode first:
+//!   cargo build --release -p edge-agent -p cloud-bridge -p edge-tests --bin edge-bench
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use edge_tests::bench::{self, Feed, RunResult, RunSpec};
+
+#[derive(Parser)]
+#[command(about = "End-to-end load benchmark of the edge agent")]
+struct Cli {
+    /// The agent binary (default: `edge-agent` next to this one).
+    #[arg(long, global = true)]
+    agent_bin: Option<PathBuf>,
+    /// The bridge binary (default: `cloud-bridge` next to this one).
+    #[arg(long, global = true)]
+    bridge_bin: Option<PathBuf>,
+    /// Where results, plots and logs go.
+    #[arg(long, global = true, default_value = "bench-results")]
+    out: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FeedArg {
+    Mqtt,
+    Direct,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// One run.
+    Run {
+        #[arg(long, value_enum, default_value = "mqtt")]
+        feed: FeedArg,
+        /// Readings per second; 0 = open loop.
+        #[arg(long, default_value_t = 10_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// Seconds.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Also run the bridge into MariaDB and measure the rows.
+        #[arg(long)]
+        bridge: bool,
+        /// MQTT connections the devices share.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+        #[arg(long, default_value = "run")]
+        name: String,
+    },
+    /// Reference points, the rate sweep and the latency run; writes summary.md.
+    Suite {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Rates of the sweep (0 = open loop).
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "1000,10000,50000,100000,0"
+        )]
+        rates: Vec<f64>,
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+    },
+}
+
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let agent_bin = cli
+        .agent_bin
+        .clone()
+        .unwrap_or_else(|| sibling("edge-agent"));
+    let bridge_bin = cli
+        .bridge_bin
+        .clone()
+        .unwrap_or_else(|| sibling("cloud-bridge"));
+    for bin in [&agent_bin, &bridge_bin] {
+        if !bin.exists() {
+            eprintln!(
+                "edge-bench: {} not found. Build it first: cargo build --release -p edge-agent -p cloud-bridge \
+                 (or pass --agent-bin/--bridge-bin)",
+                bin.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("edge-bench: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let spec =
+        |name: &str, feed: Feed, rate: f64, devices, duration, bridge, connections| RunSpec {
+            name: name.to_string(),
+            feed,
+            devices,
+            rate,
+            duration: Duration::from_secs(duration),
+            bridge,
+            connections,
+            agent_bin: agent_bin.clone(),
+            bridge_bin: bridge_bin.clone(),
+            out_dir: cli.out.clone(),
+        };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Cmd::Run {
+                feed,
+                rate,
+                devices,
+                duration,
+                bridge,
+                connections,
+                name,
+            } => {
+                let feed = match feed {
+                    FeedArg::Mqtt => Feed::Mqtt,
+                    FeedArg::Direct => Feed::Direct,
+                };
+                let r = bench::run(&spec(
+                    name,
+                    feed,
+                    *rate,
+                    *devices,
+                    *duration,
+                    *bridge,
+                    *connections,
+                ))
+                .await?;
+                println!("{}", summary_row(&r));
+                Ok(())
+            }
+            Cmd::Suite {
+                duration,
+                rates,
+                devices,
+                connections,
+            } => suite(&spec, *duration, rates, *devices, *connections, &cli.out).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type SpecFn<'a> = dyn Fn(&str, Feed, f64, usize, u64, bool, usize) -> RunSpec + 'a;
+
+async fn suite(
+    spec: &SpecFn<'_>,
+    duration: u64,
+    rates: &[f64],
+    devices: usize,
+    connections: usize,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    let d = Duration::from_secs(duration);
+    eprintln!("reference: Mosquitto alone ({duration} s)");
+    let mosquitto = bench::mosquitto_alone(devices, connections, d).await?;
+    eprintln!("  {mosquitto:.0} readings/s");
+    eprintln!("reference: Kafka transactional producer alone ({duration} s)");
+    let kafka = tokio::task::spawn_blocking(move || bench::kafka_alone(d)).await??;
+    eprintln!("  {kafka:.0} records/s");
+    let mut runs: Vec<RunResult> = Vec::new();
+    for &rate in rates {
+        let name = if rate > 0.0 {
+            format!("sweep-mqtt-{rate:.0}")
+        } else {
+            "sweep-mqtt-open".to_string()
+        };
+        runs.push(
+            bench::run(&spec(
+                &name,
+                Feed::Mqtt,
+                rate,
+                devices,
+                duration,
+                false,
+                connections,
+            ))
+            .await?,
+        );
+    }
+    runs.push(
+        bench::run(&spec(
+            "direct-open",
+            Feed::Direct,
+            0.0,
+            devices,
+            duration,
+            false,
+            connections,
+        ))
+        .await?,
+    );
+    runs.push(
+        bench::run(&spec(
+            "latency-mqtt-10000",
+            Feed::Mqtt,
+            10_000.0,
+            devices,
+            duration.max(30),
+            true,
+            connections,
+        ))
+        .await?,
+    );
+    let mut md = String::new();
+    md += &format!(
+        "# edge-bench suite\n\nMachine: {} cores, {}. {devices} devices, {connections} MQTT connections, {duration} s per run.\n\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(
+                |c| c.lines().find(|l| l.starts_with("model name")).map(|l| l
+                    .split(':')
+                    .nth(1)
+                    .unwrap_or("")
+                    .trim()
+                    .to_string())
+            )
+            .unwrap_or_else(|| "unknown CPU".into())
+    );
+    md += &format!(
+        "Reference points: Mosquitto alone {mosquitto:.0} readings/s (same devices, one QoS 1 subscriber); \
+         Kafka transactional producer alone {kafka:.0} records/s.\n\n"
+    );
+    md += "| run | target/s | accepted/s | committed/s | stored/s | p50 / p99 / p99.9 to Kafka (ms) | p50 / p99 / p99.9 to MariaDB (ms) | RSS max (MB) | CPU (%) | backlog max (MB) |\n";
+    md += "|---|---|---|---|---|---|---|---|---|---|\n";
+    for r in &runs {
+        md += &summary_row(r);
+        md += "\n";
+    }
+    if let Some(open) = runs.iter().find(|r| r.name == "sweep-mqtt-open") {
+        md += &format!(
+            "\nThrough MQTT the agent accepted {:.0}% of what Mosquitto alone passes ({:.0} of {mosquitto:.0} readings/s).\n",
+            open.accepted_per_s / mosquitto * 100.0,
+            open.accepted_per_s
+        );
+    }
+    std::fs::write(out.join("summary.md"), &md)?;
+    print!("{md}");
+    Ok(())
+}
+
+fn summary_row(r: &RunResult) -> String {
+    let target = if r.target_rate > 0.0 {
+        format!("{:.0}", r.target_rate)
+    } else {
+        "open".into()
+    };
+    let lat = |p: &bench::Percentiles| {
+        if p.count == 0 {
+            "–".to_string()
+        } else {
+            format!("{:.0} / {:.0} / {:.0}", p.p50, p.p99, p.p999)
+        }
+    };
+    format!(
+        "| {} ({}) | {target} | {:.0} | {:.0} | {} | {} | {} | {:.1} | {:.0} | {:.1} |",
+        r.name,
+        r.feed,
+        r.accepted_per_s,
+        r.committed_per_s,
+        if r.stored > 0 {
+            format!("{:.0}", r.stored_per_s)
+        } else {
+            "–".into()
+        },
+        lat(&r.kafka_latency),
+        lat(&r.mysql_latency),
+        r.rss_max_mb,
+        r.cpu_mean_percent,
+        r.backlog_max_bytes / 1e6
+    )
+}
