@@ -87,6 +87,8 @@ pub struct Sample {
     pub committed_per_s: f64,
     pub stored_per_s: f64,
     pub kafka_latency: Percentiles,
+    /// Latency of the rows MariaDB stored in this second.
+    pub mysql_latency: Percentiles,
     pub rss_mb: f64,
     pub cpu_percent: f64,
     pub backlog_bytes: f64,
@@ -132,6 +134,7 @@ impl RunResult {
             "samples": self.samples.iter().map(|s| json!({
                 "t": s.t, "accepted_per_s": s.accepted_per_s, "committed_per_s": s.committed_per_s,
                 "stored_per_s": s.stored_per_s, "kafka_latency": s.kafka_latency.json(),
+                "mysql_latency": s.mysql_latency.json(),
                 "rss_mb": s.rss_mb, "cpu_percent": s.cpu_percent, "backlog_bytes": s.backlog_bytes,
             })).collect::<Vec<_>>(),
         })
@@ -474,6 +477,7 @@ async fn run_inner(
 
     let ticks = clock_ticks();
     let started = Instant::now();
+    let run_started_ms = now_ms();
     let mut samples: Vec<Sample> = Vec::new();
     let (mut last_accepted, mut last_committed, mut last_stored) = (0.0, 0u64, 0u64);
     let mut last_cpu = proc_usage(pid).map(|u| u.0).unwrap_or(0);
@@ -505,6 +509,7 @@ async fn run_inner(
             committed_per_s: (committed - last_committed) as f64 / dt,
             stored_per_s: (stored - last_stored) as f64 / dt,
             kafka_latency: watch.take_window(),
+            mysql_latency: Percentiles::default(),
             rss_mb: rss,
             cpu_percent: (cpu - last_cpu) as f64 / ticks / dt * 100.0,
             backlog_bytes: m.get("edge_outbox_backlog_bytes").copied().unwrap_or(0.0),
@@ -552,8 +557,21 @@ async fn run_inner(
             .fetch_all(p)
             .await?;
             let mut h = new_histogram();
+            // Per second of the run, by the time the row was stored.
+            let mut windows: BTreeMap<usize, Histogram<u64>> = BTreeMap::new();
             for (ts, stored_at) in rows {
-                let _ = h.record((stored_at - ts).max(1) as u64);
+                let latency = (stored_at - ts).max(1) as u64;
+                let _ = h.record(latency);
+                let second = ((stored_at - run_started_ms).max(0) / 1000) as usize;
+                let _ = windows
+                    .entry(second)
+                    .or_insert_with(new_histogram)
+                    .record(latency);
+            }
+            for (second, w) in windows {
+                if let Some(s) = samples.get_mut(second) {
+                    s.mysql_latency = Percentiles::of(&w);
+                }
             }
             Percentiles::of(&h)
         }
@@ -769,8 +787,8 @@ pub fn kafka_alone(duration: Duration) -> anyhow::Result<f64> {
     Ok(rate)
 }
 
-/// Throughput (top) and latency percentiles to the Kafka commit (bottom)
-/// over the run, as an SVG a person can look at.
+/// Throughput (top) and latency percentiles (bottom) over the run, as an
+/// SVG a person can look at.
 pub fn plot(r: &RunResult) -> String {
     let (w, h, left, right) = (900.0, 560.0, 80.0, 20.0);
     let panel_h = 200.0;
@@ -873,7 +891,7 @@ pub fn plot(r: &RunResult) -> String {
                 "<polyline fill='none' stroke='{color}' stroke-width='2' points='{}'/>\
                  <text x='{}' y='{}' fill='{color}'>{name}</text>",
                 points.join(" "),
-                left + 10.0 + 150.0 * i as f64,
+                left + 10.0 + 170.0 * i as f64,
                 top + 15.0
             );
         }

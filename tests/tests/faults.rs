@@ -965,13 +965,13 @@ async fn full_disk_holds_input_back_and_loses_nothing() -> anyhow::Result<()> {
     }
     let mount = tempfile::tempdir()?.keep();
     let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=48m", "tmpfs"])
         .arg(&mount)
         .status()
         .context("running mount")?;
     ensure!(
         status.success(),
-        "mounting a 16 MiB tmpfs on {mount:?} failed"
+        "mounting a 48 MiB tmpfs on {mount:?} failed"
     );
     let world = World::new("full_disk", 40, 250, 2000.0, Some(mount.join("data"))).await;
     let mut world = match world {
@@ -993,12 +993,17 @@ async fn full_disk_holds_input_back_and_loses_nothing() -> anyhow::Result<()> {
             async move { Ok(db.exists().then_some(())) }
         })
         .await?;
+        // The disk fills up while readings flow, with data in the
+        // write-ahead log.
+        let (progress, stop) = w.spawn_fleet();
+        let total = w.fleet.total();
+        w.until_produced(&progress, total / 3, Duration::from_secs(60))
+            .await?;
         let ballast = mount.join("ballast");
         fill(&ballast)?;
-        let (progress, stop) = w.spawn_fleet();
         let log_has = |w: &World, s: &str| w.log_text("agent").contains(s);
         let deadline = Instant::now() + Duration::from_secs(120);
-        while !log_has(w, "cannot write to the outbox") {
+        while !log_has(w, "is full: input is held back") {
             w.check_running()?;
             ensure!(
                 Instant::now() < deadline,
@@ -1009,7 +1014,17 @@ async fn full_disk_holds_input_back_and_loses_nothing() -> anyhow::Result<()> {
         }
         eprintln!("[faults] full disk reported; freeing space");
         std::fs::remove_file(&ballast)?;
-        w.verify(&progress, &stop, 0).await
+        w.verify(&progress, &stop, 0).await?;
+        ensure!(
+            log_has(w, "has room again: taking input"),
+            "the agent did not say it resumed"
+        );
+        for line in w.log_text("agent").lines().filter(|l| {
+            l.contains("disk full") || l.contains("room again") || l.contains("disk reserve")
+        }) {
+            eprintln!("[faults] agent: {line}");
+        }
+        Ok(())
     })
     .await
 }

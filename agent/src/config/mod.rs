@@ -502,6 +502,16 @@ pub struct OutboxConfig {
     /// `none` stores them as they go to Kafka.
     #[serde(default = "default_outbox_compression")]
     pub compression: OutboxCompression,
+    /// Room kept allocated next to the database (`edge-agent.reserve`) so a
+    /// full disk never wedges it: at the first "disk full" the reserve is
+    /// freed, the write-ahead log is checkpointed and truncated, and input
+    /// is held back until the reserve fits again. 0 turns it off.
+    #[serde(default = "default_disk_reserve_bytes")]
+    pub disk_reserve_bytes: u64,
+}
+
+const fn default_disk_reserve_bytes() -> u64 {
+    16 * 1024 * 1024
 }
 
 /// How outbox batch bodies are stored.
@@ -527,6 +537,7 @@ impl Default for OutboxConfig {
             when_full: default_when_full(),
             quarantine_max_rows: default_quarantine_max_rows(),
             compression: default_outbox_compression(),
+            disk_reserve_bytes: default_disk_reserve_bytes(),
         }
     }
 }
@@ -878,6 +889,13 @@ impl Config {
                 "outbox.batch_max_bytes",
                 o.batch_max_bytes,
                 "4096 to 67108864",
+            ));
+        }
+        if o.disk_reserve_bytes != 0 && !(1 << 20..=1 << 30).contains(&o.disk_reserve_bytes) {
+            return Err(invalid(
+                "outbox.disk_reserve_bytes",
+                o.disk_reserve_bytes,
+                "0 (off) or 1048576 to 1073741824",
             ));
         }
         if o.batch_linger_ms > 1000 {

@@ -87,6 +87,30 @@ pub enum OutboxError {
     Corrupt { batch_seq: i64, what: &'static str },
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    #[error(
+        "the file system of the data folder ({dir}) is full: input is held back (devices are not acknowledged) \
+         until {reserve_mib} MiB are free there again. Free space on it or move the data folder"
+    )]
+    DiskFull { dir: String, reserve_mib: u64 },
+    #[error("cannot allocate the disk reserve {path}: {source}")]
+    Reserve {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl OutboxError {
+    /// SQLite ran out of room on the file system.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            Self::DiskFull { .. } => true,
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Which Kafka topic a record goes to; the names come from config.
@@ -227,6 +251,10 @@ pub struct Outbox {
     /// faults every time.
     body_buf: Vec<u8>,
     stored_buf: Vec<u8>,
+    /// Room kept free for checkpoints (see `reserve`); `None` when off.
+    reserve: Option<reserve::DiskReserve>,
+    /// The disk filled up: input is held back until the reserve fits again.
+    disk_full: bool,
 }
 
 /// Opens the database with the pragmas every connection needs.
@@ -246,8 +274,10 @@ pub fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, Outbox
     };
     conn.pragma_update(None, "synchronous", sync)
         .map_err(open_err)?;
-    // Checkpoint in large sequential chunks: gentler on SD cards.
-    conn.pragma_update(None, "wal_autocheckpoint", 4000)
+    // Checkpoint every 1000 pages (4 MiB with 4 KiB pages): sequential
+    // enough for SD cards, and small next to outbox.disk_reserve_bytes, so
+    // a checkpoint always has room to grow the database.
+    conn.pragma_update(None, "wal_autocheckpoint", 1000)
         .map_err(open_err)?;
     Ok(conn)
 }
@@ -302,6 +332,8 @@ impl Outbox {
             compression: crate::config::OutboxCompression::Lz4,
             body_buf: Vec::new(),
             stored_buf: Vec::new(),
+            reserve: None,
+            disk_full: false,
         })
     }
 
@@ -312,7 +344,81 @@ impl Outbox {
         self.plane = plane;
         self.max_payload_bytes = config.validation.max_payload_bytes;
         self.compression = config.outbox.compression;
+        if config.outbox.disk_reserve_bytes > 0 {
+            self.reserve = Some(reserve::DiskReserve::new(
+                config.data_dir.join("edge-agent.reserve"),
+                config.outbox.disk_reserve_bytes,
+            ));
+            if !self.reserve_fits()? {
+                self.disk_full = true;
+                tracing::error!(
+                    reserve_mib = config.outbox.disk_reserve_bytes >> 20,
+                    dir = %config.data_dir.display(),
+                    "the data folder's file system is too full for the disk reserve: input is held back until there is room"
+                );
+            }
+        }
         Ok(())
+    }
+
+    fn reserve_fits(&mut self) -> Result<bool, OutboxError> {
+        match &mut self.reserve {
+            None => Ok(true),
+            Some(r) => r.ensure().map_err(|source| OutboxError::Reserve {
+                path: r.path().display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    fn disk_full_error(&self) -> OutboxError {
+        let (dir, reserve_mib) = match &self.reserve {
+            Some(r) => (
+                r.path()
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                r.bytes() >> 20,
+            ),
+            None => (String::new(), 0),
+        };
+        OutboxError::DiskFull { dir, reserve_mib }
+    }
+
+    /// The first "disk full": free the reserve so the write-ahead log can
+    /// be checkpointed into the database and truncated, then hold input
+    /// back until the reserve fits again.
+    fn enter_disk_full(&mut self) {
+        self.disk_full = true;
+        if let Some(r) = &mut self.reserve
+            && let Err(e) = r.release()
+        {
+            tracing::error!(error = %e, path = %r.path().display(), "cannot delete the disk reserve");
+        }
+        match self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            }) {
+            Ok((busy, log, done)) => tracing::error!(
+                busy = busy != 0,
+                wal_frames = log,
+                checkpointed = done,
+                "disk full: released the disk reserve and checkpointed the write-ahead log; holding input back"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "disk full: checkpointing the write-ahead log failed; holding input back")
+            }
+        }
+    }
+
+    /// Whether input is held back because the disk is full.
+    pub fn disk_full(&self) -> bool {
+        self.disk_full
     }
 
     /// The data plane's counters.
@@ -343,12 +449,29 @@ impl Outbox {
         items: &mut [Item<'_>],
         now_ms: i64,
     ) -> Result<BatchOutcome, OutboxError> {
+        if self.disk_full {
+            if !self.reserve_fits()? {
+                return Err(self.disk_full_error());
+            }
+            self.disk_full = false;
+            tracing::warn!("the data folder has room again: taking input");
+        }
         let result = self.write_batch_inner(items, now_ms);
         match &result {
             Ok(_) => self.plane.committed(),
             Err(_) => self.plane.rolled_back(),
         }
-        result
+        match result {
+            Err(e) if e.is_disk_full() => {
+                self.enter_disk_full();
+                if self.reserve.is_some() {
+                    Err(self.disk_full_error())
+                } else {
+                    Err(e)
+                }
+            }
+            other => other,
+        }
     }
 
     fn write_batch_inner(
@@ -921,5 +1044,6 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+mod reserve;
 #[cfg(test)]
 mod tests;

@@ -207,7 +207,7 @@ async fn suite(
                 rate,
                 devices,
                 duration,
-                false,
+                true,
                 connections,
             ))
             .await?,
