@@ -352,6 +352,25 @@ pub fn metrics_text(state: &OpsState) -> String {
         "Kafka transactions committed.",
         s.kafka_transactions.load(Relaxed) as f64,
     );
+    for (name, help, micros) in [
+        (
+            "edge_uplink_load_seconds_total",
+            "Time the uplink spent reading batches from the outbox.",
+            &s.uplink_load_micros,
+        ),
+        (
+            "edge_kafka_transaction_seconds_total",
+            "Time spent in Kafka transactions, begin to commit.",
+            &s.kafka_transaction_micros,
+        ),
+        (
+            "edge_outbox_trim_seconds_total",
+            "Time spent trimming committed batches from the outbox.",
+            &s.outbox_trim_micros,
+        ),
+    ] {
+        metric(name, "counter", help, micros.load(Relaxed) as f64 / 1e6);
+    }
     metric(
         "edge_uplink_up",
         "gauge",

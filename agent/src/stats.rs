@@ -45,6 +45,11 @@ pub struct Stats {
     pub kafka_committed_batch: AtomicI64,
     pub kafka_records_committed: AtomicU64,
     pub kafka_transactions: AtomicU64,
+    /// Time spent loading batches, in Kafka transactions (begin to commit)
+    /// and trimming the outbox after them, in microseconds.
+    pub uplink_load_micros: AtomicU64,
+    pub kafka_transaction_micros: AtomicU64,
+    pub outbox_trim_micros: AtomicU64,
     pub uplink: Mutex<UplinkState>,
     /// Unix ms of the batch writer's last sign of life (it wakes at least
     /// once a second); feeds the systemd watchdog.
@@ -77,6 +82,9 @@ impl Default for Stats {
             kafka_committed_batch: AtomicI64::new(0),
             kafka_records_committed: AtomicU64::new(0),
             kafka_transactions: AtomicU64::new(0),
+            uplink_load_micros: AtomicU64::new(0),
+            kafka_transaction_micros: AtomicU64::new(0),
+            outbox_trim_micros: AtomicU64::new(0),
             uplink: Mutex::new(UplinkState::Starting),
             writer_heartbeat_ms: AtomicI64::new(0),
             rejects: Mutex::new(BTreeMap::new()),

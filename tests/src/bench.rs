@@ -115,7 +115,34 @@ pub struct RunResult {
     pub rss_max_mb: f64,
     pub cpu_mean_percent: f64,
     pub backlog_max_bytes: f64,
+    /// Where the uplink's time went: transactions, and per transaction the
+    /// mean milliseconds loading batches, in the Kafka transaction and
+    /// trimming the outbox; records per transaction.
+    pub uplink: UplinkBreakdown,
     pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UplinkBreakdown {
+    pub transactions: f64,
+    pub load_ms: f64,
+    pub transaction_ms: f64,
+    pub trim_ms: f64,
+    pub records_per_transaction: f64,
+}
+
+impl UplinkBreakdown {
+    fn from_metrics(m: &BTreeMap<String, f64>) -> Self {
+        let get = |k: &str| m.get(k).copied().unwrap_or(0.0);
+        let n = get("edge_kafka_transactions_total").max(1.0);
+        Self {
+            transactions: get("edge_kafka_transactions_total"),
+            load_ms: get("edge_uplink_load_seconds_total") * 1000.0 / n,
+            transaction_ms: get("edge_kafka_transaction_seconds_total") * 1000.0 / n,
+            trim_ms: get("edge_outbox_trim_seconds_total") * 1000.0 / n,
+            records_per_transaction: get("edge_kafka_records_committed_total") / n,
+        }
+    }
 }
 
 impl RunResult {
@@ -131,6 +158,13 @@ impl RunResult {
             "agent_rss_max_mb": (self.rss_max_mb * 10.0).round() / 10.0,
             "agent_cpu_mean_percent": self.cpu_mean_percent.round(),
             "outbox_backlog_max_bytes": self.backlog_max_bytes,
+            "uplink": {
+                "transactions": self.uplink.transactions,
+                "mean_load_ms": self.uplink.load_ms,
+                "mean_transaction_ms": self.uplink.transaction_ms,
+                "mean_trim_ms": self.uplink.trim_ms,
+                "records_per_transaction": self.uplink.records_per_transaction,
+            },
             "samples": self.samples.iter().map(|s| json!({
                 "t": s.t, "accepted_per_s": s.accepted_per_s, "committed_per_s": s.committed_per_s,
                 "stored_per_s": s.stored_per_s, "kafka_latency": s.kafka_latency.json(),
@@ -536,7 +570,18 @@ async fn run_inner(
     let seconds = started.elapsed().as_secs_f64();
 
     // Let what was accepted reach Kafka and MariaDB (bounded wait).
-    let accepted_total = scrape(&listen)
+    let end_metrics = scrape(&listen);
+    let uplink = UplinkBreakdown::from_metrics(&end_metrics);
+    eprintln!(
+        "uplink: {:.0} transactions, {:.0} records each; per transaction {:.1} ms loading batches, \
+         {:.1} ms in the Kafka transaction, {:.1} ms trimming",
+        uplink.transactions,
+        uplink.records_per_transaction,
+        uplink.load_ms,
+        uplink.transaction_ms,
+        uplink.trim_ms
+    );
+    let accepted_total = end_metrics
         .get("edge_readings_valid_total")
         .copied()
         .unwrap_or(last_accepted) as u64;
@@ -620,6 +665,7 @@ async fn run_inner(
         rss_max_mb: samples.iter().map(|s| s.rss_mb).fold(0.0, f64::max),
         cpu_mean_percent: mean(|s| s.cpu_percent),
         backlog_max_bytes: samples.iter().map(|s| s.backlog_bytes).fold(0.0, f64::max),
+        uplink,
         samples,
     })
 }
@@ -729,21 +775,29 @@ pub async fn mosquitto_alone(
 }
 
 /// Reference point: what a transactional Kafka producer alone commits per
-/// second, with records the size of the agent's and 4096 per transaction.
-pub fn kafka_alone(duration: Duration) -> anyhow::Result<f64> {
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+/// second, with records the size of the agent's and `per_transaction` per
+/// transaction; also the mean milliseconds per transaction.
+pub fn kafka_alone(duration: Duration, per_transaction: usize) -> anyhow::Result<(f64, f64)> {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let sfx = unique("kref");
     let topic = format!("kref-{sfx}");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(create_topics(&[(&topic, 3, false)]))?;
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", kafka_brokers())
         .set("transactional.id", format!("kref-{sfx}"))
         .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create()?;
+        .set("compression.type", "lz4");
+    // librdkafka's own trace of the transaction protocol, for profiling.
+    if let Ok(debug) = std::env::var("EDGE_BENCH_KAFKA_DEBUG") {
+        config
+            .set("debug", debug)
+            .set_log_level(rdkafka::config::RDKafkaLogLevel::Debug);
+    }
+    let producer: ThreadedProducer<StderrLog> = config.create_with_context(StderrLog)?;
     producer.init_transactions(Duration::from_secs(30))?;
     let payload = json!({
         "device_id": "dev-0-0001", "seq": 1, "ts": now_ms(), "temperature": 21.5, "humidity": 40.0,
@@ -751,12 +805,16 @@ pub fn kafka_alone(duration: Duration) -> anyhow::Result<f64> {
         "received_ms": now_ms(), "enrichment": {"site": "yard-north", "device_type": "sensor"}
     })
     .to_string();
-    let started = Instant::now();
     let mut committed = 0u64;
     let mut key = 0u64;
+    let mut transactions = 0u64;
+    producer
+        .client()
+        .fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+    let started = Instant::now();
     while started.elapsed() < duration {
         producer.begin_transaction()?;
-        for _ in 0..4096 {
+        for _ in 0..per_transaction {
             key += 1;
             let k = key.to_string();
             let mut record = BaseRecord::to(&topic)
@@ -778,13 +836,32 @@ pub fn kafka_alone(duration: Duration) -> anyhow::Result<f64> {
                 }
             }
         }
+        edge_agent::sinks::kafka::wait_for_deliveries(&producer, Duration::from_secs(60));
         producer.commit_transaction(Duration::from_secs(60))?;
-        committed += 4096;
+        committed += per_transaction as u64;
+        transactions += 1;
     }
-    let rate = committed as f64 / started.elapsed().as_secs_f64();
+    let elapsed = started.elapsed().as_secs_f64();
     drop(producer);
     rt.block_on(delete_topics(&[&topic]));
-    Ok(rate)
+    Ok((
+        committed as f64 / elapsed,
+        elapsed * 1000.0 / transactions.max(1) as f64,
+    ))
+}
+
+/// librdkafka's log lines on stderr with a millisecond clock.
+struct StderrLog;
+
+impl rdkafka::ClientContext for StderrLog {
+    fn log(&self, _level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        eprintln!("{} {fac} {log_message}", now_ms() % 100_000);
+    }
+}
+
+impl rdkafka::producer::ProducerContext for StderrLog {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }
 
 /// Throughput (top) and latency percentiles (bottom) over the run, as an

@@ -584,7 +584,10 @@ pub struct KafkaConfig {
     /// Producer linger: how long librdkafka waits to fill a request.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
-    /// Most outbox batches carried by one Kafka transaction.
+    /// Most outbox batches carried by one Kafka transaction (also bounded
+    /// to 32 MiB). A transaction takes every batch waiting, so transactions
+    /// stay small when idle and grow under load; a small bound caps the
+    /// uplink at this many batches per transaction round trip.
     #[serde(default = "default_max_batches_per_transaction")]
     pub max_batches_per_transaction: usize,
     /// Kafka `transaction.timeout.ms`: the broker aborts a transaction left
@@ -622,7 +625,7 @@ const fn default_linger_ms() -> u64 {
     2
 }
 const fn default_max_batches_per_transaction() -> usize {
-    64
+    4096
 }
 const fn default_transaction_timeout_seconds() -> u64 {
     60
@@ -947,11 +950,11 @@ impl Config {
         if k.linger_ms > 1000 {
             return Err(invalid("kafka.linger_ms", k.linger_ms, "0 to 1000"));
         }
-        if !(1..=10_000).contains(&k.max_batches_per_transaction) {
+        if !(1..=100_000).contains(&k.max_batches_per_transaction) {
             return Err(invalid(
                 "kafka.max_batches_per_transaction",
                 k.max_batches_per_transaction,
-                "1 to 10000",
+                "1 to 100000",
             ));
         }
         if !(10..=900).contains(&k.transaction_timeout_seconds) {

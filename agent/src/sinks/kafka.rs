@@ -35,6 +35,10 @@ use crate::stats::{Stats, UplinkState};
 /// Bytes of outbox batches carried by one transaction, at most.
 const MAX_TRANSACTION_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Under load, committed batches are trimmed from the outbox at most this
+/// often (see the uplink loop).
+const TRIM_INTERVAL: Duration = Duration::from_millis(250);
+
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
     #[error(
@@ -182,6 +186,13 @@ impl KafkaUplink {
             )
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "262144")
+            // A transaction that starts right after the previous commit is
+            // told CONCURRENT_TRANSACTIONS while the coordinator writes the
+            // markers, and librdkafka retries after retry.backoff.ms: at the
+            // default 100 ms that wait was most of every transaction. Short
+            // first retries, still backing off exponentially to 1 s.
+            .set("retry.backoff.ms", "5")
+            .set("retry.backoff.max.ms", "1000")
             .create()
             .map_err(self.kafka_err("creating the producer"))?;
         producer
@@ -201,25 +212,45 @@ impl KafkaUplink {
         self.stats.set_uplink(UplinkState::Up);
         info!(brokers = %k.brokers, marker = committed, "Kafka uplink up");
 
+        // Trimming (one SQLite write transaction with its fsync, and the
+        // dedupe marks of the trimmed batches) costs about as much as a
+        // Kafka transaction. Under load it runs at most every TRIM_INTERVAL,
+        // when idle right away. Deferring it is safe: what Kafka holds is
+        // decided by the marker, and a start trims up to it first.
+        let mut trimmed = committed;
+        let mut last_trim = Instant::now();
         loop {
             if self.stopping() {
+                if trimmed < committed {
+                    self.timed_trim(committed)?;
+                }
                 return Ok(());
             }
             let seen = self.signals.new_batch.current();
+            let started = Instant::now();
             let batches = outbox::load_batches(
                 &self.conn,
                 committed,
                 k.max_batches_per_transaction,
                 MAX_TRANSACTION_BYTES,
             )?;
+            add_micros(&self.stats.uplink_load_micros, started);
             let Some(last) = batches.last().map(|b| b.batch_seq) else {
+                if trimmed < committed {
+                    self.timed_trim(committed)?;
+                    trimmed = committed;
+                    last_trim = Instant::now();
+                    continue;
+                }
                 self.signals
                     .new_batch
                     .wait_past(seen, Duration::from_millis(250));
                 continue;
             };
             let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
+            let started = Instant::now();
             self.send_transaction(&producer, &batches, last)?;
+            add_micros(&self.stats.kafka_transaction_micros, started);
             crate::fault::point("kafka_committed");
             committed = last;
             self.stats.kafka_committed_batch.store(committed, Relaxed);
@@ -227,8 +258,20 @@ impl KafkaUplink {
                 .kafka_records_committed
                 .fetch_add(records, Relaxed);
             self.stats.kafka_transactions.fetch_add(1, Relaxed);
-            self.trim(committed)?;
+            let more_waiting = self.signals.new_batch.current() != seen;
+            if !more_waiting || last_trim.elapsed() >= TRIM_INTERVAL {
+                self.timed_trim(committed)?;
+                trimmed = committed;
+                last_trim = Instant::now();
+            }
         }
+    }
+
+    fn timed_trim(&self, upto: i64) -> Result<(), UplinkError> {
+        let started = Instant::now();
+        self.trim(upto)?;
+        add_micros(&self.stats.outbox_trim_micros, started);
+        Ok(())
     }
 
     fn send_transaction(
@@ -275,6 +318,7 @@ impl KafkaUplink {
                 let _ = producer.flush(commit_timeout);
                 crate::fault::crash("kafka_sent");
             }
+            wait_for_deliveries(producer, commit_timeout);
             producer.commit_transaction(commit_timeout)
         })();
         match result {
@@ -494,6 +538,28 @@ fn send(
             Err((e, _)) => return Err(e),
         }
     }
+}
+
+/// Waits (up to `limit`) until librdkafka has no message in flight.
+///
+/// `commit_transaction` flushes first, but rust-rdkafka's flush polls the
+/// producer's event queue in 100 ms steps, and with a `ThreadedProducer`
+/// the delivery events are served by the producer's own thread: every
+/// commit waited the full 100 ms. Waiting here for the deliveries to settle
+/// leaves nothing for that flush to wait for. Past `limit` the commit itself
+/// reports what is stuck.
+pub fn wait_for_deliveries<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
+    producer: &P,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    while producer.in_flight_count() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn add_micros(counter: &std::sync::atomic::AtomicU64, since: Instant) {
+    counter.fetch_add(since.elapsed().as_micros() as u64, Relaxed);
 }
 
 fn is_fenced(e: &KafkaError) -> bool {
