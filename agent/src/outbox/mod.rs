@@ -255,6 +255,8 @@ pub struct Outbox {
     reserve: Option<reserve::DiskReserve>,
     /// The disk filled up: input is held back until the reserve fits again.
     disk_full: bool,
+    /// The database file; the reserve lives next to it.
+    db_path: std::path::PathBuf,
 }
 
 /// Opens the database with the pragmas every connection needs.
@@ -334,6 +336,7 @@ impl Outbox {
             stored_buf: Vec::new(),
             reserve: None,
             disk_full: false,
+            db_path: path.to_path_buf(),
         })
     }
 
@@ -346,14 +349,14 @@ impl Outbox {
         self.compression = config.outbox.compression;
         if config.outbox.disk_reserve_bytes > 0 {
             self.reserve = Some(reserve::DiskReserve::new(
-                config.data_dir.join("edge-agent.reserve"),
+                self.db_path.with_file_name("edge-agent.reserve"),
                 config.outbox.disk_reserve_bytes,
             ));
             if !self.reserve_fits()? {
                 self.disk_full = true;
                 tracing::error!(
                     reserve_mib = config.outbox.disk_reserve_bytes >> 20,
-                    dir = %config.data_dir.display(),
+                    db = %self.db_path.display(),
                     "the data folder's file system is too full for the disk reserve: input is held back until there is room"
                 );
             }
