@@ -23,6 +23,11 @@ use serde_json::{Value, json};
 use crate::fleet::{FleetConfig, FleetProgress, run_fleet};
 use crate::{TestDatabase, create_topics, delete_topics, kafka_brokers, mqtt_addr, now_ms, unique};
 
+/// The first seconds of a run (connections, consumer group join, first
+/// transactions) are shown in the plots but left out of the run's means and
+/// percentiles.
+pub const WARMUP: Duration = Duration::from_secs(3);
+
 /// How readings reach the agent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Feed {
@@ -106,7 +111,7 @@ pub struct RunResult {
     pub accepted: u64,
     pub committed: u64,
     pub stored: u64,
-    /// Mean over the measured window (after the first second).
+    /// Mean over the measured window (after the warm-up).
     pub accepted_per_s: f64,
     pub committed_per_s: f64,
     pub stored_per_s: f64,
@@ -256,7 +261,9 @@ struct KafkaWatch {
 }
 
 impl KafkaWatch {
-    fn start(topic: &str, group: &str) -> anyhow::Result<Self> {
+    /// `measure_from_ms`: readings sent before this (the warm-up) count in
+    /// the per-second windows but not in the run's percentiles.
+    fn start(topic: &str, group: &str, measure_from_ms: i64) -> anyhow::Result<Self> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", kafka_brokers())
             .set("group.id", group)
@@ -293,7 +300,9 @@ impl KafkaWatch {
                     if let Ok(mut h) = w.lock() {
                         let _ = h.record(latency);
                     }
-                    if let Ok(mut h) = t.lock() {
+                    if r.ts >= measure_from_ms
+                        && let Ok(mut h) = t.lock()
+                    {
                         let _ = h.record(latency);
                     }
                 }
@@ -457,7 +466,11 @@ async fn run_inner(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let watch = KafkaWatch::start(&topics[0], &format!("measure-{sfx}"))?;
+    let watch = KafkaWatch::start(
+        &topics[0],
+        &format!("measure-{sfx}"),
+        now_ms() + WARMUP.as_millis() as i64,
+    )?;
 
     // The devices.
     let fleet_stop = Arc::new(AtomicBool::new(false));
@@ -606,7 +619,9 @@ async fn run_inner(
             let mut windows: BTreeMap<usize, Histogram<u64>> = BTreeMap::new();
             for (ts, stored_at) in rows {
                 let latency = (stored_at - ts).max(1) as u64;
-                let _ = h.record(latency);
+                if ts >= run_started_ms + WARMUP.as_millis() as i64 {
+                    let _ = h.record(latency);
+                }
                 let second = ((stored_at - run_started_ms).max(0) / 1000) as usize;
                 let _ = windows
                     .entry(second)
@@ -632,7 +647,10 @@ async fn run_inner(
     drop(watch);
     drop(agent);
 
-    let measured: Vec<&Sample> = samples.iter().skip(1).collect();
+    let measured: Vec<&Sample> = samples
+        .iter()
+        .skip(WARMUP.as_secs() as usize)
+        .collect();
     let mean = |f: fn(&Sample) -> f64| {
         if measured.is_empty() {
             0.0

@@ -585,7 +585,7 @@ pub struct KafkaConfig {
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// Most outbox batches carried by one Kafka transaction (also bounded
-    /// to 32 MiB). A transaction takes every batch waiting, so transactions
+    /// to 4 MiB of records, which bounds the memory the uplink holds). A transaction takes every batch waiting, so transactions
     /// stay small when idle and grow under load; a small bound caps the
     /// uplink at this many batches per transaction round trip.
     #[serde(default = "default_max_batches_per_transaction")]

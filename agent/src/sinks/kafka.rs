@@ -33,7 +33,7 @@ use crate::signal::OutboxSignals;
 use crate::stats::{Stats, UplinkState};
 
 /// Bytes of outbox batches carried by one transaction, at most.
-const MAX_TRANSACTION_BYTES: u64 = 32 * 1024 * 1024;
+const MAX_TRANSACTION_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Under load, committed batches are trimmed from the outbox at most this
 /// often (see the uplink loop).
