@@ -647,10 +647,7 @@ async fn run_inner(
     drop(watch);
     drop(agent);
 
-    let measured: Vec<&Sample> = samples
-        .iter()
-        .skip(WARMUP.as_secs() as usize)
-        .collect();
+    let measured: Vec<&Sample> = samples.iter().skip(WARMUP.as_secs() as usize).collect();
     let mean = |f: fn(&Sample) -> f64| {
         if measured.is_empty() {
             0.0
