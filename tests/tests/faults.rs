@@ -27,7 +27,7 @@ use edge_tests::fleet::{FleetConfig, FleetProgress, run_fleet};
 use edge_tests::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use sqlx::Row;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_fault-agent");
@@ -227,32 +227,11 @@ interval_seconds = 0
     /// before any device publishes, as a deployed gateway has: readings
     /// published before the agent first connects are queued for it.
     async fn create_agent_session(&self) -> anyhow::Result<()> {
-        let (host, port) = mqtt_addr();
-        let mut opts = MqttOptions::new(format!("agent-{}", self.sfx), host, port);
-        opts.set_clean_session(false);
-        let (client, mut eventloop) = AsyncClient::new(opts, 10);
-        client
-            .subscribe(format!("{}/devices/#", self.sfx), QoS::AtLeastOnce)
-            .await?;
-        tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
-                    Ok(_) => {}
-                    Err(e) => {
-                        return Err(anyhow::anyhow!("creating the agent's MQTT session: {e}"));
-                    }
-                }
-            }
-        })
+        edge_tests::bench::create_session(
+            &format!("agent-{}", self.sfx),
+            &format!("{}/devices/#", self.sfx),
+        )
         .await
-        .context("creating the agent's MQTT session timed out")??;
-        client.disconnect().await?;
-        let _ = tokio::time::timeout(Duration::from_secs(2), async {
-            while eventloop.poll().await.is_ok() {}
-        })
-        .await;
-        Ok(())
     }
 
     /// Removes the agent's MQTT session (cleanup).
