@@ -46,6 +46,106 @@ pub struct BridgeConfig {
     /// Alerts into OpenSearch/Elasticsearch; off while `url` is empty.
     #[serde(default)]
     pub opensearch: OpenSearchSinkConfig,
+    /// Which topic goes to which sink. Empty: the defaults
+    /// ([`BridgeConfig::effective_routes`]).
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// The registry HTTP API, health, readiness and metrics.
+    #[serde(default)]
+    pub api: ApiConfig,
+}
+
+/// Where a sink writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SinkKind {
+    /// Readings into MySQL `iot_metrics`, exactly once (offsets in MySQL).
+    MysqlMetrics,
+    /// Rejected input into MySQL `iot_dlq`, exactly once (offsets in MySQL).
+    MysqlDlq,
+    /// Documents into an OpenSearch/Elasticsearch index under deterministic
+    /// ids (idempotent), offsets committed to Kafka after each bulk.
+    Opensearch,
+}
+
+/// What the OpenSearch document id is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DocumentId {
+    /// The alert's `alert_id` (alerts).
+    AlertId,
+    /// `{device_id}:{seq}` (readings).
+    DeviceSeq,
+}
+
+/// One route: a topic consumed into a sink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub topic: String,
+    pub sink: SinkKind,
+    /// `opensearch` only: the index (default `opensearch.index`).
+    pub index: Option<String>,
+    /// `opensearch` only: the document id (default `alert_id`).
+    pub document_id: Option<DocumentId>,
+    /// Consumer group (defaults: `kafka.group_id` for `mysql_metrics`,
+    /// `{kafka.group_id}-alerts` for the alerts index, else
+    /// `{kafka.group_id}-{sink}-{topic}`).
+    pub group_id: Option<String>,
+}
+
+/// A route with every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub topic: String,
+    pub sink: SinkKind,
+    pub index: String,
+    pub document_id: DocumentId,
+    pub group_id: String,
+    /// Name under which a MySQL sink stores its offsets in `bridge_offsets`.
+    pub sink_name: String,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Address the HTTP API listens on; empty turns it off.
+    /// Env: `CLOUD_BRIDGE_API_LISTEN`.
+    #[serde(default = "default_api_listen")]
+    pub listen: String,
+    /// File holding the admin bearer token (only its SHA-256 is kept in
+    /// memory). Without it the admin endpoints answer 401.
+    /// Env: `CLOUD_BRIDGE_ADMIN_TOKEN_FILE`.
+    pub admin_token_file: Option<std::path::PathBuf>,
+    /// PEM certificate chain and private key: serve HTTPS instead of HTTP.
+    pub tls_cert_file: Option<std::path::PathBuf>,
+    pub tls_key_file: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for ApiConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiConfig")
+            .field("listen", &self.listen)
+            .field("admin_token_file", &self.admin_token_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .finish()
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_api_listen(),
+            admin_token_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+        }
+    }
+}
+
+fn default_api_listen() -> String {
+    "127.0.0.1:8080".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -115,6 +215,9 @@ pub struct KafkaSourceConfig {
     /// Topic with the enriched readings. Env: `CLOUD_BRIDGE_TOPIC_DATA`.
     #[serde(default = "default_topic_data")]
     pub topic_data: String,
+    /// Topic with the gateways' rejected input. Env: `CLOUD_BRIDGE_TOPIC_DLQ`.
+    #[serde(default = "default_topic_dlq")]
+    pub topic_dlq: String,
     /// Extra librdkafka properties (security.protocol, sasl.*); never logged.
     #[serde(default)]
     pub librdkafka_options: BTreeMap<String, String>,
@@ -126,6 +229,7 @@ impl Default for KafkaSourceConfig {
             brokers: default_brokers(),
             group_id: default_group_id(),
             topic_data: default_topic_data(),
+            topic_dlq: default_topic_dlq(),
             librdkafka_options: BTreeMap::new(),
         }
     }
@@ -139,6 +243,9 @@ fn default_group_id() -> String {
 }
 fn default_topic_data() -> String {
     "rich-iot-data".into()
+}
+fn default_topic_dlq() -> String {
+    "iot-dlq".into()
 }
 
 #[derive(Clone, Deserialize)]
@@ -262,6 +369,15 @@ impl BridgeConfig {
         if let Some(v) = env("CLOUD_BRIDGE_TOPIC_DATA") {
             config.kafka.topic_data = v;
         }
+        if let Some(v) = env("CLOUD_BRIDGE_TOPIC_DLQ") {
+            config.kafka.topic_dlq = v;
+        }
+        if let Some(v) = env("CLOUD_BRIDGE_API_LISTEN") {
+            config.api.listen = v;
+        }
+        if let Some(v) = env("CLOUD_BRIDGE_ADMIN_TOKEN_FILE") {
+            config.api.admin_token_file = (!v.is_empty()).then(|| v.into());
+        }
         if let Some(v) = env("CLOUD_BRIDGE_MYSQL_URL") {
             config.mysql.url = v;
         }
@@ -302,13 +418,7 @@ impl BridgeConfig {
                     "http://host:port or https://host:port, or empty to turn the alerts sink off",
                 ));
             }
-            let index_ok = !os.index.is_empty()
-                && os.index.len() <= 255
-                && !os.index.starts_with(['_', '-', '+'])
-                && os.index.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
-                });
-            if !index_ok {
+            if !index_name_ok(&os.index) {
                 return Err(invalid(
                     "opensearch.index",
                     &os.index,
@@ -340,6 +450,15 @@ impl BridgeConfig {
                 "a Kafka topic name",
             ));
         }
+        if self.kafka.topic_dlq.is_empty() || self.kafka.topic_dlq.len() > 249 {
+            return Err(invalid(
+                "kafka.topic_dlq",
+                &self.kafka.topic_dlq,
+                "a Kafka topic name",
+            ));
+        }
+        self.validate_routes()?;
+        self.validate_api()?;
         for key in self.kafka.librdkafka_options.keys() {
             if RESERVED_KAFKA_KEYS.contains(&key.as_str()) {
                 return Err(invalid(
@@ -397,9 +516,209 @@ impl BridgeConfig {
     }
 }
 
+fn index_name_ok(index: &str) -> bool {
+    !index.is_empty()
+        && index.len() <= 255
+        && !index.starts_with(['_', '-', '+'])
+        && index.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.')
+        })
+}
+
+impl BridgeConfig {
+    /// The routes in effect: the configured ones, or the defaults
+    /// `topic_data` → `mysql_metrics`, `topic_dlq` → `mysql_dlq`, and (when
+    /// `opensearch.url` is set) `opensearch.topic` → the alerts index.
+    pub fn effective_routes(&self) -> Vec<Route> {
+        let configured: Vec<RouteConfig> = if self.routes.is_empty() {
+            let mut r = vec![RouteConfig {
+                topic: self.kafka.topic_data.clone(),
+                sink: SinkKind::MysqlMetrics,
+                index: None,
+                document_id: None,
+                group_id: None,
+            }];
+            if !self.opensearch.url.is_empty() {
+                r.push(RouteConfig {
+                    topic: self.opensearch.topic.clone(),
+                    sink: SinkKind::Opensearch,
+                    index: None,
+                    document_id: None,
+                    group_id: self.opensearch.group_id.clone(),
+                });
+            }
+            r.push(RouteConfig {
+                topic: self.kafka.topic_dlq.clone(),
+                sink: SinkKind::MysqlDlq,
+                index: None,
+                document_id: None,
+                group_id: None,
+            });
+            r
+        } else {
+            self.routes.clone()
+        };
+        let group = &self.kafka.group_id;
+        configured
+            .into_iter()
+            .map(|r| {
+                let index = r
+                    .index
+                    .clone()
+                    .unwrap_or_else(|| self.opensearch.index.clone());
+                let is_alerts = r.sink == SinkKind::Opensearch && index == self.opensearch.index;
+                let group_id = r.group_id.clone().unwrap_or_else(|| match r.sink {
+                    SinkKind::MysqlMetrics => group.clone(),
+                    SinkKind::Opensearch if is_alerts => format!("{group}-alerts"),
+                    SinkKind::Opensearch => format!("{group}-opensearch-{index}"),
+                    SinkKind::MysqlDlq => format!("{group}-dlq"),
+                });
+                let sink_name = match r.sink {
+                    SinkKind::MysqlMetrics => self.mysql.sink_name.clone(),
+                    SinkKind::MysqlDlq => "mysql-dlq".into(),
+                    SinkKind::Opensearch => format!("opensearch-{index}"),
+                };
+                Route {
+                    topic: r.topic,
+                    sink: r.sink,
+                    index,
+                    document_id: r.document_id.unwrap_or(DocumentId::AlertId),
+                    group_id,
+                    sink_name,
+                }
+            })
+            .collect()
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::BTreeSet::new();
+        for r in &self.routes {
+            if r.topic.is_empty() || r.topic.len() > 249 {
+                return Err(invalid("routes.topic", &r.topic, "a Kafka topic name"));
+            }
+            if r.sink != SinkKind::Opensearch && (r.index.is_some() || r.document_id.is_some()) {
+                return Err(invalid(
+                    "routes.index",
+                    &r.topic,
+                    "index and document_id only apply to sink = \"opensearch\"",
+                ));
+            }
+            if r.sink == SinkKind::Opensearch {
+                if self.opensearch.url.is_empty() {
+                    return Err(invalid(
+                        "routes.sink",
+                        &r.topic,
+                        "an opensearch route needs opensearch.url",
+                    ));
+                }
+                if let Some(index) = &r.index
+                    && !index_name_ok(index)
+                {
+                    return Err(invalid(
+                        "routes.index",
+                        index,
+                        "an index name: lowercase letters, digits, '-', '_', '.', not starting with '_', '-' or '+'",
+                    ));
+                }
+            }
+            if let Some(g) = &r.group_id
+                && g.trim().is_empty()
+            {
+                return Err(invalid(
+                    "routes.group_id",
+                    g,
+                    "a non-empty consumer group name",
+                ));
+            }
+        }
+        for r in self.effective_routes() {
+            if !seen.insert((r.sink_name.clone(), r.topic.clone())) {
+                return Err(invalid(
+                    "routes",
+                    format!("{} -> {:?}", r.topic, r.sink),
+                    "the same topic is routed twice to the same sink; remove one",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_api(&self) -> Result<(), ConfigError> {
+        let api = &self.api;
+        if !api.listen.is_empty() && api.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid(
+                "api.listen",
+                &api.listen,
+                "ip:port (for example 0.0.0.0:8080), or empty to turn the API off",
+            ));
+        }
+        if api.tls_cert_file.is_some() != api.tls_key_file.is_some() {
+            return Err(invalid(
+                "api.tls_cert_file",
+                "one of two",
+                "give both api.tls_cert_file and api.tls_key_file, or neither",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_routes_follow_the_topics_and_routes_are_checked() {
+        let c = BridgeConfig::load(None, |k| {
+            (k == "CLOUD_BRIDGE_OPENSEARCH_URL").then(|| "http://os:9200".into())
+        })
+        .unwrap();
+        let routes = c.effective_routes();
+        let summary: Vec<(&str, SinkKind, &str)> = routes
+            .iter()
+            .map(|r| (r.topic.as_str(), r.sink, r.group_id.as_str()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("rich-iot-data", SinkKind::MysqlMetrics, "cloud-bridge"),
+                ("iot-alerts", SinkKind::Opensearch, "cloud-bridge-alerts"),
+                ("iot-dlq", SinkKind::MysqlDlq, "cloud-bridge-dlq"),
+            ]
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.toml");
+        std::fs::write(
+            &path,
+            "[opensearch]\nurl = \"http://os:9200\"\n\
+             [[routes]]\ntopic = \"rich-iot-data\"\nsink = \"mysql_metrics\"\n\
+             [[routes]]\ntopic = \"rich-iot-data\"\nsink = \"opensearch\"\nindex = \"readings\"\ndocument_id = \"device_seq\"\n",
+        )
+        .unwrap();
+        let c = BridgeConfig::load(Some(&path), |_| None).unwrap();
+        let r = &c.effective_routes()[1];
+        assert_eq!(
+            (r.index.as_str(), r.document_id),
+            ("readings", DocumentId::DeviceSeq)
+        );
+        assert_eq!(r.group_id, "cloud-bridge-opensearch-readings");
+        std::fs::write(&path, "[[routes]]\ntopic = \"t\"\nsink = \"opensearch\"\n").unwrap();
+        let err = BridgeConfig::load(Some(&path), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs opensearch.url"), "{err}");
+        std::fs::write(&path, "[[routes]]\ntopic = \"t\"\nsink = \"kafka\"\n").unwrap();
+        let err = BridgeConfig::load(Some(&path), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown variant `kafka`"), "{err}");
+        let err = BridgeConfig::load(None, |k| {
+            (k == "CLOUD_BRIDGE_API_LISTEN").then(|| "localhost".into())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("invalid config: `api.listen`"), "{err}");
+    }
 
     #[test]
     fn defaults_and_env_overrides() {

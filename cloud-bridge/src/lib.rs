@@ -1,13 +1,20 @@
-//! `cloud-bridge`: consumes the gateways' Kafka topics and writes MySQL,
-//! exactly once (offsets stored with the rows in the same transaction).
+//! `cloud-bridge`: consumes the gateways' Kafka topics and writes MySQL
+//! (metrics and dead letters, exactly once: offsets stored with the rows in
+//! the same transaction) and OpenSearch/Elasticsearch (alerts, idempotent
+//! ids), and serves the device registry to the gateways over HTTP.
 
+pub mod api;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod migrations;
+pub mod registry;
 pub mod sinks;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
@@ -16,6 +23,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use sqlx::mysql::MySqlPoolOptions;
@@ -24,13 +32,16 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 pub use config::BridgeConfig;
+use config::{Route, SinkKind};
+use metrics::{Metrics, RouteMetrics};
+use sinks::dlq::DlqSink;
 use sinks::mysql::{KafkaRecord, MysqlSink, MysqlSinkStats};
 
 /// Connects to MySQL and runs the migrations.
 pub async fn connect_and_migrate(config: &BridgeConfig) -> anyhow::Result<sqlx::MySqlPool> {
     let redacted = config::redact_url(&config.mysql.url);
     let pool = MySqlPoolOptions::new()
-        .max_connections(4)
+        .max_connections(4 + config.effective_routes().len() as u32)
         .acquire_timeout(Duration::from_secs(10))
         .connect(&config.mysql.url)
         .await
@@ -41,15 +52,72 @@ pub async fn connect_and_migrate(config: &BridgeConfig) -> anyhow::Result<sqlx::
     Ok(pool)
 }
 
+/// A MySQL sink that stores its offsets with its rows.
+enum OffsetSink {
+    Metrics(MysqlSink, Arc<MysqlSinkStats>),
+    Dlq(DlqSink),
+}
+
+impl OffsetSink {
+    fn topic(&self) -> &str {
+        match self {
+            Self::Metrics(s, _) => &s.topic,
+            Self::Dlq(s) => &s.topic,
+        }
+    }
+
+    async fn stored_offsets(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
+        match self {
+            Self::Metrics(s, _) => s.stored_offsets(partitions).await,
+            Self::Dlq(s) => s.stored_offsets(partitions).await,
+        }
+    }
+
+    /// Writes a batch; the next offset per partition and the rows written.
+    async fn write(&self, batch: &[KafkaRecord]) -> Result<(BTreeMap<i32, i64>, u64), sqlx::Error> {
+        match self {
+            Self::Metrics(s, stats) => {
+                let before = stats.rows_inserted.load(Relaxed);
+                let committed = s.write(batch, stats).await?;
+                Ok((
+                    committed,
+                    stats.rows_inserted.load(Relaxed).saturating_sub(before),
+                ))
+            }
+            Self::Dlq(s) => s.write(batch).await,
+        }
+    }
+}
+
+/// Feeds librdkafka's statistics (consumer lag) into a route's metrics.
+struct StatsContext {
+    metrics: Arc<Metrics>,
+    route: usize,
+}
+
+impl ClientContext for StatsContext {
+    fn stats(&self, statistics: Statistics) {
+        self.metrics.routes[self.route].set_lag(&statistics);
+    }
+}
+
+impl ConsumerContext for StatsContext {}
+
 /// Seeks newly assigned partitions to the offsets stored in MySQL, so the
 /// database, not Kafka's group offsets, decides where consumption resumes.
 struct BridgeContext {
-    sink: Arc<MysqlSink>,
+    sink: Arc<OffsetSink>,
     rt: Handle,
     stop: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+    route: usize,
 }
 
-impl ClientContext for BridgeContext {}
+impl ClientContext for BridgeContext {
+    fn stats(&self, statistics: Statistics) {
+        self.metrics.routes[self.route].set_lag(&statistics);
+    }
+}
 
 impl ConsumerContext for BridgeContext {
     fn rebalance(
@@ -58,6 +126,7 @@ impl ConsumerContext for BridgeContext {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let topic = self.sink.topic().to_string();
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -71,7 +140,8 @@ impl ConsumerContext for BridgeContext {
                                 let _ = consumer.unassign();
                                 return;
                             }
-                            warn!(error = %e, "cannot read stored offsets from MySQL on partition assignment; retrying");
+                            self.metrics.routes[self.route].error("offsets_read");
+                            warn!(error = %e, topic, "cannot read stored offsets from MySQL on partition assignment; retrying");
                             std::thread::sleep(Duration::from_secs(1));
                         }
                     }
@@ -80,9 +150,10 @@ impl ConsumerContext for BridgeContext {
                     let offset = stored
                         .get(p)
                         .map_or(Offset::Beginning, |o| Offset::Offset(*o));
-                    let _ = tpl.set_partition_offset(&self.sink.topic, *p, offset);
+                    let _ = tpl.set_partition_offset(&topic, *p, offset);
                 }
                 info!(
+                    topic,
                     ?partitions,
                     ?stored,
                     "partitions assigned; resuming at the offsets stored in MySQL"
@@ -92,7 +163,7 @@ impl ConsumerContext for BridgeContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                info!(partitions = tpl.count(), "partitions revoked");
+                info!(topic, partitions = tpl.count(), "partitions revoked");
                 if let Err(e) = consumer.unassign() {
                     error!(error = %e, "unassigning partitions failed");
                 }
@@ -107,131 +178,201 @@ impl ConsumerContext for BridgeContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, _rebalance: &Rebalance<'_>) {}
 }
 
-/// Runs the bridge until `shutdown` resolves. The batch in progress is
-/// committed to MySQL before the consumer leaves its group.
+/// Everything a route's consumer thread needs.
+struct RouteRun {
+    config: BridgeConfig,
+    route: Route,
+    index: usize,
+    pool: sqlx::MySqlPool,
+    metrics: Arc<Metrics>,
+    stats: Arc<MysqlSinkStats>,
+    rt: Handle,
+    stop: watch::Receiver<bool>,
+}
+
+impl RouteRun {
+    fn run(self) -> anyhow::Result<()> {
+        let m = &self.metrics.routes[self.index];
+        m.running.store(true, Relaxed);
+        let result = match self.route.sink {
+            SinkKind::MysqlMetrics => {
+                let sink = OffsetSink::Metrics(
+                    MysqlSink {
+                        pool: self.pool.clone(),
+                        sink_name: self.route.sink_name.clone(),
+                        topic: self.route.topic.clone(),
+                        rows_per_insert: self.config.mysql.rows_per_insert,
+                    },
+                    self.stats.clone(),
+                );
+                consume_mysql(&self, sink)
+            }
+            SinkKind::MysqlDlq => {
+                let sink = OffsetSink::Dlq(DlqSink {
+                    pool: self.pool.clone(),
+                    sink_name: self.route.sink_name.clone(),
+                    topic: self.route.topic.clone(),
+                });
+                consume_mysql(&self, sink)
+            }
+            SinkKind::Opensearch => consume_opensearch(&self),
+        };
+        m.running.store(false, Relaxed);
+        if let Err(e) = &result {
+            error!(topic = %self.route.topic, error = format!("{e:#}"), "route stopped");
+        }
+        result
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &self.config.kafka.brokers)
+            .set("group.id", &self.route.group_id)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "range,roundrobin")
+            .set("statistics.interval.ms", "5000");
+        for (k, v) in &self.config.kafka.librdkafka_options {
+            client.set(k, v);
+        }
+        client
+    }
+
+    fn metrics(&self) -> &RouteMetrics {
+        &self.metrics.routes[self.index]
+    }
+}
+
+/// Runs the bridge until `shutdown` resolves: one consumer thread per
+/// route and the HTTP API. Each route settles its batch in progress before
+/// its consumer leaves the group.
 pub async fn run(
     config: BridgeConfig,
     stats: Arc<MysqlSinkStats>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let pool = connect_and_migrate(&config).await?;
-    let sink = Arc::new(MysqlSink {
-        pool,
-        sink_name: config.mysql.sink_name.clone(),
-        topic: config.kafka.topic_data.clone(),
-        rows_per_insert: config.mysql.rows_per_insert,
-    });
+    let routes = config.effective_routes();
+    let metrics = Arc::new(Metrics::new(&routes, stats.clone()));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let rt = Handle::current();
-    let alerts_thread = if config.opensearch.url.is_empty() {
+    let api_task = if config.api.listen.is_empty() {
         None
     } else {
-        let alert_sink = sinks::opensearch::AlertSink::new(&config.opensearch)?;
-        let (config, pool, rt, stop) = (
-            config.clone(),
-            sink.pool.clone(),
-            rt.clone(),
-            stop_rx.clone(),
-        );
-        Some(
-            std::thread::Builder::new()
-                .name("alerts-consumer".into())
-                .spawn(move || consume_alerts(config, alert_sink, pool, rt, stop))
-                .context("starting the alerts consumer thread")?,
-        )
+        let server = api::Server::bind(&config.api, pool.clone(), metrics.clone()).await?;
+        let mut stop = stop_rx.clone();
+        Some(tokio::spawn(server.serve(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })))
     };
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let thread = std::thread::Builder::new()
-        .name("kafka-consumer".into())
-        .spawn(move || {
-            let result = consume(config, sink, stats, rt, stop_rx);
-            let _ = done_tx.send(());
-            result
-        })
-        .context("starting the consumer thread")?;
+    let rt = Handle::current();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(routes.len().max(1));
+    let mut threads = Vec::new();
+    for (index, route) in routes.into_iter().enumerate() {
+        info!(topic = %route.topic, sink = ?route.sink, group = %route.group_id, "route");
+        let run = RouteRun {
+            config: config.clone(),
+            route,
+            index,
+            pool: pool.clone(),
+            metrics: metrics.clone(),
+            stats: stats.clone(),
+            rt: rt.clone(),
+            stop: stop_rx.clone(),
+        };
+        let done = done_tx.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("route-{index}"))
+                .spawn(move || {
+                    let result = run.run();
+                    let _ = done.try_send(());
+                    result
+                })
+                .context("starting a consumer thread")?,
+        );
+    }
+    drop(done_tx);
     tokio::select! {
-        _ = shutdown => info!("shutting down: finishing the batch in progress"),
-        _ = done_rx => {}
+        _ = shutdown => info!("shutting down: settling the batches in progress"),
+        _ = done_rx.recv() => {}
     }
     let _ = stop_tx.send(true);
-    if let Some(alerts) = alerts_thread {
-        tokio::task::spawn_blocking(move || alerts.join())
+    let mut result = Ok(());
+    for thread in threads {
+        let joined = tokio::task::spawn_blocking(move || thread.join())
             .await
-            .context("joining the alerts consumer thread")?
-            .map_err(|_| anyhow::anyhow!("the alerts consumer thread panicked"))??;
+            .context("joining a consumer thread")?
+            .map_err(|_| anyhow::anyhow!("a consumer thread panicked"))
+            .and_then(|r| r);
+        if result.is_ok() {
+            result = joined;
+        }
     }
-    tokio::task::spawn_blocking(move || thread.join())
-        .await
-        .context("joining the consumer thread")?
-        .map_err(|_| anyhow::anyhow!("the consumer thread panicked"))?
+    if let Some(task) = api_task {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if result.is_ok() => result = Err(e),
+            Ok(Err(_)) => {}
+            Err(e) => warn!(error = %e, "the API task failed"),
+        }
+    }
+    result
 }
 
-/// Consumes `iot-alerts` into OpenSearch: bulk-indexes each batch under the
-/// alerts' deterministic ids, dead-letters what can never be indexed, and
-/// commits the Kafka offsets only once the whole batch is settled.
-fn consume_alerts(
-    config: BridgeConfig,
-    sink: sinks::opensearch::AlertSink,
-    pool: sqlx::MySqlPool,
-    rt: Handle,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+/// Indexes a topic into OpenSearch: bulk-indexes each batch under the
+/// documents' deterministic ids, dead-letters what can never be indexed,
+/// and commits the Kafka offsets only once the whole batch is settled.
+fn consume_opensearch(run: &RouteRun) -> anyhow::Result<()> {
     use sinks::opensearch::AlertRecord;
-    let os = &config.opensearch;
-    let group = os
-        .group_id
-        .clone()
-        .unwrap_or_else(|| format!("{}-alerts", config.kafka.group_id));
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &group)
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
-    for (k, v) in &config.kafka.librdkafka_options {
-        client.set(k, v);
-    }
-    let consumer: BaseConsumer = client
-        .create()
-        .with_context(|| format!("creating the alerts consumer for {}", config.kafka.brokers))?;
+    let mut os = run.config.opensearch.clone();
+    os.index = run.route.index.clone();
+    let sink = sinks::opensearch::AlertSink::new(&os)?;
+    let consumer: BaseConsumer<StatsContext> = run
+        .client_config()
+        .create_with_context(StatsContext {
+            metrics: run.metrics.clone(),
+            route: run.index,
+        })
+        .with_context(|| format!("creating the consumer of {}", run.route.topic))?;
     consumer
-        .subscribe(&[&os.topic])
-        .with_context(|| format!("subscribing to {}", os.topic))?;
-    info!(topic = %os.topic, group = %group, index = %os.index, "indexing alerts");
+        .subscribe(&[&run.route.topic])
+        .with_context(|| format!("subscribing to {}", run.route.topic))?;
+    info!(topic = %run.route.topic, group = %run.route.group_id, index = %os.index, "indexing");
     let linger = Duration::from_millis(os.batch_linger_ms);
     let mut batch: Vec<AlertRecord> = Vec::new();
     let mut first_at = Instant::now();
     let mut counts = AlertCounts::default();
+    let mut warned = Warned::default();
     loop {
-        let stopping = *stop.borrow();
+        let stopping = *run.stop.borrow();
         if !batch.is_empty()
             && (batch.len() >= os.bulk_max_docs || first_at.elapsed() >= linger || stopping)
         {
-            if !settle_alerts(
-                &sink,
-                &pool,
-                &config,
-                &rt,
-                &consumer,
-                &batch,
-                &stop,
-                &mut counts,
-            ) {
+            let started = Instant::now();
+            let before = counts.indexed;
+            if !settle_documents(run, &sink, &consumer, &batch, &mut counts) {
                 // Not committed: consumed again after the restart, and the
                 // ids make that harmless.
-                info!("stopping with alerts not yet settled; they are consumed again on restart");
+                info!(
+                    "stopping with documents not yet settled; they are consumed again on restart"
+                );
                 consumer.unsubscribe();
                 return Ok(());
             }
+            run.metrics()
+                .batch_done(started.elapsed(), counts.indexed - before);
             batch.clear();
         }
         if stopping {
             break;
         }
         if let Some((partition, offset, payload)) =
-            poll_record(&consumer, !batch.is_empty(), "alerts")
+            poll_record(&consumer, !batch.is_empty(), &run.route.topic, &mut warned)
         {
+            run.metrics().records.fetch_add(1, Relaxed);
             if batch.is_empty() {
                 first_at = Instant::now();
             }
@@ -252,28 +393,45 @@ struct AlertCounts {
     dead_lettered: u64,
 }
 
-/// Settles every alert of a batch (indexed, or dead-lettered with a
+/// The document id of a record under the route's rule.
+fn document_id(rule: config::DocumentId, payload: &[u8]) -> Result<String, String> {
+    match rule {
+        config::DocumentId::AlertId => sinks::opensearch::alert_id(payload),
+        config::DocumentId::DeviceSeq => {
+            #[derive(serde::Deserialize)]
+            struct Key<'a> {
+                #[serde(borrow)]
+                device_id: std::borrow::Cow<'a, str>,
+                seq: u64,
+            }
+            let k: Key = serde_json::from_slice(payload)
+                .map_err(|e| format!("no device_id and seq: {e}"))?;
+            if k.device_id.is_empty() || k.device_id.len() > 64 {
+                return Err("device_id must be 1 to 64 characters".into());
+            }
+            Ok(format!("{}:{}", k.device_id, k.seq))
+        }
+    }
+}
+
+/// Settles every document of a batch (indexed, or dead-lettered with a
 /// reason), then commits its offsets. Returns false when asked to stop
 /// before the batch was settled (nothing is committed then).
-#[allow(clippy::too_many_arguments)]
-fn settle_alerts(
+fn settle_documents(
+    run: &RouteRun,
     sink: &sinks::opensearch::AlertSink,
-    pool: &sqlx::MySqlPool,
-    config: &BridgeConfig,
-    rt: &Handle,
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<StatsContext>,
     batch: &[sinks::opensearch::AlertRecord],
-    stop: &watch::Receiver<bool>,
     counts: &mut AlertCounts,
 ) -> bool {
-    use sinks::opensearch::{ItemOutcome, alert_id};
-    let os = &config.opensearch;
+    use sinks::opensearch::ItemOutcome;
+    let (rt, stop) = (&run.rt, &run.stop);
     let mut pending: Vec<(String, usize)> = Vec::new();
     let mut letters: Vec<(usize, String, String)> = Vec::new();
     for (i, r) in batch.iter().enumerate() {
-        match alert_id(&r.payload) {
+        match document_id(run.route.document_id, &r.payload) {
             Ok(id) => pending.push((id, i)),
-            Err(why) => letters.push((i, "not_an_alert".into(), why)),
+            Err(why) => letters.push((i, "no_document_id".into(), why)),
         }
     }
     let mut backoff = Duration::from_millis(200);
@@ -289,7 +447,8 @@ fn settle_alerts(
                     match outcome {
                         ItemOutcome::Indexed => counts.indexed += 1,
                         ItemOutcome::Retry(why) => {
-                            warn!(alert_id = %id, why, "alert not indexed yet; retrying");
+                            warn!(document_id = %id, why, "document not indexed yet; retrying");
+                            run.metrics().error("opensearch_item_retry");
                             again.push((id, i));
                         }
                         ItemOutcome::Permanent { reason, message } => {
@@ -301,9 +460,10 @@ fn settle_alerts(
                 !pending.is_empty()
             }
             Err(e) => {
+                run.metrics().error("opensearch_bulk");
                 warn!(
                     error = format!("{e:#}"),
-                    alerts = pending.len(),
+                    documents = pending.len(),
                     "OpenSearch bulk request failed; retrying in {backoff:?}"
                 );
                 true
@@ -319,7 +479,7 @@ fn settle_alerts(
     }
     let mut backoff = Duration::from_millis(200);
     while !letters.is_empty() {
-        match rt.block_on(dead_letter(&pool, &config, &batch, &letters)) {
+        match rt.block_on(dead_letter(&run.pool, &run.route, batch, &letters)) {
             Ok(()) => {
                 for (i, reason, message) in &letters {
                     warn!(
@@ -327,7 +487,7 @@ fn settle_alerts(
                         offset = batch[*i].offset,
                         reason,
                         message,
-                        "alert dead-lettered"
+                        "document dead-lettered"
                     );
                 }
                 counts.dead_lettered += letters.len() as u64;
@@ -337,31 +497,42 @@ fn settle_alerts(
                 if *stop.borrow() {
                     return false;
                 }
-                warn!(error = %e, "writing alert dead letters to MySQL failed; retrying in {backoff:?}");
+                run.metrics().error("dead_letter_write");
+                warn!(error = %e, "writing dead letters to MySQL failed; retrying in {backoff:?}");
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }
-    let mut next: std::collections::BTreeMap<i32, i64> = std::collections::BTreeMap::new();
+    let mut next: BTreeMap<i32, i64> = BTreeMap::new();
     for r in batch {
         let e = next.entry(r.partition).or_insert(0);
         *e = (*e).max(r.offset + 1);
     }
     let mut tpl = TopicPartitionList::new();
     for (p, o) in next {
-        let _ = tpl.add_partition_offset(&os.topic, p, Offset::Offset(o));
+        let _ = tpl.add_partition_offset(&run.route.topic, p, Offset::Offset(o));
     }
     if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-        // The alerts are indexed: a replay only overwrites them.
-        warn!(error = %e, "committing alert offsets failed; they may be indexed again (same ids)");
+        // The documents are indexed: a replay only overwrites them.
+        run.metrics().error("kafka_commit");
+        warn!(error = %e, "committing offsets failed; the documents may be indexed again (same ids)");
     }
     info!(
+        topic = %run.route.topic,
         indexed = counts.indexed,
         dead_lettered = counts.dead_lettered,
-        "alerts settled"
+        "documents settled"
     );
     true
+}
+
+/// Rate-limits a repeated consumer warning (a topic that does not exist
+/// yet is reported at every metadata refresh).
+#[derive(Default)]
+struct Warned {
+    last: Option<(String, Instant)>,
+    suppressed: u64,
 }
 
 /// One record from the consumer, or `None`: nothing yet, the end of a
@@ -369,7 +540,8 @@ fn settle_alerts(
 fn poll_record<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     batch_open: bool,
-    what: &str,
+    topic: &str,
+    warned: &mut Warned,
 ) -> Option<(i32, i64, Option<Vec<u8>>)> {
     let wait = Duration::from_millis(if batch_open { 5 } else { 100 });
     match consumer.poll(wait) {
@@ -380,7 +552,23 @@ fn poll_record<C: ConsumerContext>(
             msg.payload().map(<[u8]>::to_vec),
         )),
         Some(Err(e)) => {
-            warn!(error = %e, what, "Kafka consumer error; librdkafka retries by itself");
+            let text = e.to_string();
+            let repeat = warned
+                .last
+                .as_ref()
+                .is_some_and(|(t, at)| *t == text && at.elapsed() < Duration::from_secs(60));
+            if repeat {
+                warned.suppressed += 1;
+            } else {
+                warn!(
+                    error = %text,
+                    topic,
+                    repeated = warned.suppressed,
+                    "Kafka consumer error; librdkafka retries by itself"
+                );
+                warned.last = Some((text, Instant::now()));
+                warned.suppressed = 0;
+            }
             None
         }
     }
@@ -388,7 +576,7 @@ fn poll_record<C: ConsumerContext>(
 
 async fn dead_letter(
     pool: &sqlx::MySqlPool,
-    config: &BridgeConfig,
+    route: &Route,
     batch: &[sinks::opensearch::AlertRecord],
     letters: &[(usize, String, String)],
 ) -> anyhow::Result<()> {
@@ -398,8 +586,8 @@ async fn dead_letter(
         sqlx::query(
             "INSERT IGNORE INTO bridge_dead_letters (sink, topic, kafka_partition, kafka_offset, reason, message, payload) VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind("opensearch-alerts")
-        .bind(&config.opensearch.topic)
+        .bind(&route.sink_name)
+        .bind(&route.topic)
         .bind(r.partition)
         .bind(r.offset)
         .bind(reason.chars().take(64).collect::<String>())
@@ -412,54 +600,50 @@ async fn dead_letter(
     Ok(())
 }
 
-fn consume(
-    config: BridgeConfig,
-    sink: Arc<MysqlSink>,
-    stats: Arc<MysqlSinkStats>,
-    rt: Handle,
-    stop: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.kafka.brokers)
-        .set("group.id", &config.kafka.group_id)
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "range,roundrobin");
-    for (k, v) in &config.kafka.librdkafka_options {
-        client.set(k, v);
-    }
-    let consumer: BaseConsumer<BridgeContext> = client
+/// Consumes a topic into a MySQL sink that stores its offsets with its
+/// rows (exactly once).
+fn consume_mysql(run: &RouteRun, sink: OffsetSink) -> anyhow::Result<()> {
+    let sink = Arc::new(sink);
+    let topic = &run.route.topic;
+    let consumer: BaseConsumer<BridgeContext> = run
+        .client_config()
         .create_with_context(BridgeContext {
             sink: sink.clone(),
-            rt: rt.clone(),
-            stop: stop.clone(),
+            rt: run.rt.clone(),
+            stop: run.stop.clone(),
+            metrics: run.metrics.clone(),
+            route: run.index,
         })
-        .with_context(|| format!("creating the Kafka consumer for {}", config.kafka.brokers))?;
+        .with_context(|| {
+            format!(
+                "creating the Kafka consumer for {}",
+                run.config.kafka.brokers
+            )
+        })?;
     consumer
-        .subscribe(&[&config.kafka.topic_data])
-        .with_context(|| format!("subscribing to {}", config.kafka.topic_data))?;
-    info!(topic = %config.kafka.topic_data, group = %config.kafka.group_id, "consuming");
+        .subscribe(&[topic])
+        .with_context(|| format!("subscribing to {topic}"))?;
+    info!(topic, group = %run.route.group_id, "consuming");
 
-    let linger = Duration::from_millis(config.mysql.batch_linger_ms);
-    let max = config.mysql.batch_max_records;
+    let linger = Duration::from_millis(run.config.mysql.batch_linger_ms);
+    let max = run.config.mysql.batch_max_records;
     let mut batch: Vec<KafkaRecord> = Vec::new();
     let mut first_at = Instant::now();
+    let mut warned = Warned::default();
     loop {
-        let stopping = *stop.borrow();
+        let stopping = *run.stop.borrow();
         let due =
             !batch.is_empty() && (batch.len() >= max || first_at.elapsed() >= linger || stopping);
         if due {
-            write_until_done(&sink, &stats, &rt, &consumer, &config, &mut batch, &stop)?;
+            write_until_done(run, &sink, &consumer, &mut batch);
         }
         if stopping {
             break;
         }
         if let Some((partition, offset, payload)) =
-            poll_record(&consumer, !batch.is_empty(), "data")
+            poll_record(&consumer, !batch.is_empty(), topic, &mut warned)
         {
+            run.metrics().records.fetch_add(1, Relaxed);
             if batch.is_empty() {
                 first_at = Instant::now();
             }
@@ -470,7 +654,7 @@ fn consume(
             });
         }
     }
-    info!("leaving the consumer group");
+    info!(topic, "leaving the consumer group");
     consumer.unsubscribe();
     Ok(())
 }
@@ -478,43 +662,60 @@ fn consume(
 /// Writes the batch, retrying while MySQL is unreachable. Gives up only when
 /// stopping, leaving the records unwritten (they are consumed again).
 fn write_until_done(
-    sink: &MysqlSink,
-    stats: &MysqlSinkStats,
-    rt: &Handle,
+    run: &RouteRun,
+    sink: &OffsetSink,
     consumer: &BaseConsumer<BridgeContext>,
-    config: &BridgeConfig,
     batch: &mut Vec<KafkaRecord>,
-    stop: &watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match rt.block_on(sink.write(batch, stats)) {
-            Ok(committed) => {
+        let started = Instant::now();
+        match run.rt.block_on(sink.write(batch)) {
+            Ok((committed, written)) => {
+                run.metrics().batch_done(started.elapsed(), written);
                 batch.clear();
                 // A hint only: MySQL holds the truth. It makes a restarted
                 // group start near the end instead of at the beginning.
                 let mut tpl = TopicPartitionList::new();
                 for (p, next) in committed {
-                    let _ =
-                        tpl.add_partition_offset(&config.kafka.topic_data, p, Offset::Offset(next));
+                    let _ = tpl.add_partition_offset(sink.topic(), p, Offset::Offset(next));
                 }
                 if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
                     warn!(error = %e, "committing the offsets hint to Kafka failed (harmless: MySQL holds the offsets)");
                 }
-                return Ok(());
+                return;
             }
             Err(e) => {
-                stats
-                    .write_errors
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                warn!(error = %e, records = batch.len(), "writing to MySQL failed; retrying in {backoff:?}");
-                if *stop.borrow() {
+                run.stats.write_errors.fetch_add(1, Relaxed);
+                run.metrics().error("mysql_write");
+                warn!(error = %e, topic = sink.topic(), records = batch.len(), "writing to MySQL failed; retrying in {backoff:?}");
+                if *run.stop.borrow() {
                     batch.clear();
-                    return Ok(());
+                    return;
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn document_ids_follow_the_route_rule() {
+        let reading = br#"{"device_id":"pump-1","seq":42,"temperature":1}"#;
+        assert_eq!(
+            document_id(config::DocumentId::DeviceSeq, reading).unwrap(),
+            "pump-1:42"
+        );
+        assert!(document_id(config::DocumentId::DeviceSeq, br#"{"device_id":"x"}"#).is_err());
+        assert!(document_id(config::DocumentId::AlertId, reading).is_err());
+        assert_eq!(
+            document_id(config::DocumentId::AlertId, br#"{"alert_id":"a:1"}"#).unwrap(),
+            "a:1"
+        );
     }
 }

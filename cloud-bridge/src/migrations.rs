@@ -53,6 +53,65 @@ const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             UNIQUE KEY bridge_dead_letters_origin (sink, topic, kafka_partition, kafka_offset)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     ],
+), (
+    2,
+    "registry (devices, geofences, gateways) and the iot-dlq table",
+    &[
+        // `body` is the entry exactly as gateways receive it; the other
+        // columns are there for operators' queries.
+        "CREATE TABLE IF NOT EXISTS device_metadata (
+            device_id   VARCHAR(64)  NOT NULL PRIMARY KEY,
+            gateway_id  VARCHAR(64)  NULL,
+            device_type VARCHAR(64)  NULL,
+            name        VARCHAR(256) NULL,
+            site        VARCHAR(256) NULL,
+            body        TEXT         NOT NULL,
+            updated_at  TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+            KEY device_metadata_gateway (gateway_id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        "CREATE TABLE IF NOT EXISTS geofences (
+            fence_id    VARCHAR(64)  NOT NULL PRIMARY KEY,
+            gateway_id  VARCHAR(64)  NULL,
+            name        VARCHAR(256) NULL,
+            feature     MEDIUMTEXT   NOT NULL,
+            updated_at  TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+            KEY geofences_gateway (gateway_id)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        // Bumped in the same transaction as every registry change: API
+        // instances cache rendered documents per revision.
+        "CREATE TABLE IF NOT EXISTS registry_revision (
+            id       TINYINT NOT NULL PRIMARY KEY,
+            revision BIGINT  NOT NULL
+        ) ENGINE=InnoDB",
+        "INSERT IGNORE INTO registry_revision (id, revision) VALUES (1, 0)",
+        // Only a SHA-256 of each gateway's token is stored.
+        "CREATE TABLE IF NOT EXISTS gateways (
+            gateway_id   VARCHAR(64)  NOT NULL PRIMARY KEY,
+            token_sha256 BINARY(32)   NOT NULL,
+            created_at   TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+            rotated_at   TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+            UNIQUE KEY gateways_token (token_sha256)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+        "CREATE TABLE IF NOT EXISTS iot_dlq (
+            id              BIGINT       NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            gateway_id      VARCHAR(64)  NULL,
+            received_at_ms  BIGINT       NULL,
+            source          VARCHAR(64)  NULL,
+            source_topic    VARCHAR(256) NULL,
+            reason          VARCHAR(64)  NOT NULL,
+            message         TEXT         NOT NULL,
+            payload         MEDIUMTEXT   NULL,
+            payload_hex     MEDIUMTEXT   NULL,
+            payload_bytes   BIGINT       NULL,
+            kafka_topic     VARCHAR(249) NOT NULL,
+            kafka_partition INT          NOT NULL,
+            kafka_offset    BIGINT       NOT NULL,
+            stored_at       TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+            UNIQUE KEY iot_dlq_origin (kafka_topic, kafka_partition, kafka_offset),
+            KEY iot_dlq_reason (reason, stored_at),
+            KEY iot_dlq_gateway (gateway_id, received_at_ms)
+        ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    ],
 )];
 
 /// Applies every migration not yet recorded in `schema_migrations`.

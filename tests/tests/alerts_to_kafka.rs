@@ -84,6 +84,8 @@ where
         "CLOUD_BRIDGE_OPENSEARCH_URL" => Some(opensearch_url()),
         "CLOUD_BRIDGE_ALERTS_INDEX" => Some(index.clone()),
         "CLOUD_BRIDGE_TOPIC_ALERTS" => Some(topic.clone()),
+        "CLOUD_BRIDGE_TOPIC_DLQ" => Some(format!("{topic}-dlq")),
+        "CLOUD_BRIDGE_API_LISTEN" => Some("127.0.0.1:0".into()),
         _ => None,
     })?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

@@ -286,6 +286,8 @@ interval_seconds = 0
             .env("CLOUD_BRIDGE_GROUP_ID", format!("bridge-{}", self.sfx))
             .env("CLOUD_BRIDGE_TOPIC_DATA", &self.topics[0])
             .env("CLOUD_BRIDGE_TOPIC_ALERTS", &self.topics[2])
+            .env("CLOUD_BRIDGE_TOPIC_DLQ", &self.topics[1])
+            .env("CLOUD_BRIDGE_API_LISTEN", "127.0.0.1:0")
             .env("CLOUD_BRIDGE_MYSQL_URL", self.db_url())
             .env("CLOUD_BRIDGE_OPENSEARCH_URL", opensearch_url())
             .env("CLOUD_BRIDGE_ALERTS_INDEX", &self.index)

@@ -128,6 +128,8 @@ async fn run_scenario(
         "CLOUD_BRIDGE_KAFKA_BROKERS" => Some(kafka_brokers()),
         "CLOUD_BRIDGE_GROUP_ID" => Some(format!("bridge-{sfx}")),
         "CLOUD_BRIDGE_TOPIC_DATA" => Some(data_topic.to_string()),
+        "CLOUD_BRIDGE_TOPIC_DLQ" => Some(dlq_topic.to_string()),
+        "CLOUD_BRIDGE_API_LISTEN" => Some("127.0.0.1:0".into()),
         "CLOUD_BRIDGE_MYSQL_URL" => Some(db_url.to_string()),
         _ => None,
     })?;
@@ -344,6 +346,34 @@ interval_seconds = 0
         seen += 1;
     }
     assert_eq!(dlq_reasons, expected_rejects);
+
+    // The bridge's default iot-dlq route keeps each reject once in MySQL's
+    // iot_dlq table, queryable by reason.
+    let dlq_rows = wait_for("every dead letter in iot_dlq", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move {
+            let rows = sqlx::query("SELECT reason, COUNT(*) FROM iot_dlq GROUP BY reason")
+                .fetch_all(&pool)
+                .await?;
+            let mut by_reason: BTreeMap<RejectReason, u64> = BTreeMap::new();
+            for r in &rows {
+                let code: String = r.get(0);
+                let reason = RejectReason::from_code(&code)
+                    .with_context(|| format!("unknown reason {code:?} in iot_dlq"))?;
+                by_reason.insert(reason, r.get::<i64, _>(1) as u64);
+            }
+            let total: u64 = by_reason.values().sum();
+            Ok((total >= invalid_total).then_some(by_reason))
+        }
+    })
+    .await?;
+    assert_eq!(dlq_rows, expected_rejects);
+    let distinct: i64 = sqlx::query_scalar(
+        "SELECT COUNT(DISTINCT kafka_partition, kafka_offset) FROM iot_dlq",
+    )
+    .fetch_one(&pool)
+    .await?;
+    assert_eq!(distinct as u64, invalid_total, "a dead letter was stored twice");
 
     // Shut down cleanly, then check the agent's durable counters.
     let _ = agent_stop.send(());

@@ -1,4 +1,5 @@
 //! Where the bridge writes.
 
+pub mod dlq;
 pub mod mysql;
 pub mod opensearch;
