@@ -349,31 +349,37 @@ interval_seconds = 0
 
     // The bridge's default iot-dlq route keeps each reject once in MySQL's
     // iot_dlq table, queryable by reason.
-    let dlq_rows = wait_for("every dead letter in iot_dlq", Duration::from_secs(60), || {
-        let pool = pool.clone();
-        async move {
-            let rows = sqlx::query("SELECT reason, COUNT(*) FROM iot_dlq GROUP BY reason")
-                .fetch_all(&pool)
-                .await?;
-            let mut by_reason: BTreeMap<RejectReason, u64> = BTreeMap::new();
-            for r in &rows {
-                let code: String = r.get(0);
-                let reason = RejectReason::from_code(&code)
-                    .with_context(|| format!("unknown reason {code:?} in iot_dlq"))?;
-                by_reason.insert(reason, r.get::<i64, _>(1) as u64);
+    let dlq_rows = wait_for(
+        "every dead letter in iot_dlq",
+        Duration::from_secs(60),
+        || {
+            let pool = pool.clone();
+            async move {
+                let rows = sqlx::query("SELECT reason, COUNT(*) FROM iot_dlq GROUP BY reason")
+                    .fetch_all(&pool)
+                    .await?;
+                let mut by_reason: BTreeMap<RejectReason, u64> = BTreeMap::new();
+                for r in &rows {
+                    let code: String = r.get(0);
+                    let reason = RejectReason::from_code(&code)
+                        .with_context(|| format!("unknown reason {code:?} in iot_dlq"))?;
+                    by_reason.insert(reason, r.get::<i64, _>(1) as u64);
+                }
+                let total: u64 = by_reason.values().sum();
+                Ok((total >= invalid_total).then_some(by_reason))
             }
-            let total: u64 = by_reason.values().sum();
-            Ok((total >= invalid_total).then_some(by_reason))
-        }
-    })
+        },
+    )
     .await?;
     assert_eq!(dlq_rows, expected_rejects);
-    let distinct: i64 = sqlx::query_scalar(
-        "SELECT COUNT(DISTINCT kafka_partition, kafka_offset) FROM iot_dlq",
-    )
-    .fetch_one(&pool)
-    .await?;
-    assert_eq!(distinct as u64, invalid_total, "a dead letter was stored twice");
+    let distinct: i64 =
+        sqlx::query_scalar("SELECT COUNT(DISTINCT kafka_partition, kafka_offset) FROM iot_dlq")
+            .fetch_one(&pool)
+            .await?;
+    assert_eq!(
+        distinct as u64, invalid_total,
+        "a dead letter was stored twice"
+    );
 
     // Shut down cleanly, then check the agent's durable counters.
     let _ = agent_stop.send(());
