@@ -415,6 +415,17 @@ interval_seconds = 0
         let rows = sqlx::query("SELECT device_id, seq FROM iot_metrics")
             .fetch_all(&pool)
             .await?;
+        // Dead letters: iot_dlq holds each committed iot-dlq record once.
+        let dead_letters = read_topic_to_end(&self.topics[1], 1, &format!("dlq-check-{}", self.sfx))?.len();
+        let dlq_rows = wait_for("the dead letters in iot_dlq", limit, || {
+            let pool = pool.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM iot_dlq").fetch_one(&pool).await?;
+                Ok((n as usize >= dead_letters).then_some(n as usize))
+            }
+        })
+        .await
+        .unwrap_or(0);
         pool.close().await;
         let mut got = BTreeSet::new();
         for r in &rows {
@@ -457,7 +468,7 @@ interval_seconds = 0
              {disc} device disconnects), agent starts {starts}, crashes {crashes}, bridge starts {bstarts} / \
              stored {stored} / missing {missing} / duplicated {dup} (Kafka {kafka_duplicates}, \
              at MySQL's unique key {bridge_duplicates}, unexpected {unexpected}) / alerts expected {ea}, \
-             indexed {ia}, missing {alerts_missing}, extra {alerts_extra}",
+             indexed {ia}, missing {alerts_missing}, extra {alerts_extra} / dead letters {dead_letters}, in iot_dlq {dlq_rows}",
             name = self.name,
             seed = seed(),
             sent = self.fleet.total(),
@@ -485,6 +496,11 @@ interval_seconds = 0
             records.len(),
             keys.len(),
             expected.len()
+        );
+        ensure!(
+            dlq_rows == dead_letters,
+            "{}: iot_dlq holds {dlq_rows} rows for {dead_letters} committed dead letters",
+            self.name
         );
         ensure!(
             alerts_missing == 0 && alerts_extra == 0 && alerts.len() == expected_alerts.len(),
@@ -810,15 +826,19 @@ async fn two_bridges_one_killed_lose_and_duplicate_nothing() -> anyhow::Result<(
     let world = World::new("two_bridges", 40, 250, 2000.0, None).await?;
     scenario(world, async |w| {
         let (progress, stop) = start_all(w).await?;
-        w.start_bridge(1)?;
         let total = w.fleet.total();
+        // Scale out mid-run: the second instance joins the group while
+        // readings flow, and takes partitions from the offsets in MySQL.
+        w.until_produced(&progress, total / 4, Duration::from_secs(60))
+            .await?;
+        w.start_bridge(1)?;
         w.until_produced(&progress, total / 2, Duration::from_secs(60))
             .await?;
         // Both hold partitions before one of them dies for good; the
         // other takes its partitions over.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !(holds_partitions(&w.log_text("bridge-0"))
-            && holds_partitions(&w.log_text("bridge-1")))
+        while !(holds_partitions(&w.log_text("bridge-0"), &w.topics[0])
+            && holds_partitions(&w.log_text("bridge-1"), &w.topics[0]))
         {
             w.check_running()?;
             ensure!(
@@ -837,9 +857,10 @@ async fn two_bridges_one_killed_lose_and_duplicate_nothing() -> anyhow::Result<(
 }
 
 /// True when the last assignment a bridge logged holds partitions.
-fn holds_partitions(log: &str) -> bool {
+fn holds_partitions(log: &str, topic: &str) -> bool {
     log.lines()
         .rev()
+        .filter(|l| l.contains(topic))
         .find(|l| l.contains("partitions assigned") || l.contains("partitions revoked"))
         .is_some_and(|l| l.contains("partitions assigned") && !l.contains("partitions=[]"))
 }
