@@ -76,6 +76,95 @@ pub struct Config {
     /// Local HTTP endpoint for Prometheus `/metrics`, `/health` and `/status`.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Pull the registry from the cloud bridge instead of a file. Off when
+    /// absent; excludes `registry.file`.
+    pub cloud_sync: Option<CloudSyncConfig>,
+}
+
+/// Cloud sync of the registry: `GET {url}/v1/gateways/{gateway_id}/registry`
+/// with a bearer token, applied when it changed (see `crate::sync`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudSyncConfig {
+    /// Base URL of the cloud bridge, `http://` or `https://`, without
+    /// credentials, query or fragment (it is logged).
+    pub url: String,
+    /// File holding the bearer token, read once at start and trimmed; at
+    /// most 4 KiB. The token is never logged.
+    pub token_file: PathBuf,
+    /// Time between syncs once one succeeded (±20 % jitter). Failures
+    /// retry sooner: from 1 s, doubling up to this.
+    #[serde(
+        default = "default_cloud_sync_interval_seconds",
+        alias = "interval_secs"
+    )]
+    pub interval_seconds: u64,
+    /// Bound on one sync request, connect to last byte of the body.
+    #[serde(default = "default_cloud_sync_timeout_seconds", alias = "timeout_secs")]
+    pub timeout_seconds: u64,
+    /// Extra PEM CA certificates trusted for an `https://` URL, on top of
+    /// the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+const fn default_cloud_sync_interval_seconds() -> u64 {
+    60
+}
+const fn default_cloud_sync_timeout_seconds() -> u64 {
+    30
+}
+
+/// Largest `cloud_sync.token_file` accepted.
+pub const MAX_TOKEN_FILE_BYTES: u64 = 4096;
+
+impl CloudSyncConfig {
+    /// The base URL without a trailing `/` (what the sync logs and stores as
+    /// the registry's source).
+    pub fn base_url(&self) -> &str {
+        self.url.trim_end_matches('/')
+    }
+
+    /// Reads the bearer token from `token_file` (at start).
+    ///
+    /// # Errors
+    /// Names `cloud_sync.token_file` and the path when the file is missing,
+    /// unreadable, larger than 4 KiB, empty, or holds characters that
+    /// cannot go in an HTTP header. The token itself is never in the error.
+    pub fn read_token(&self) -> Result<String, ConfigError> {
+        let path = &self.token_file;
+        let bad = |allowed: String| ConfigError::Invalid {
+            key: "cloud_sync.token_file",
+            value: format!("{:?}", path.display().to_string()),
+            allowed,
+        };
+        let size = std::fs::metadata(path)
+            .map_err(|e| {
+                bad(format!(
+                    "cannot read it ({e}); create it with the bearer token"
+                ))
+            })?
+            .len();
+        if size > MAX_TOKEN_FILE_BYTES {
+            return Err(bad(format!(
+                "the file is {size} bytes; a token file holds only the token, at most {MAX_TOKEN_FILE_BYTES} bytes"
+            )));
+        }
+        let text = std::fs::read(path).map_err(|e| {
+            bad(format!(
+                "cannot read it ({e}); create it with the bearer token"
+            ))
+        })?;
+        let token = String::from_utf8_lossy(&text).trim().to_string();
+        if token.is_empty() {
+            return Err(bad("the file is empty; put the bearer token in it".into()));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad(
+                "the token must be printable ASCII without spaces or line breaks inside".into(),
+            ));
+        }
+        Ok(token)
+    }
 }
 
 /// What happens to a reading from a device the registry does not know.
@@ -1011,6 +1100,74 @@ impl Config {
                 "",
                 "a path to a registry JSON file, or leave the key out",
             ));
+        }
+        if let Some(c) = &self.cloud_sync {
+            if r.file.is_some() {
+                return Err(invalid(
+                    "registry.file",
+                    r.file.as_deref().unwrap_or(Path::new("")),
+                    "not together with [cloud_sync], which manages the registry: remove \
+                     registry.file to sync from the cloud, or remove [cloud_sync] to keep the file",
+                ));
+            }
+            const URL_RULE: &str =
+                "an http:// or https:// URL such as https://bridge.example.com:8080";
+            let url = reqwest::Url::parse(&c.url)
+                .map_err(|e| invalid("cloud_sync.url", &c.url, format!("{URL_RULE} ({e})")))?;
+            if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+                return Err(invalid("cloud_sync.url", &c.url, URL_RULE));
+            }
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(invalid(
+                    "cloud_sync.url",
+                    "(not shown: it holds credentials)",
+                    "a URL without user or password (it is logged); put the token in cloud_sync.token_file",
+                ));
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(invalid(
+                    "cloud_sync.url",
+                    &c.url,
+                    "the bridge's base URL, without ?query or #fragment",
+                ));
+            }
+            if c.token_file.as_os_str().is_empty() {
+                return Err(invalid(
+                    "cloud_sync.token_file",
+                    "",
+                    "the path of a file holding the bearer token",
+                ));
+            }
+            if !(5..=86_400).contains(&c.interval_seconds) {
+                return Err(invalid(
+                    "cloud_sync.interval_seconds",
+                    c.interval_seconds,
+                    "5 to 86400",
+                ));
+            }
+            if !(1..=600).contains(&c.timeout_seconds) {
+                return Err(invalid(
+                    "cloud_sync.timeout_seconds",
+                    c.timeout_seconds,
+                    "1 to 600",
+                ));
+            }
+            if let Some(ca) = &c.ca_file {
+                if ca.as_os_str().is_empty() {
+                    return Err(invalid(
+                        "cloud_sync.ca_file",
+                        "",
+                        "a PEM file of CA certificates, or leave the key out",
+                    ));
+                }
+                if url.scheme() != "https" {
+                    return Err(invalid(
+                        "cloud_sync.ca_file",
+                        ca,
+                        "only used with an https:// cloud_sync.url: remove it or switch the URL to https",
+                    ));
+                }
+            }
         }
         for (name, t) in &self.device_types {
             if !is_valid_id(name) {

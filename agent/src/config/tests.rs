@@ -215,3 +215,91 @@ fn registry_device_types_alerts_and_http_are_checked() {
         error_of(&field)
     );
 }
+
+#[test]
+fn cloud_sync_is_off_by_default_and_gets_documented_defaults() {
+    assert!(
+        Config::from_toml(MINIMAL, "t")
+            .unwrap()
+            .cloud_sync
+            .is_none()
+    );
+    let c = Config::from_toml(
+        &format!(
+            "{MINIMAL}\n[cloud_sync]\nurl = \"https://bridge.example.com:8080/\"\ntoken_file = \"/etc/edge-agent/registry.token\"\n"
+        ),
+        "t",
+    )
+    .unwrap();
+    let s = c.cloud_sync.unwrap();
+    assert_eq!((s.interval_seconds, s.timeout_seconds), (60, 30));
+    assert_eq!(s.base_url(), "https://bridge.example.com:8080");
+    assert_eq!(s.ca_file, None);
+    // `interval_secs` and `timeout_secs` are accepted as aliases.
+    let c = Config::from_toml(
+        &format!(
+            "{MINIMAL}\n[cloud_sync]\nurl = \"http://b:8080\"\ntoken_file = \"t\"\ninterval_secs = 5\ntimeout_secs = 600\n"
+        ),
+        "t",
+    )
+    .unwrap();
+    let s = c.cloud_sync.unwrap();
+    assert_eq!((s.interval_seconds, s.timeout_seconds), (5, 600));
+}
+
+#[test]
+fn cloud_sync_values_are_checked() {
+    let sync = |body: &str| {
+        error_of(&format!(
+            "{MINIMAL}\n[cloud_sync]\ntoken_file = \"/etc/edge-agent/registry.token\"\n{body}\n"
+        ))
+    };
+    assert_eq!(
+        sync("url = \"ftp://bridge\""),
+        "invalid config: `cloud_sync.url` = \"ftp://bridge\": an http:// or https:// URL such as https://bridge.example.com:8080"
+    );
+    assert!(
+        sync("url = \"bridge:8080\"").starts_with(
+            "invalid config: `cloud_sync.url` = \"bridge:8080\": an http:// or https:// URL"
+        ),
+        "{}",
+        sync("url = \"bridge:8080\"")
+    );
+    let e = sync("url = \"https://gw:hunter2@bridge\"");
+    assert!(e.contains("without user or password"), "{e}");
+    assert!(!e.contains("hunter2"), "the secret must not be echoed: {e}");
+    assert_eq!(
+        sync("url = \"https://bridge/?x=1\""),
+        "invalid config: `cloud_sync.url` = \"https://bridge/?x=1\": the bridge's base URL, without ?query or #fragment"
+    );
+    assert_eq!(
+        sync("url = \"https://bridge\"\ninterval_seconds = 4"),
+        "invalid config: `cloud_sync.interval_seconds` = 4: 5 to 86400"
+    );
+    assert_eq!(
+        sync("url = \"https://bridge\"\ntimeout_seconds = 601"),
+        "invalid config: `cloud_sync.timeout_seconds` = 601: 1 to 600"
+    );
+    assert_eq!(
+        sync("url = \"http://bridge\"\nca_file = \"/etc/ca.pem\""),
+        "invalid config: `cloud_sync.ca_file` = \"/etc/ca.pem\": only used with an https:// cloud_sync.url: remove it or switch the URL to https"
+    );
+    assert!(sync("url = \"https://bridge\"\ninterval = 5").contains("unknown field `interval`"));
+    let missing = error_of(&format!(
+        "{MINIMAL}\n[cloud_sync]\nurl = \"https://bridge\"\n"
+    ));
+    assert!(missing.contains("missing field `token_file`"), "{missing}");
+}
+
+#[test]
+fn cloud_sync_and_a_registry_file_exclude_each_other() {
+    let text = format!(
+        "{MINIMAL}\n[registry]\nfile = \"/etc/edge-agent/registry.json\"\n\
+         [cloud_sync]\nurl = \"https://bridge\"\ntoken_file = \"/etc/edge-agent/registry.token\"\n"
+    );
+    assert_eq!(
+        error_of(&text),
+        "invalid config: `registry.file` = \"/etc/edge-agent/registry.json\": not together with [cloud_sync], \
+         which manages the registry: remove registry.file to sync from the cloud, or remove [cloud_sync] to keep the file"
+    );
+}
