@@ -73,6 +73,12 @@ pub fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
+            // The files the config names for the cloud sync (token, CA).
+            if let Err(e) = crate::sync::CloudSync::from_config(&config, Arc::new(Stats::default()))
+            {
+                eprintln!("edge-agent: {e}");
+                return ExitCode::from(2);
+            }
             println!("config ok: gateway {}", config.gateway_id);
             ExitCode::SUCCESS
         }

@@ -18,6 +18,7 @@ pub mod signal;
 pub mod sinks;
 pub mod sources;
 pub mod stats;
+pub mod sync;
 #[cfg(unix)]
 pub mod systemd;
 pub mod transforms;
@@ -87,6 +88,10 @@ pub async fn run(
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let _lock = lock::lock_data_dir(&config.data_dir).map_err(anyhow::Error::from)?;
+    // Before anything runs: a token or CA file that cannot be used stops
+    // the start with the key at fault.
+    let cloud_sync =
+        sync::CloudSync::from_config(&config, stats.clone()).map_err(anyhow::Error::from)?;
     let db = config.database_path();
     let (outbox, uplink_conn, backlog, registry_info) = {
         let (db, cfg) = (db.clone(), config.clone());
@@ -193,6 +198,10 @@ pub async fn run(
         })
         .context("starting the Kafka uplink thread")?;
 
+    // Registry cloud sync: applies on its own SQLite connection; the batch
+    // writer picks a new registry up at its next batch.
+    let sync_task = cloud_sync.map(|sync| tokio::spawn(sync.run(stop_rx.clone())));
+
     // Operations endpoint: /metrics, /health, /status.
     let ops_state = Arc::new(ops::OpsState::new(stats.clone(), &config.gateway_id));
     let mut ops_tasks = Vec::new();
@@ -297,6 +306,11 @@ pub async fn run(
         if let Ok(Err(e)) = result {
             error!(error = format!("{e:#}"), "a source failed while stopping");
         }
+    }
+    if let Some(task) = sync_task
+        && let Err(e) = task.await
+    {
+        error!(error = %e, "the registry cloud sync task failed");
     }
     let _ = writer_done.await;
     let _ = tokio::task::spawn_blocking(move || writer_thread.join()).await;

@@ -19,7 +19,7 @@ use tracing::{Event, Level, Subscriber, warn};
 use tracing_subscriber::layer::{Context, Layer};
 
 use crate::pipeline::now_ms;
-use crate::stats::{Stats, UplinkState};
+use crate::stats::{Stats, SyncResult, UplinkState};
 use crate::transforms::validate::RejectReason;
 
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
@@ -240,7 +240,8 @@ impl OpsState {
                 "source": registry.as_ref().map(|r| r.source.clone()),
                 "age_seconds": registry.as_ref().map(|r| (now_ms() - r.applied_ms).max(0) / 1000),
                 "devices": registry.as_ref().map(|r| r.devices),
-                "generation": plane.registry_generation,
+                "generation": plane.registry_generation.max(registry.as_ref().map_or(0, |r| r.generation)),
+                "sync_age_seconds": s.registry_sync.age_seconds(now_ms()).map(|a| a as u64),
                 "fences": plane.fences,
                 "cache_entries": plane.cache_entries,
                 "cache_hits": plane.cache_hits,
@@ -401,12 +402,24 @@ pub fn metrics_text(state: &OpsState) -> String {
         "Registry entries held in memory.",
         plane.cache_entries as f64,
     );
+    // The generation applied in SQLite (at start, or by the cloud sync) is
+    // the one the next batch uses: the batch writer only reads it at the
+    // start of a batch, so an idle writer would show an older one.
+    let applied = s.registry_info().map_or(0, |r| r.generation);
     metric(
         "edge_registry_generation",
         "gauge",
-        "Registry generation in use (0: none).",
-        plane.registry_generation as f64,
+        "Registry generation in use: the next batch uses it (0: none).",
+        plane.registry_generation.max(applied) as f64,
     );
+    if let Some(age) = s.registry_sync.age_seconds(now_ms()) {
+        metric(
+            "edge_registry_sync_age_seconds",
+            "gauge",
+            "Seconds since the registry was last known current (last successful cloud sync, 200 or 304; before one, since it was applied).",
+            age,
+        );
+    }
     metric(
         "edge_registry_fences",
         "gauge",
@@ -419,6 +432,20 @@ pub fn metrics_text(state: &OpsState) -> String {
         "Readings from devices not in the registry.",
         plane.unknown_devices as f64,
     );
+    if s.registry_sync.enabled.load(Relaxed) {
+        let _ = writeln!(
+            out,
+            "# HELP edge_registry_sync_total Cloud syncs of the registry, by result.\n# TYPE edge_registry_sync_total counter"
+        );
+        for result in SyncResult::ALL {
+            let _ = writeln!(
+                out,
+                "edge_registry_sync_total{{result=\"{}\"}} {}",
+                result.as_str(),
+                s.registry_sync.total(result)
+            );
+        }
+    }
     let rejects = s.rejects_by_reason();
     let _ = writeln!(
         out,

@@ -64,6 +64,71 @@ pub struct Stats {
     pub devices_known: AtomicU64,
     /// The registry in use, if any.
     pub registry: Mutex<Option<RegistryInfo>>,
+    /// Cloud sync of the registry (all zero while it is off).
+    pub registry_sync: RegistrySyncStats,
+}
+
+/// What one cloud sync attempt ended with (the `result` label of
+/// `edge_registry_sync_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncResult {
+    /// 200: a new registry was applied.
+    Updated,
+    /// 304 (or 200 with the ETag in use): the copy in use is current.
+    Unchanged,
+    /// The document was refused as a whole; the last good copy stays.
+    Rejected,
+    /// No answer, or an HTTP error: the last good copy stays.
+    Failed,
+}
+
+impl SyncResult {
+    pub const ALL: [SyncResult; 4] = [
+        SyncResult::Updated,
+        SyncResult::Unchanged,
+        SyncResult::Rejected,
+        SyncResult::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncResult::Updated => "updated",
+            SyncResult::Unchanged => "unchanged",
+            SyncResult::Rejected => "rejected",
+            SyncResult::Failed => "failed",
+        }
+    }
+}
+
+/// Counters of the registry's cloud sync.
+#[derive(Debug, Default)]
+pub struct RegistrySyncStats {
+    /// True once the sync task runs (the sync metrics are shown then).
+    pub enabled: AtomicBool,
+    /// Unix ms at which the registry in use was last known current: the
+    /// last successful sync (200 or 304), or, before one succeeded in this
+    /// process, when the registry was applied (when the sync started if no
+    /// registry was ever applied).
+    pub fresh_ms: AtomicI64,
+    results: [AtomicU64; 4],
+}
+
+impl RegistrySyncStats {
+    pub fn count(&self, result: SyncResult) {
+        self.results[result as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn total(&self, result: SyncResult) -> u64 {
+        self.results[result as usize].load(Relaxed)
+    }
+
+    /// Seconds since the registry was last known current; `None` while the
+    /// sync is off.
+    pub fn age_seconds(&self, now_ms: i64) -> Option<f64> {
+        self.enabled
+            .load(Relaxed)
+            .then(|| (now_ms - self.fresh_ms.load(Relaxed)).max(0) as f64 / 1000.0)
+    }
 }
 
 impl Default for Stats {
@@ -92,6 +157,7 @@ impl Default for Stats {
             plane: Mutex::new(PlaneCounters::default()),
             devices_known: AtomicU64::new(0),
             registry: Mutex::new(None),
+            registry_sync: RegistrySyncStats::default(),
         }
     }
 }

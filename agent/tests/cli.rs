@@ -597,3 +597,150 @@ fn metrics_health_and_status_of_a_running_and_a_stopped_agent() {
     assert!(text.contains("registry: version v7"), "{text}");
     assert!(text.contains("batches /"), "{text}");
 }
+
+/// A stand-in for the cloud bridge's registry API: the first request gets
+/// `registry` with ETag "v1", later ones 304 when they name it. Returns its
+/// base URL and every request head received.
+fn fake_bridge(registry: &'static str) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&head).to_lowercase();
+            let reply = if head.contains("if-none-match: \"v1\"") {
+                "HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n".to_string()
+            } else {
+                format!(
+                    "HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{registry}",
+                    registry.len()
+                )
+            };
+            seen.lock().unwrap().push(head);
+            let _ = stream.write_all(reply.as_bytes());
+        }
+    });
+    (base, heads)
+}
+
+#[test]
+fn cloud_sync_applies_the_registry_and_stops_with_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("registry.token");
+    // check-config and the start refuse a missing token file, naming the key.
+    let missing = format!(
+        "[cloud_sync]\nurl = \"http://127.0.0.1:1\"\ntoken_file = \"{}\"\n",
+        token.display()
+    );
+    let config = write_config(dir.path(), &missing);
+    for args in [&["check-config"][..], &[]] {
+        let out = Command::new(BIN)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("`cloud_sync.token_file`") && err.contains("cannot read it"),
+            "{args:?}: {err}"
+        );
+    }
+
+    std::fs::write(&token, "cli-token\n").unwrap();
+    let (base, heads) = fake_bridge(
+        r#"{"version": "cloud-1", "devices": [{"device_id": "demo-000001", "device_type": "t"}],
+            "fences": {"type": "FeatureCollection", "features": []}}"#,
+    );
+    let listen = format!("127.0.0.1:{}", free_port());
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "[http]\nlisten = \"{listen}\"\n[cloud_sync]\nurl = \"{base}\"\ntoken_file = \"{}\"\n",
+            token.display()
+        ),
+    );
+    let agent = start(&config);
+    let line = agent.wait_line(
+        "the registry applied from the cloud",
+        Duration::from_secs(60),
+        |l| l.contains("registry from the cloud applied"),
+    );
+    assert!(
+        line.contains("version=cloud-1") && line.contains("generation=1"),
+        "{line}"
+    );
+    agent.wait_line(
+        "progress with valid readings",
+        Duration::from_secs(60),
+        |l| l.starts_with("in ") && field(l, "valid") > 100,
+    );
+    let (code, metrics) = edge_agent::ops::fetch(&listen, "/metrics")
+        .unwrap()
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("edge_registry_sync_total{result=\"updated\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nedge_registry_generation 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("\nedge_registry_sync_age_seconds "),
+        "{metrics}"
+    );
+    {
+        let heads = heads.lock().unwrap();
+        assert!(
+            heads[0].starts_with("get /v1/gateways/cli-test/registry http/1.1"),
+            "{heads:?}"
+        );
+        assert!(
+            heads[0].contains("authorization: bearer cli-token\r\n"),
+            "{heads:?}"
+        );
+    }
+    let status = agent.interrupt_and_wait();
+    assert!(status.success(), "exit status {status:?}");
+
+    // A restart sends the stored ETag and is answered 304: nothing applied.
+    let agent = start(&config);
+    agent.wait_line("the cloud sync started", Duration::from_secs(60), |l| {
+        l.contains("cloud sync of the registry started")
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heads.lock().unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "no second request to the bridge");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        heads.lock().unwrap()[1].contains("if-none-match: \"v1\"\r\n"),
+        "{:?}",
+        heads.lock().unwrap()
+    );
+    let status = agent.interrupt_and_wait();
+    assert!(status.success(), "exit status {status:?}");
+    let conn = rusqlite::Connection::open(dir.path().join("data/edge-agent.db")).unwrap();
+    let (generation, source): (i64, String) = conn
+        .query_row(
+            "SELECT generation, source FROM registry_info WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((generation, source), (1, format!("cloud:{base}")));
+}

@@ -405,7 +405,7 @@ pub fn apply_file_at_start(
 
 /// Hands memory freed after a large one-off job (parsing a registry) back
 /// to the system, so it does not count against the gateway's footprint.
-fn release_freed_memory() {
+pub(crate) fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free heap pages; no pointers are
     // involved.
