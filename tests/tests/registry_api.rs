@@ -449,3 +449,195 @@ async fn scenario(api: &Api, db_url: &str, dir: &Path) -> anyhow::Result<()> {
     pool.close().await;
     Ok(())
 }
+
+/// The agent's cloud sync against the real registry API: the first pull
+/// applies the gateway's registry, an operator's change reaches the
+/// running agent without a restart, and while the API is down the agent
+/// keeps its copy and counts failed syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_syncs_its_registry_from_the_bridge() -> anyhow::Result<()> {
+    init_logging();
+    let sfx = edge_tests::unique("sync");
+    let topics = [
+        format!("data-{sfx}"),
+        format!("dlq-{sfx}"),
+        format!("alerts-{sfx}"),
+        format!("offsets-{sfx}"),
+    ];
+    edge_tests::create_topics(&[
+        (&topics[0], 1, false),
+        (&topics[1], 1, false),
+        (&topics[2], 1, false),
+        (&topics[3], 1, true),
+    ])
+    .await?;
+    let db = TestDatabase::create("edge_sync").await?;
+    let dir = tempfile::tempdir()?;
+    let api = Api::start(&db.url, dir.path()).await?;
+    let result = sync_scenario(api, &sfx, &topics, dir.path()).await;
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    edge_tests::delete_topics(&names).await;
+    db.drop_now().await;
+    result
+}
+
+fn agent_registry(db: &Path) -> anyhow::Result<Option<(String, String, i64)>> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    let row = conn.query_row(
+        "SELECT version, source, devices FROM registry_info WHERE id = 1",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    );
+    match row {
+        Ok(v) => Ok(Some(v)),
+        Err(rusqlite::Error::QueryReturnedNoRows) => Ok(None),
+        Err(rusqlite::Error::SqliteFailure(_, Some(m))) if m.contains("no such table") => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn sync_scenario(
+    api: Api,
+    sfx: &str,
+    topics: &[String; 4],
+    dir: &Path,
+) -> anyhow::Result<()> {
+    use std::time::Duration;
+    let gateway = format!("gw-{sfx}");
+    api.put(
+        "/v1/devices/sync-1",
+        json!({"gateway_id": gateway, "site": "a"}),
+    )
+    .await?;
+    api.put("/v1/devices/sync-2", json!({})).await?;
+    api.put("/v1/devices/other-1", json!({"gateway_id": "someone-else"}))
+        .await?;
+    api.put(
+        "/v1/fences/sync-yard",
+        square("sync-yard", Some(&gateway), 0.0),
+    )
+    .await?;
+    let r = api
+        .req(
+            reqwest::Method::POST,
+            &format!("/v1/gateways/{gateway}/token"),
+            Some(ADMIN),
+        )
+        .send()
+        .await?;
+    ensure!(
+        r.status() == StatusCode::CREATED,
+        "issuing the token: {}",
+        r.status()
+    );
+    let token: Value = serde_json::from_slice(&r.bytes().await?)?;
+    let token_file = dir.join("gateway.token");
+    std::fs::write(&token_file, token["token"].as_str().context("a token")?)?;
+
+    let data_dir = dir.join("agent");
+    let toml = format!(
+        r#"
+gateway_id = "{gateway}"
+data_dir = "{data}"
+[sources.demo]
+devices = 2
+readings_per_second = 5
+seed = 1
+device_prefix = "sync-"
+[kafka]
+brokers = "{brokers}"
+topic_data = "{t0}"
+topic_dlq = "{t1}"
+topic_alerts = "{t2}"
+topic_offsets = "{t3}"
+[http]
+listen = ""
+[progress]
+interval_seconds = 0
+[cloud_sync]
+url = "{base}"
+token_file = "{token}"
+interval_seconds = 5
+timeout_seconds = 5
+"#,
+        data = data_dir.display(),
+        brokers = edge_tests::kafka_brokers(),
+        t0 = topics[0],
+        t1 = topics[1],
+        t2 = topics[2],
+        t3 = topics[3],
+        base = api.base,
+        token = token_file.display(),
+    );
+    let config = edge_agent::Config::from_toml(&toml, "cloud sync test")?;
+    let stats = Arc::new(edge_agent::Stats::default());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let agent = tokio::spawn(edge_agent::run(config, stats.clone(), async {
+        let _ = stopped.await;
+    }));
+    let db_path = data_dir.join("edge-agent.db");
+    let outcome = async {
+        // The first pull: this gateway's device and the shared one.
+        let (version, source, devices) =
+            edge_tests::wait_for("the first sync", Duration::from_secs(60), || {
+                let p = db_path.clone();
+                async move {
+                    Ok(agent_registry(&p)
+                        .ok()
+                        .flatten()
+                        .filter(|(_, s, _)| s.starts_with("cloud:")))
+                }
+            })
+            .await?;
+        assert_eq!(devices, 2, "sync-1 and sync-2, not other-1");
+        assert_eq!(source, format!("cloud:{}", api.base));
+        // An operator's change reaches the running agent.
+        api.put("/v1/devices/sync-3", json!({"gateway_id": gateway}))
+            .await?;
+        let (new_version, _, devices) = edge_tests::wait_for(
+            "the change to reach the agent",
+            Duration::from_secs(60),
+            || {
+                let (p, v) = (db_path.clone(), version.clone());
+                async move {
+                    Ok(agent_registry(&p)
+                        .ok()
+                        .flatten()
+                        .filter(|(nv, _, _)| *nv != v))
+                }
+            },
+        )
+        .await?;
+        assert_eq!(devices, 3);
+        // The bridge goes away: the agent keeps the copy and counts failures.
+        api.stop().await?;
+        let failed = stats
+            .registry_sync
+            .total(edge_agent::stats::SyncResult::Failed);
+        edge_tests::wait_for(
+            "a failed sync while the API is down",
+            Duration::from_secs(60),
+            || {
+                let n = stats
+                    .registry_sync
+                    .total(edge_agent::stats::SyncResult::Failed);
+                async move { Ok((n > failed).then_some(())) }
+            },
+        )
+        .await?;
+        let (kept, _, devices) =
+            agent_registry(&db_path)?.context("the registry is still there")?;
+        assert_eq!((kept, devices), (new_version, 3));
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = stop.send(());
+    let stopped = tokio::time::timeout(Duration::from_secs(60), agent).await;
+    outcome?;
+    stopped
+        .context("the agent did not stop")??
+        .map_err(|e| anyhow::anyhow!("agent failed: {e}"))?;
+    Ok(())
+}
