@@ -31,7 +31,7 @@ fn reading(i: u64) -> String {
 fn dead_letter(i: u64) -> String {
     serde_json::json!({
         "gateway_id": "gw-routes", "received_at": 1_700_000_000_000i64 + i as i64, "source": "mqtt",
-        "topic": format!("devices/d{i}/telemetry"), "reason": if i % 2 == 0 { "out_of_range" } else { "malformed_json" },
+        "topic": format!("devices/d{i}/telemetry"), "reason": if i.is_multiple_of(2) { "out_of_range" } else { "malformed_json" },
         "message": "test reject", "payload": "{\"temperature\": 900}", "payload_bytes": 20
     })
     .to_string()
