@@ -6,9 +6,9 @@ use anyhow::Context as _;
 use edge_tests::{TestDatabase, init_logging};
 
 fn test_ca() -> String {
-    std::env::var("EDGE_TEST_MYSQL_CA").unwrap_or_else(|_| {
+    std::env::var("EDGE_TEST_TLS_CA").unwrap_or_else(|_| {
         let home = std::env::var("HOME").unwrap_or_default();
-        format!("{home}/.cache/edge-gateway/services/data/mariadb/tls/ca.pem")
+        format!("{home}/.cache/edge-gateway/services/data/tls/ca.pem")
     })
 }
 
