@@ -576,6 +576,9 @@ impl BridgeConfig {
                 let sink_name = match r.sink {
                     SinkKind::MysqlMetrics => self.mysql.sink_name.clone(),
                     SinkKind::MysqlDlq => "mysql-dlq".into(),
+                    // The alerts index keeps the name its dead letters
+                    // always had.
+                    SinkKind::Opensearch if is_alerts => "opensearch-alerts".into(),
                     SinkKind::Opensearch => format!("opensearch-{index}"),
                 };
                 Route {

@@ -431,7 +431,13 @@ fn settle_documents(
     for (i, r) in batch.iter().enumerate() {
         match document_id(run.route.document_id, &r.payload) {
             Ok(id) => pending.push((id, i)),
-            Err(why) => letters.push((i, "no_document_id".into(), why)),
+            Err(why) => {
+                let reason = match run.route.document_id {
+                    config::DocumentId::AlertId => "not_an_alert",
+                    config::DocumentId::DeviceSeq => "no_document_id",
+                };
+                letters.push((i, reason.into(), why))
+            }
         }
     }
     let mut backoff = Duration::from_millis(200);
