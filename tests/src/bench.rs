@@ -181,7 +181,7 @@ impl RunResult {
 }
 
 /// A child process, killed when dropped.
-struct Proc(Child);
+pub struct Proc(pub Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -201,7 +201,7 @@ impl Drop for Proc {
 }
 
 /// CPU time (user + system) of a process in clock ticks, and its RSS in MB.
-fn proc_usage(pid: u32) -> Option<(u64, f64)> {
+pub fn proc_usage(pid: u32) -> Option<(u64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after.split(' ').collect();
@@ -217,7 +217,8 @@ fn proc_usage(pid: u32) -> Option<(u64, f64)> {
     Some((ticks, rss_kb / 1024.0))
 }
 
-fn clock_ticks() -> f64 {
+/// Clock ticks per second, the unit of [`proc_usage`]'s CPU time.
+pub fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if t > 0 { t as f64 } else { 100.0 }
@@ -685,7 +686,8 @@ async fn run_inner(
     })
 }
 
-fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+/// Creates `<dir>/<name>.log` for a child process's stderr.
+pub fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
 }

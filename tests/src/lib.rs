@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 pub mod bench;
 pub mod fleet;
 pub mod sim;
+pub mod sinkbench;
 
 /// Unix time in milliseconds (the agent's own clock helper).
 pub use edge_agent::pipeline::now_ms;

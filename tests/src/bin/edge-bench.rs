@@ -4,7 +4,8 @@
 //! test services (`tests/services/up`), drives them at a target rate and
 //! writes, per run, a JSON result and an SVG plot (throughput and latency
 //! percentiles over time). `suite` runs the reference points, a rate sweep
-//! and the latency run, and writes `summary.md`.
+//! and the latency run, and writes `summary.md`. `sinks` measures the
+//! bridge alone draining a pre-filled backlog into MariaDB and OpenSearch.
 //!
 //! Build the binaries in release mode first:
 //!   cargo build --release -p edge-agent -p cloud-bridge -p edge-tests --bin edge-bench
@@ -15,6 +16,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use edge_tests::bench::{self, Feed, RunResult, RunSpec};
+use edge_tests::sinkbench::{SinkBenchSpec, SinkTuning};
 
 #[derive(Parser)]
 #[command(about = "End-to-end load benchmark of the edge agent")]
@@ -86,6 +88,65 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         connections: usize,
     },
+    /// The bridge's sinks alone: drain a pre-filled backlog into MariaDB
+    /// (exactly-once) and OpenSearch (alerts).
+    Sinks(SinksArgs),
+}
+
+#[derive(clap::Args)]
+struct SinksArgs {
+    /// Enriched readings for the MariaDB sink (0: skip it).
+    #[arg(long, default_value_t = 1_000_000)]
+    records: u64,
+    /// Alerts for the OpenSearch sink (0: skip it).
+    #[arg(long, default_value_t = 200_000)]
+    alerts: u64,
+    #[arg(long, default_value_t = 10_000)]
+    devices: usize,
+    /// Partitions of each topic.
+    #[arg(long, default_value_t = 3)]
+    partitions: i32,
+    /// Records per Kafka transaction when pre-filling.
+    #[arg(long, default_value_t = 4096)]
+    per_transaction: usize,
+    /// Bridge `mysql.batch_max_records` (default: the bridge's).
+    #[arg(long)]
+    batch_max_records: Option<usize>,
+    /// Bridge `mysql.batch_linger_ms`.
+    #[arg(long)]
+    batch_linger_ms: Option<u64>,
+    /// Bridge `mysql.rows_per_insert`.
+    #[arg(long)]
+    rows_per_insert: Option<usize>,
+    /// Bridge `opensearch.bulk_max_docs`.
+    #[arg(long)]
+    bulk_max_docs: Option<usize>,
+    /// Bridge `opensearch.batch_linger_ms`.
+    #[arg(long)]
+    alerts_linger_ms: Option<u64>,
+    /// Extra librdkafka property of the bridge's consumers, KEY=VALUE
+    /// (repeatable).
+    #[arg(long, value_parser = key_value)]
+    librdkafka: Vec<(String, String)>,
+    /// Fail when nothing is stored for this many seconds.
+    #[arg(long, default_value_t = 60)]
+    stall_seconds: u64,
+    /// Seconds between the `SELECT COUNT(*)` progress queries on MariaDB
+    /// (they scan an index: on a small buffer pool, from disk).
+    #[arg(long, default_value_t = 1)]
+    count_every: u64,
+    /// Before each drain, wait up to this many seconds for the machine to
+    /// be quiet (0: don't wait).
+    #[arg(long, default_value_t = 0)]
+    wait_quiet: u64,
+    #[arg(long, default_value = "sinks")]
+    name: String,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 fn sibling(name: &str) -> PathBuf {
@@ -105,7 +166,11 @@ fn main() -> ExitCode {
         .bridge_bin
         .clone()
         .unwrap_or_else(|| sibling("cloud-bridge"));
-    for bin in [&agent_bin, &bridge_bin] {
+    let needed = match cli.command {
+        Cmd::Sinks(_) => vec![&bridge_bin],
+        _ => vec![&agent_bin, &bridge_bin],
+    };
+    for bin in needed {
         if !bin.exists() {
             eprintln!(
                 "edge-bench: {} not found. Build it first: cargo build --release -p edge-agent -p cloud-bridge \
@@ -182,6 +247,32 @@ fn main() -> ExitCode {
                 devices,
                 connections,
             } => suite(&spec, *duration, rates, *devices, *connections, &cli.out).await,
+            Cmd::Sinks(a) => {
+                let r = edge_tests::sinkbench::run(&SinkBenchSpec {
+                    name: a.name.clone(),
+                    metrics: a.records,
+                    alerts: a.alerts,
+                    devices: a.devices,
+                    partitions: a.partitions,
+                    per_transaction: a.per_transaction,
+                    tuning: SinkTuning {
+                        mysql_batch_max_records: a.batch_max_records,
+                        mysql_batch_linger_ms: a.batch_linger_ms,
+                        mysql_rows_per_insert: a.rows_per_insert,
+                        opensearch_bulk_max_docs: a.bulk_max_docs,
+                        opensearch_batch_linger_ms: a.alerts_linger_ms,
+                        librdkafka_options: a.librdkafka.clone(),
+                    },
+                    stall_timeout: Duration::from_secs(a.stall_seconds),
+                    count_every: Duration::from_secs(a.count_every),
+                    quiet_wait: Duration::from_secs(a.wait_quiet),
+                    bridge_bin: bridge_bin.clone(),
+                    out_dir: cli.out.clone(),
+                })
+                .await?;
+                print!("{}", r.summary());
+                Ok(())
+            }
         }
     });
     match result {
