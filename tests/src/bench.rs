@@ -432,6 +432,8 @@ async fn run_inner(
                 .env("CLOUD_BRIDGE_TOPIC_DATA", &topics[0])
                 .env("CLOUD_BRIDGE_MYSQL_URL", &db.url)
                 .env("CLOUD_BRIDGE_OPENSEARCH_URL", "")
+                .env("CLOUD_BRIDGE_TOPIC_DLQ", &topics[1])
+                .env("CLOUD_BRIDGE_API_LISTEN", "127.0.0.1:0")
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log_file(&spec.out_dir, &format!("{}-bridge", spec.name))?)
