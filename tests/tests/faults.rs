@@ -416,11 +416,14 @@ interval_seconds = 0
             .fetch_all(&pool)
             .await?;
         // Dead letters: iot_dlq holds each committed iot-dlq record once.
-        let dead_letters = read_topic_to_end(&self.topics[1], 1, &format!("dlq-check-{}", self.sfx))?.len();
+        let dead_letters =
+            read_topic_to_end(&self.topics[1], 1, &format!("dlq-check-{}", self.sfx))?.len();
         let dlq_rows = wait_for("the dead letters in iot_dlq", limit, || {
             let pool = pool.clone();
             async move {
-                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM iot_dlq").fetch_one(&pool).await?;
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM iot_dlq")
+                    .fetch_one(&pool)
+                    .await?;
                 Ok((n as usize >= dead_letters).then_some(n as usize))
             }
         })
