@@ -199,8 +199,7 @@ fn default_topic_alerts() -> String {
     "iot-alerts".into()
 }
 const fn default_bulk_max_docs() -> usize {
-    // docs/bench/sinks: 2000 per bulk indexed 19-20k docs/s, 500 about 15k.
-    2000
+    500
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -301,10 +300,7 @@ fn default_sink_name() -> String {
     "mysql-metrics".into()
 }
 const fn default_batch_max_records() -> usize {
-    // Under a backlog the linger ends batches well before this; large
-    // batches roughly doubled rows/s in docs/bench/sinks, and at low rates
-    // the linger, not this bound, decides the latency.
-    50_000
+    5000
 }
 const fn default_batch_linger_ms() -> u64 {
     20
