@@ -268,6 +268,10 @@ pub struct MysqlSinkConfig {
     /// Rows per multi-row INSERT statement.
     #[serde(default = "default_rows_per_insert")]
     pub rows_per_insert: usize,
+    /// Partitions of a batch written at the same time, each in its own
+    /// transaction on its own connection.
+    #[serde(default = "default_write_concurrency")]
+    pub write_concurrency: usize,
 }
 
 impl std::fmt::Debug for MysqlSinkConfig {
@@ -277,6 +281,8 @@ impl std::fmt::Debug for MysqlSinkConfig {
             .field("sink_name", &self.sink_name)
             .field("batch_max_records", &self.batch_max_records)
             .field("batch_linger_ms", &self.batch_linger_ms)
+            .field("rows_per_insert", &self.rows_per_insert)
+            .field("write_concurrency", &self.write_concurrency)
             .finish()
     }
 }
@@ -289,6 +295,7 @@ impl Default for MysqlSinkConfig {
             batch_max_records: default_batch_max_records(),
             batch_linger_ms: default_batch_linger_ms(),
             rows_per_insert: default_rows_per_insert(),
+            write_concurrency: default_write_concurrency(),
         }
     }
 }
@@ -304,6 +311,9 @@ const fn default_batch_max_records() -> usize {
 }
 const fn default_batch_linger_ms() -> u64 {
     20
+}
+const fn default_write_concurrency() -> usize {
+    4
 }
 const fn default_rows_per_insert() -> usize {
     500
@@ -505,7 +515,14 @@ impl BridgeConfig {
                 "0 to 10000",
             ));
         }
-        // 15 placeholders per row, at most 65,535 per statement.
+        if !(1..=64).contains(&self.mysql.write_concurrency) {
+            return Err(invalid(
+                "mysql.write_concurrency",
+                self.mysql.write_concurrency,
+                "1 to 64",
+            ));
+        }
+        // 16 placeholders per row, at most 65,535 per statement.
         if !(1..=4095).contains(&self.mysql.rows_per_insert) {
             return Err(invalid(
                 "mysql.rows_per_insert",

@@ -35,13 +35,18 @@ pub use config::BridgeConfig;
 use config::{Route, SinkKind};
 use metrics::{Metrics, RouteMetrics};
 use sinks::dlq::DlqSink;
-use sinks::mysql::{KafkaRecord, MysqlSink, MysqlSinkStats};
+use sinks::mysql::{MysqlSink, MysqlSinkStats};
+use sinks::offsets::{KafkaRecord, OffsetTable};
 
 /// Connects to MySQL and runs the migrations.
 pub async fn connect_and_migrate(config: &BridgeConfig) -> anyhow::Result<sqlx::MySqlPool> {
     let redacted = config::redact_url(&config.mysql.url);
     let pool = MySqlPoolOptions::new()
-        .max_connections(4 + config.effective_routes().len() as u32)
+        // Each route writes up to `write_concurrency` partitions at a time,
+        // each on a connection of its own; the API and start-up take the rest.
+        .max_connections(
+            4 + (config.effective_routes().len() * config.mysql.write_concurrency) as u32,
+        )
         .acquire_timeout(Duration::from_secs(10))
         .connect(&config.mysql.url)
         .await
@@ -61,8 +66,8 @@ enum OffsetSink {
 impl OffsetSink {
     fn topic(&self) -> &str {
         match self {
-            Self::Metrics(s, _) => &s.topic,
-            Self::Dlq(s) => &s.topic,
+            Self::Metrics(s, _) => &s.offsets.topic,
+            Self::Dlq(s) => &s.offsets.topic,
         }
     }
 
@@ -75,17 +80,11 @@ impl OffsetSink {
 
     /// Writes a batch; the next offset per partition and the rows written.
     async fn write(&self, batch: &[KafkaRecord]) -> Result<(BTreeMap<i32, i64>, u64), sqlx::Error> {
-        match self {
-            Self::Metrics(s, stats) => {
-                let before = stats.rows_inserted.load(Relaxed);
-                let committed = s.write(batch, stats).await?;
-                Ok((
-                    committed,
-                    stats.rows_inserted.load(Relaxed).saturating_sub(before),
-                ))
-            }
-            Self::Dlq(s) => s.write(batch).await,
-        }
+        let (committed, counts) = match self {
+            Self::Metrics(s, stats) => s.write(batch, stats).await?,
+            Self::Dlq(s) => s.write(batch).await?,
+        };
+        Ok((committed, counts.inserted))
     }
 }
 
@@ -97,7 +96,7 @@ struct StatsContext {
 
 impl ClientContext for StatsContext {
     fn stats(&self, statistics: Statistics) {
-        self.metrics.routes[self.route].set_lag(&statistics);
+        self.metrics.routes[self.route].set_statistics(&statistics);
     }
 }
 
@@ -115,7 +114,7 @@ struct BridgeContext {
 
 impl ClientContext for BridgeContext {
     fn stats(&self, statistics: Statistics) {
-        self.metrics.routes[self.route].set_lag(&statistics);
+        self.metrics.routes[self.route].set_statistics(&statistics);
     }
 }
 
@@ -194,27 +193,24 @@ impl RouteRun {
     fn run(self) -> anyhow::Result<()> {
         let m = &self.metrics.routes[self.index];
         m.running.store(true, Relaxed);
+        let offsets = OffsetTable {
+            pool: self.pool.clone(),
+            sink_name: self.route.sink_name.clone(),
+            topic: self.route.topic.clone(),
+            concurrency: self.config.mysql.write_concurrency,
+        };
         let result = match self.route.sink {
             SinkKind::MysqlMetrics => {
                 let sink = OffsetSink::Metrics(
                     MysqlSink {
-                        pool: self.pool.clone(),
-                        sink_name: self.route.sink_name.clone(),
-                        topic: self.route.topic.clone(),
+                        offsets,
                         rows_per_insert: self.config.mysql.rows_per_insert,
                     },
                     self.stats.clone(),
                 );
                 consume_mysql(&self, sink)
             }
-            SinkKind::MysqlDlq => {
-                let sink = OffsetSink::Dlq(DlqSink {
-                    pool: self.pool.clone(),
-                    sink_name: self.route.sink_name.clone(),
-                    topic: self.route.topic.clone(),
-                });
-                consume_mysql(&self, sink)
-            }
+            SinkKind::MysqlDlq => consume_mysql(&self, OffsetSink::Dlq(DlqSink { offsets })),
             SinkKind::Opensearch => consume_opensearch(&self),
         };
         m.running.store(false, Relaxed);
@@ -330,61 +326,57 @@ fn consume_opensearch(run: &RouteRun) -> anyhow::Result<()> {
     let mut os = run.config.opensearch.clone();
     os.index = run.route.index.clone();
     let sink = sinks::opensearch::AlertSink::new(&os)?;
-    let consumer: BaseConsumer<StatsContext> = run
-        .client_config()
-        .create_with_context(StatsContext {
-            metrics: run.metrics.clone(),
-            route: run.index,
-        })
-        .with_context(|| format!("creating the consumer of {}", run.route.topic))?;
-    consumer
-        .subscribe(&[&run.route.topic])
-        .with_context(|| format!("subscribing to {}", run.route.topic))?;
-    info!(topic = %run.route.topic, group = %run.route.group_id, index = %os.index, "indexing");
-    let linger = Duration::from_millis(os.batch_linger_ms);
-    let mut batch: Vec<AlertRecord> = Vec::new();
-    let mut first_at = Instant::now();
+    let batching = Batching {
+        max: os.bulk_max_docs,
+        linger: Duration::from_millis(os.batch_linger_ms),
+    };
     let mut counts = AlertCounts::default();
-    let mut warned = Warned::default();
     loop {
-        let stopping = *run.stop.borrow();
-        if !batch.is_empty()
-            && (batch.len() >= os.bulk_max_docs || first_at.elapsed() >= linger || stopping)
-        {
-            let started = Instant::now();
-            let before = counts.indexed;
-            if !settle_documents(run, &sink, &consumer, &batch, &mut counts) {
-                // Not committed: consumed again after the restart, and the
-                // ids make that harmless.
-                info!(
-                    "stopping with documents not yet settled; they are consumed again on restart"
-                );
-                consumer.unsubscribe();
-                return Ok(());
-            }
-            run.metrics()
-                .batch_done(started.elapsed(), counts.indexed - before);
-            batch.clear();
-        }
-        if stopping {
-            break;
-        }
-        if let Some((partition, offset, payload)) =
-            poll_record(&consumer, !batch.is_empty(), &run.route.topic, &mut warned)
-        {
-            run.metrics().records.fetch_add(1, Relaxed);
-            if batch.is_empty() {
-                first_at = Instant::now();
-            }
-            batch.push(AlertRecord {
+        run.metrics().group_starting();
+        let consumer: BaseConsumer<StatsContext> = run
+            .client_config()
+            .create_with_context(StatsContext {
+                metrics: run.metrics.clone(),
+                route: run.index,
+            })
+            .with_context(|| format!("creating the consumer of {}", run.route.topic))?;
+        consumer
+            .subscribe(&[&run.route.topic])
+            .with_context(|| format!("subscribing to {}", run.route.topic))?;
+        info!(topic = %run.route.topic, group = %run.route.group_id, index = %os.index, "indexing");
+        let ended = pipeline(
+            run,
+            &consumer,
+            batching,
+            |partition, offset, payload| AlertRecord {
                 partition,
                 offset,
                 payload: payload.unwrap_or_default(),
-            });
+            },
+            |batch| {
+                let started = Instant::now();
+                let before = counts.indexed;
+                let next = settle_documents(run, &sink, batch, &mut counts);
+                if next.is_none() {
+                    // Not committed: consumed again after the restart, and
+                    // the ids make that harmless.
+                    info!(
+                        "stopping with documents not yet settled; they are consumed again on restart"
+                    );
+                } else {
+                    run.metrics()
+                        .batch_done(started.elapsed(), counts.indexed - before);
+                }
+                batch.clear();
+                next
+            },
+        )?;
+        if ended == Ended::Stopped {
+            consumer.unsubscribe();
+            return Ok(());
         }
+        retire(consumer, &run.route.topic);
     }
-    consumer.unsubscribe();
-    Ok(())
 }
 
 #[derive(Default)]
@@ -415,15 +407,14 @@ fn document_id(rule: config::DocumentId, payload: &[u8]) -> Result<String, Strin
 }
 
 /// Settles every document of a batch (indexed, or dead-lettered with a
-/// reason), then commits its offsets. Returns false when asked to stop
-/// before the batch was settled (nothing is committed then).
+/// reason) and returns the next offset per partition to commit; `None`
+/// when asked to stop before the batch was settled.
 fn settle_documents(
     run: &RouteRun,
     sink: &sinks::opensearch::AlertSink,
-    consumer: &BaseConsumer<StatsContext>,
     batch: &[sinks::opensearch::AlertRecord],
     counts: &mut AlertCounts,
-) -> bool {
+) -> Option<BTreeMap<i32, i64>> {
     use sinks::opensearch::ItemOutcome;
     let (rt, stop) = (&run.rt, &run.stop);
     let mut pending: Vec<(String, usize)> = Vec::new();
@@ -477,7 +468,7 @@ fn settle_documents(
         };
         if retry {
             if *stop.borrow() {
-                return false;
+                return None;
             }
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -501,7 +492,7 @@ fn settle_documents(
             }
             Err(e) => {
                 if *stop.borrow() {
-                    return false;
+                    return None;
                 }
                 run.metrics().error("dead_letter_write");
                 warn!(error = %e, "writing dead letters to MySQL failed; retrying in {backoff:?}");
@@ -515,22 +506,13 @@ fn settle_documents(
         let e = next.entry(r.partition).or_insert(0);
         *e = (*e).max(r.offset + 1);
     }
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in next {
-        let _ = tpl.add_partition_offset(&run.route.topic, p, Offset::Offset(o));
-    }
-    if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-        // The documents are indexed: a replay only overwrites them.
-        run.metrics().error("kafka_commit");
-        warn!(error = %e, "committing offsets failed; the documents may be indexed again (same ids)");
-    }
     info!(
         topic = %run.route.topic,
         indexed = counts.indexed,
         dead_lettered = counts.dead_lettered,
         "documents settled"
     );
-    true
+    Some(next)
 }
 
 /// Rate-limits a repeated consumer warning (a topic that does not exist
@@ -611,68 +593,226 @@ async fn dead_letter(
 fn consume_mysql(run: &RouteRun, sink: OffsetSink) -> anyhow::Result<()> {
     let sink = Arc::new(sink);
     let topic = &run.route.topic;
-    let consumer: BaseConsumer<BridgeContext> = run
-        .client_config()
-        .create_with_context(BridgeContext {
-            sink: sink.clone(),
-            rt: run.rt.clone(),
-            stop: run.stop.clone(),
-            metrics: run.metrics.clone(),
-            route: run.index,
-        })
-        .with_context(|| {
-            format!(
-                "creating the Kafka consumer for {}",
-                run.config.kafka.brokers
-            )
-        })?;
-    consumer
-        .subscribe(&[topic])
-        .with_context(|| format!("subscribing to {topic}"))?;
-    info!(topic, group = %run.route.group_id, "consuming");
-
-    let linger = Duration::from_millis(run.config.mysql.batch_linger_ms);
-    let max = run.config.mysql.batch_max_records;
-    let mut batch: Vec<KafkaRecord> = Vec::new();
-    let mut first_at = Instant::now();
-    let mut warned = Warned::default();
+    let batching = Batching {
+        max: run.config.mysql.batch_max_records,
+        linger: Duration::from_millis(run.config.mysql.batch_linger_ms),
+    };
     loop {
-        let stopping = *run.stop.borrow();
-        let due =
-            !batch.is_empty() && (batch.len() >= max || first_at.elapsed() >= linger || stopping);
-        if due {
-            write_until_done(run, &sink, &consumer, &mut batch);
-        }
-        if stopping {
-            break;
-        }
-        if let Some((partition, offset, payload)) =
-            poll_record(&consumer, !batch.is_empty(), topic, &mut warned)
-        {
-            run.metrics().records.fetch_add(1, Relaxed);
-            if batch.is_empty() {
-                first_at = Instant::now();
-            }
-            batch.push(KafkaRecord {
+        run.metrics().group_starting();
+        let consumer: BaseConsumer<BridgeContext> = run
+            .client_config()
+            .create_with_context(BridgeContext {
+                sink: sink.clone(),
+                rt: run.rt.clone(),
+                stop: run.stop.clone(),
+                metrics: run.metrics.clone(),
+                route: run.index,
+            })
+            .with_context(|| {
+                format!(
+                    "creating the Kafka consumer for {}",
+                    run.config.kafka.brokers
+                )
+            })?;
+        consumer
+            .subscribe(&[topic])
+            .with_context(|| format!("subscribing to {topic}"))?;
+        info!(topic, group = %run.route.group_id, "consuming");
+        let sink = &*sink;
+        let ended = pipeline(
+            run,
+            &consumer,
+            batching,
+            |partition, offset, payload| KafkaRecord {
                 partition,
                 offset,
                 payload,
-            });
+            },
+            |batch| write_until_done(run, sink, batch),
+        )?;
+        if ended == Ended::Stopped {
+            info!(topic, "leaving the consumer group");
+            consumer.unsubscribe();
+            return Ok(());
         }
+        retire(consumer, topic);
     }
-    info!(topic, "leaving the consumer group");
-    consumer.unsubscribe();
-    Ok(())
 }
 
-/// Writes the batch, retrying while MySQL is unreachable. Gives up only when
-/// stopping, leaving the records unwritten (they are consumed again).
+/// Closes a stuck consumer on a thread of its own. Closing waits for the
+/// group coordinator to acknowledge the member leaving, which can be never
+/// when librdkafka has lost it; the route goes on with a new consumer
+/// meanwhile.
+fn retire<C: ConsumerContext + 'static>(consumer: BaseConsumer<C>, topic: &str) {
+    let topic = topic.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("retired-consumer".into())
+        .spawn(move || {
+            drop(consumer);
+            info!(topic, "the replaced Kafka consumer is closed");
+        });
+    if let Err(e) = spawned {
+        // The consumer was closed on this thread then (the failed spawn
+        // dropped it), however long that took.
+        warn!(error = %e, "cannot start a thread to close the replaced Kafka consumer");
+    }
+}
+
+/// A consumer that has not been a steady member of its group for this long
+/// is replaced by a new one. After a broker restart librdkafka (2.12) can
+/// lose its group coordinator for good: the session times out, the
+/// partitions are revoked, and the consumer never rejoins. A steady member
+/// without partitions (more instances than partitions) is left alone.
+const GROUP_STUCK_AFTER: Duration = Duration::from_secs(90);
+
+/// Why a route's pipeline ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The bridge is stopping.
+    Stopped,
+    /// The consumer is stuck outside its group: make a new one.
+    GroupStuck,
+}
+
+/// How a route cuts its stream into batches.
+#[derive(Debug, Clone, Copy)]
+struct Batching {
+    max: usize,
+    linger: Duration,
+}
+
+/// Runs a route's two stages until asked to stop: this thread gathers the
+/// next batch from Kafka while a writer thread settles the previous one
+/// with `settle`, which returns the next offset per partition once the
+/// batch is stored (`None` when it gave up because the bridge is stopping).
+/// The hand-over is a rendezvous, so at most two batches are in memory and
+/// a slow sink holds the consumer back. Order per partition holds: one
+/// writer, batches in the order gathered, offsets committed in that order.
+fn pipeline<C: ConsumerContext, T: Send>(
+    run: &RouteRun,
+    consumer: &BaseConsumer<C>,
+    batching: Batching,
+    record: impl Fn(i32, i64, Option<Vec<u8>>) -> T,
+    settle: impl FnMut(&mut Vec<T>) -> Option<BTreeMap<i32, i64>> + Send,
+) -> anyhow::Result<Ended> {
+    let topic = &run.route.topic;
+    let mut settle = settle;
+    let (batches, to_settle) = std::sync::mpsc::sync_channel::<Vec<T>>(0);
+    let (settled, offsets) = std::sync::mpsc::channel::<BTreeMap<i32, i64>>();
+    std::thread::scope(|scope| -> anyhow::Result<Ended> {
+        let writer = std::thread::Builder::new()
+            .name(format!("route-{}-writer", run.index))
+            .spawn_scoped(scope, move || {
+                for mut batch in to_settle {
+                    match settle(&mut batch) {
+                        Some(next) => {
+                            let _ = settled.send(next);
+                        }
+                        // Not stored: consumed again after the restart.
+                        None => break,
+                    }
+                }
+            })
+            .context("starting a writer thread")?;
+        let mut warned = Warned::default();
+        let mut batch: Vec<T> = Vec::new();
+        let mut first_at = Instant::now();
+        let mut checked_at = Instant::now();
+        let mut ended = Ended::Stopped;
+        loop {
+            commit_offsets(consumer, topic, offsets.try_iter());
+            let mut stopping = *run.stop.borrow();
+            if !stopping && checked_at.elapsed() >= Duration::from_secs(1) {
+                checked_at = Instant::now();
+                if let Some((unsteady, state, join_state)) = run.metrics().group_unsteady()
+                    && unsteady >= GROUP_STUCK_AFTER
+                {
+                    warn!(
+                        topic,
+                        group = %run.route.group_id,
+                        state,
+                        join_state,
+                        "the Kafka consumer has not been a steady member of its group for {unsteady:?}; \
+                         settling the batch in progress and replacing the consumer"
+                    );
+                    run.metrics().error("consumer_replaced");
+                    ended = Ended::GroupStuck;
+                    stopping = true;
+                }
+            }
+            let due = !batch.is_empty()
+                && (batch.len() >= batching.max
+                    || first_at.elapsed() >= batching.linger
+                    || stopping);
+            if due && batches.send(std::mem::take(&mut batch)).is_err() {
+                // The writer gave up (stopping) or panicked: joined below.
+                break;
+            }
+            if stopping {
+                break;
+            }
+            if let Some((partition, offset, payload)) =
+                poll_record(consumer, !batch.is_empty(), topic, &mut warned)
+            {
+                run.metrics().records.fetch_add(1, Relaxed);
+                if batch.is_empty() {
+                    first_at = Instant::now();
+                    batch.reserve(batching.max.min(65_536));
+                }
+                batch.push(record(partition, offset, payload));
+            }
+        }
+        drop(batches);
+        writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer of {topic} panicked"))?;
+        if ended == Ended::Stopped {
+            commit_offsets(consumer, topic, offsets.try_iter());
+        }
+        // A stuck consumer cannot commit; its successor reads the offsets
+        // from MySQL, or, for OpenSearch, indexes the last documents again
+        // under the same ids.
+        Ok(ended)
+    })
+}
+
+/// Commits the latest settled offsets to Kafka, asynchronously: a
+/// synchronous commit waits for the group coordinator, forever when
+/// librdkafka has lost it, and would hold the route and its watchdog. For
+/// the MySQL routes the commit is a hint only (MySQL holds the truth): it
+/// makes a restarted group start near the end instead of at the beginning.
+/// For OpenSearch a commit that is lost means a few documents are indexed
+/// again under the same ids. Closing the consumer waits for the commits in
+/// flight.
+fn commit_offsets<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    committed: impl Iterator<Item = BTreeMap<i32, i64>>,
+) {
+    let mut latest: BTreeMap<i32, i64> = BTreeMap::new();
+    for c in committed {
+        latest.extend(c);
+    }
+    if latest.is_empty() {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, next) in latest {
+        let _ = tpl.add_partition_offset(topic, p, Offset::Offset(next));
+    }
+    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        warn!(error = %e, topic, "committing offsets to Kafka failed; records after the last commit may be consumed again (MySQL skips them by its stored offsets, OpenSearch overwrites them under the same ids)");
+    }
+}
+
+/// Writes the batch, retrying while MySQL is unreachable; the next offset
+/// per partition as committed. Gives up only when stopping, leaving the
+/// records unwritten (they are consumed again): `None` then.
 fn write_until_done(
     run: &RouteRun,
     sink: &OffsetSink,
-    consumer: &BaseConsumer<BridgeContext>,
     batch: &mut Vec<KafkaRecord>,
-) {
+) -> Option<BTreeMap<i32, i64>> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let started = Instant::now();
@@ -680,16 +820,7 @@ fn write_until_done(
             Ok((committed, written)) => {
                 run.metrics().batch_done(started.elapsed(), written);
                 batch.clear();
-                // A hint only: MySQL holds the truth. It makes a restarted
-                // group start near the end instead of at the beginning.
-                let mut tpl = TopicPartitionList::new();
-                for (p, next) in committed {
-                    let _ = tpl.add_partition_offset(sink.topic(), p, Offset::Offset(next));
-                }
-                if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                    warn!(error = %e, "committing the offsets hint to Kafka failed (harmless: MySQL holds the offsets)");
-                }
-                return;
+                return Some(committed);
             }
             Err(e) => {
                 run.stats.write_errors.fetch_add(1, Relaxed);
@@ -697,7 +828,7 @@ fn write_until_done(
                 warn!(error = %e, topic = sink.topic(), records = batch.len(), "writing to MySQL failed; retrying in {backoff:?}");
                 if *run.stop.borrow() {
                     batch.clear();
-                    return;
+                    return None;
                 }
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));

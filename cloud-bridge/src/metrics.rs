@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Route;
 use crate::sinks::mysql::MysqlSinkStats;
@@ -52,6 +52,21 @@ pub struct RouteMetrics {
     lag: Mutex<BTreeMap<i32, i64>>,
     /// The route's consumer thread is running.
     pub running: AtomicBool,
+    /// The consumer group's state, from librdkafka statistics.
+    group: Mutex<GroupState>,
+}
+
+/// Whether a route's consumer is a steady member of its group.
+#[derive(Debug, Default)]
+struct GroupState {
+    /// Since when the group has not been steady; `None` while it is.
+    unsteady_since: Option<Instant>,
+    /// Statistics arrived since the consumer was created (none arrive
+    /// when `statistics.interval.ms` is 0: then nothing is known).
+    reported: bool,
+    /// librdkafka's group state and join state, as last reported.
+    state: String,
+    join_state: String,
 }
 
 impl RouteMetrics {
@@ -74,8 +89,50 @@ impl RouteMetrics {
             .unwrap_or(0)
     }
 
+    /// Takes in librdkafka's latest statistics: consumer lag and the
+    /// consumer group's state.
+    pub fn set_statistics(&self, stats: &rdkafka::Statistics) {
+        self.set_lag(stats);
+        if let Some(cgrp) = &stats.cgrp
+            && let Ok(mut g) = self.group.lock()
+        {
+            let steady = cgrp.state == "up" && cgrp.join_state == "steady";
+            if steady {
+                g.unsteady_since = None;
+            } else if g.unsteady_since.is_none() {
+                g.unsteady_since = Some(Instant::now());
+            }
+            g.reported = true;
+            g.state.clone_from(&cgrp.state);
+            g.join_state.clone_from(&cgrp.join_state);
+        }
+    }
+
+    /// A new consumer: not a steady member of its group until librdkafka
+    /// reports it so.
+    pub fn group_starting(&self) {
+        if let Ok(mut g) = self.group.lock() {
+            *g = GroupState {
+                unsteady_since: Some(Instant::now()),
+                ..GroupState::default()
+            };
+        }
+    }
+
+    /// How long the consumer has not been a steady member of its group,
+    /// with librdkafka's last group state and join state; `None` while it
+    /// is steady, or when librdkafka reports no statistics.
+    pub fn group_unsteady(&self) -> Option<(Duration, String, String)> {
+        let g = self.group.lock().ok()?;
+        if !g.reported {
+            return None;
+        }
+        g.unsteady_since
+            .map(|since| (since.elapsed(), g.state.clone(), g.join_state.clone()))
+    }
+
     /// Replaces the lag figures with librdkafka's latest statistics.
-    pub fn set_lag(&self, stats: &rdkafka::Statistics) {
+    fn set_lag(&self, stats: &rdkafka::Statistics) {
         let Some(topic) = stats.topics.get(&self.topic) else {
             return;
         };
@@ -129,6 +186,7 @@ impl Metrics {
                     errors: Mutex::new(BTreeMap::new()),
                     lag: Mutex::new(BTreeMap::new()),
                     running: AtomicBool::new(false),
+                    group: Mutex::new(GroupState::default()),
                 })
                 .collect(),
             mysql,

@@ -632,6 +632,17 @@ where
             world.name,
             tail(&world.log_text("agent"), 20)
         );
+        for slot in 0..world.bridges.len() {
+            let name = format!("bridge-{slot}");
+            // Without librdkafka's connection errors, which flood an outage.
+            let text: String = world
+                .log_text(&name)
+                .lines()
+                .filter(|l| !l.contains("Global error"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            eprintln!("[faults] {name} log tail:\n{}", tail(&text, 80));
+        }
     }
     world.cleanup().await;
     result

@@ -9,9 +9,9 @@
 use std::collections::BTreeMap;
 
 use serde::Deserialize;
-use sqlx::{MySql, MySqlPool, QueryBuilder};
+use sqlx::{MySql, QueryBuilder, Transaction};
 
-use super::mysql::KafkaRecord;
+use super::offsets::{KafkaRecord, OffsetTable, PartitionRows, WriteCounts};
 
 /// Longest text kept in one column (the table's MEDIUMTEXT holds 16 MiB).
 const MAX_TEXT: usize = 1024 * 1024;
@@ -67,9 +67,7 @@ fn row(payload: Option<&[u8]>) -> DeadLetter {
 }
 
 pub struct DlqSink {
-    pub pool: MySqlPool,
-    pub sink_name: String,
-    pub topic: String,
+    pub offsets: OffsetTable,
 }
 
 impl DlqSink {
@@ -77,89 +75,52 @@ impl DlqSink {
         &self,
         partitions: &[i32],
     ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
-        super::mysql::MysqlSink {
-            pool: self.pool.clone(),
-            sink_name: self.sink_name.clone(),
-            topic: self.topic.clone(),
-            rows_per_insert: 1,
-        }
-        .stored_offsets(partitions)
-        .await
+        self.offsets.stored(partitions).await
     }
 
-    /// Writes the batch and its offsets in one transaction; returns the
-    /// next offset per partition and how many rows were inserted.
+    /// Writes the batch, each partition in one transaction with its offset;
+    /// returns the next offset per partition and what was written.
     pub async fn write(
         &self,
         records: &[KafkaRecord],
-    ) -> Result<(BTreeMap<i32, i64>, u64), sqlx::Error> {
-        let mut by_partition: BTreeMap<i32, Vec<&KafkaRecord>> = BTreeMap::new();
-        for r in records {
-            by_partition.entry(r.partition).or_default().push(r);
+    ) -> Result<(BTreeMap<i32, i64>, WriteCounts), sqlx::Error> {
+        self.offsets.write(self, records).await
+    }
+}
+
+impl PartitionRows for DlqSink {
+    async fn write_rows(
+        &self,
+        tx: &mut Transaction<'static, MySql>,
+        partition: i32,
+        fresh: &[&KafkaRecord],
+        counts: &mut WriteCounts,
+    ) -> Result<(), sqlx::Error> {
+        for chunk in fresh.chunks(200) {
+            let mut q = QueryBuilder::<MySql>::new(
+                "INSERT IGNORE INTO iot_dlq (gateway_id, received_at_ms, source, source_topic, reason, message, \
+                 payload, payload_hex, payload_bytes, kafka_topic, kafka_partition, kafka_offset) ",
+            );
+            q.push_values(chunk, |mut b, r| {
+                let d = row(r.payload.as_deref());
+                b.push_bind(d.gateway_id)
+                    .push_bind(d.received_at)
+                    .push_bind(d.source)
+                    .push_bind(d.topic)
+                    .push_bind(d.reason.unwrap_or_default())
+                    .push_bind(d.message.unwrap_or_default())
+                    .push_bind(d.payload)
+                    .push_bind(d.payload_hex)
+                    .push_bind(d.payload_bytes)
+                    .push_bind(&self.offsets.topic)
+                    .push_bind(partition)
+                    .push_bind(r.offset);
+            });
+            let affected = q.build().execute(&mut **tx).await?.rows_affected();
+            counts.inserted += affected;
+            counts.duplicates += chunk.len() as u64 - affected;
         }
-        let mut tx = self.pool.begin().await?;
-        let mut committed = BTreeMap::new();
-        let mut inserted = 0;
-        for (partition, mut recs) in by_partition {
-            recs.sort_by_key(|r| r.offset);
-            recs.dedup_by_key(|r| r.offset);
-            sqlx::query(
-                "INSERT INTO bridge_offsets (sink, topic, kafka_partition, next_offset) VALUES (?, ?, ?, 0) \
-                 ON DUPLICATE KEY UPDATE next_offset = next_offset",
-            )
-            .bind(&self.sink_name)
-            .bind(&self.topic)
-            .bind(partition)
-            .execute(&mut *tx)
-            .await?;
-            let next: i64 = sqlx::query_scalar(
-                "SELECT next_offset FROM bridge_offsets WHERE sink = ? AND topic = ? AND kafka_partition = ? FOR UPDATE",
-            )
-            .bind(&self.sink_name)
-            .bind(&self.topic)
-            .bind(partition)
-            .fetch_one(&mut *tx)
-            .await?;
-            let fresh: Vec<&KafkaRecord> = recs.into_iter().filter(|r| r.offset >= next).collect();
-            let Some(last) = fresh.last().map(|r| r.offset) else {
-                committed.insert(partition, next);
-                continue;
-            };
-            for chunk in fresh.chunks(200) {
-                let mut q = QueryBuilder::<MySql>::new(
-                    "INSERT IGNORE INTO iot_dlq (gateway_id, received_at_ms, source, source_topic, reason, message, \
-                     payload, payload_hex, payload_bytes, kafka_topic, kafka_partition, kafka_offset) ",
-                );
-                q.push_values(chunk, |mut b, r| {
-                    let d = row(r.payload.as_deref());
-                    b.push_bind(d.gateway_id)
-                        .push_bind(d.received_at)
-                        .push_bind(d.source)
-                        .push_bind(d.topic)
-                        .push_bind(d.reason.unwrap_or_default())
-                        .push_bind(d.message.unwrap_or_default())
-                        .push_bind(d.payload)
-                        .push_bind(d.payload_hex)
-                        .push_bind(d.payload_bytes)
-                        .push_bind(&self.topic)
-                        .push_bind(partition)
-                        .push_bind(r.offset);
-                });
-                inserted += q.build().execute(&mut *tx).await?.rows_affected();
-            }
-            sqlx::query(
-                "UPDATE bridge_offsets SET next_offset = ? WHERE sink = ? AND topic = ? AND kafka_partition = ?",
-            )
-            .bind(last + 1)
-            .bind(&self.sink_name)
-            .bind(&self.topic)
-            .bind(partition)
-            .execute(&mut *tx)
-            .await?;
-            committed.insert(partition, last + 1);
-        }
-        tx.commit().await?;
-        Ok((committed, inserted))
+        Ok(())
     }
 }
 

@@ -2,4 +2,5 @@
 
 pub mod dlq;
 pub mod mysql;
+pub mod offsets;
 pub mod opensearch;

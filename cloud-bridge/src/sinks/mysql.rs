@@ -1,34 +1,31 @@
 //! MySQL sink for `rich-iot-data`: rows and the consumed Kafka offsets in
-//! one MySQL transaction.
+//! one MySQL transaction per partition (see [`super::offsets`]). The unique
+//! key `(device_id, seq)` is a second guard: a duplicate reaching it is
+//! counted and logged.
 //!
-//! For each partition in a batch the sink locks its `bridge_offsets` row
-//! (`SELECT ... FOR UPDATE`), drops records below the stored offset (already
-//! written, by this or another instance), inserts the rest and advances the
-//! offset, all before COMMIT. Two instances briefly owning one partition
-//! during a rebalance therefore serialise on the row lock and never write a
-//! record twice. The unique key `(device_id, seq)` is a second guard: a
-//! duplicate reaching it is counted and logged.
+//! Throughput (see the README's "Cloud bridge sinks"): records are decoded
+//! without copying their strings, rows go in primary-key order, and in
+//! multi-row INSERTs of a few fixed sizes that stay prepared on the
+//! connection.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Deserialize;
-use serde_json::{Map, Value};
-use sqlx::{MySql, MySqlPool, QueryBuilder, Row, Transaction};
+use serde_json::value::RawValue;
+use sqlx::{MySql, QueryBuilder, Transaction};
 use tracing::warn;
 
-/// A Kafka record as consumed.
-#[derive(Debug, Clone)]
-pub struct KafkaRecord {
-    pub partition: i32,
-    pub offset: i64,
-    pub payload: Option<Vec<u8>>,
-}
+pub use super::offsets::KafkaRecord;
+use super::offsets::{OffsetTable, PartitionRows, WriteCounts};
 
-/// The `rich-iot-data` record written by the agent.
+/// The `rich-iot-data` record written by the agent. Strings borrow from
+/// the payload unless JSON escapes force a copy.
 #[derive(Debug, Deserialize)]
-pub struct MetricRecord {
-    pub device_id: String,
+pub struct MetricRecord<'a> {
+    #[serde(borrow)]
+    pub device_id: Cow<'a, str>,
     pub seq: u64,
     pub device_seq: u64,
     #[serde(default)]
@@ -40,14 +37,25 @@ pub struct MetricRecord {
     pub lat: f64,
     pub lon: f64,
     pub speed: f64,
-    #[serde(default)]
-    pub attributes: Option<Map<String, Value>>,
-    pub gateway_id: String,
+    /// Stored as the agent wrote it: a JSON object, or NULL when empty.
+    #[serde(default, borrow)]
+    pub attributes: Option<&'a RawValue>,
+    #[serde(borrow)]
+    pub gateway_id: Cow<'a, str>,
     pub received_at: i64,
 }
 
+impl MetricRecord<'_> {
+    /// The `attributes` column: the object's JSON, NULL for none or `{}`.
+    pub fn attributes_json(&self) -> Option<&str> {
+        self.attributes
+            .map(RawValue::get)
+            .filter(|a| !a.trim_start_matches('{').trim_start().starts_with('}'))
+    }
+}
+
 /// Decodes a record; `Err` names why it cannot become a row.
-pub fn decode(payload: Option<&[u8]>) -> Result<MetricRecord, (&'static str, String)> {
+pub fn decode(payload: Option<&[u8]>) -> Result<MetricRecord<'_>, (&'static str, String)> {
     let payload = payload.ok_or(("empty_payload", "record has no value".to_string()))?;
     let r: MetricRecord = serde_json::from_slice(payload).map_err(|e| {
         (
@@ -66,6 +74,11 @@ pub fn decode(payload: Option<&[u8]>) -> Result<MetricRecord, (&'static str, Str
             "invalid_field",
             format!("seq {} exceeds the signed 64-bit range", r.seq),
         ));
+    }
+    if let Some(a) = r.attributes
+        && !a.get().starts_with('{')
+    {
+        return Err(("invalid_field", "attributes is not a JSON object".into()));
     }
     for (name, v) in [
         ("temperature", r.temperature),
@@ -95,10 +108,19 @@ pub struct MysqlSinkStats {
     pub write_errors: AtomicU64,
 }
 
+impl MysqlSinkStats {
+    pub fn record(&self, c: &WriteCounts) {
+        self.rows_inserted.fetch_add(c.inserted, Relaxed);
+        self.duplicate_rows.fetch_add(c.duplicates, Relaxed);
+        self.records_already_stored.fetch_add(c.skipped, Relaxed);
+        self.dead_letters.fetch_add(c.dead, Relaxed);
+        self.transactions.fetch_add(c.transactions, Relaxed);
+    }
+}
+
 pub struct MysqlSink {
-    pub pool: MySqlPool,
-    pub sink_name: String,
-    pub topic: String,
+    pub offsets: OffsetTable,
+    /// Rows per INSERT at most (see [`insert_size`]).
     pub rows_per_insert: usize,
 }
 
@@ -108,124 +130,26 @@ impl MysqlSink {
         &self,
         partitions: &[i32],
     ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
-        let mut out = BTreeMap::new();
-        for p in partitions {
-            let row = sqlx::query(
-                "SELECT next_offset FROM bridge_offsets WHERE sink = ? AND topic = ? AND kafka_partition = ?",
-            )
-            .bind(&self.sink_name)
-            .bind(&self.topic)
-            .bind(p)
-            .fetch_optional(&self.pool)
-            .await?;
-            if let Some(row) = row {
-                out.insert(*p, row.get::<i64, _>(0));
-            }
-        }
-        Ok(out)
+        self.offsets.stored(partitions).await
     }
 
-    /// Writes a batch in one transaction. Returns the next offset per
-    /// partition as committed.
+    /// Writes a batch, each partition in one transaction with its offset.
+    /// Returns the next offset per partition as committed.
     pub async fn write(
         &self,
         records: &[KafkaRecord],
         stats: &MysqlSinkStats,
-    ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
-        let mut by_partition: BTreeMap<i32, Vec<&KafkaRecord>> = BTreeMap::new();
-        for r in records {
-            by_partition.entry(r.partition).or_default().push(r);
-        }
-        let mut tx = self.pool.begin().await?;
-        let mut committed = BTreeMap::new();
-        let (mut inserted, mut duplicates, mut skipped, mut dead) = (0u64, 0u64, 0u64, 0u64);
-        // Partitions in ascending order: instances lock rows in the same
-        // order and cannot deadlock each other.
-        for (partition, mut recs) in by_partition {
-            recs.sort_by_key(|r| r.offset);
-            // A partition revoked and assigned back is read again from the
-            // stored offset while earlier records are still in the batch.
-            recs.dedup_by_key(|r| r.offset);
-            // An upsert takes the row's exclusive lock at once; INSERT IGNORE
-            // on an existing row would take a shared lock first, and two
-            // instances upgrading shared locks deadlock.
-            sqlx::query(
-                "INSERT INTO bridge_offsets (sink, topic, kafka_partition, next_offset) VALUES (?, ?, ?, 0) \
-                 ON DUPLICATE KEY UPDATE next_offset = next_offset",
-            )
-                .bind(&self.sink_name)
-                .bind(&self.topic)
-                .bind(partition)
-                .execute(&mut *tx)
-                .await?;
-            let next: i64 = sqlx::query_scalar(
-                "SELECT next_offset FROM bridge_offsets WHERE sink = ? AND topic = ? AND kafka_partition = ? FOR UPDATE",
-            )
-            .bind(&self.sink_name)
-            .bind(&self.topic)
-            .bind(partition)
-            .fetch_one(&mut *tx)
-            .await?;
-            let unique = recs.len();
-            let fresh: Vec<&KafkaRecord> = recs.into_iter().filter(|r| r.offset >= next).collect();
-            skipped += (unique - fresh.len()) as u64;
-            let Some(last) = fresh.last().map(|r| r.offset) else {
-                committed.insert(partition, next);
-                continue;
-            };
-            let mut rows = Vec::with_capacity(fresh.len());
-            for r in &fresh {
-                match decode(r.payload.as_deref()) {
-                    Ok(m) => rows.push((r.offset, m)),
-                    Err((reason, message)) => {
-                        warn!(
-                            partition,
-                            offset = r.offset,
-                            reason,
-                            "dead-lettering a record: {message}"
-                        );
-                        self.dead_letter(&mut tx, r, reason, &message).await?;
-                        dead += 1;
-                    }
-                }
-            }
-            for chunk in rows.chunks(self.rows_per_insert) {
-                let affected = self.insert_rows(&mut tx, partition, chunk).await?;
-                inserted += affected;
-                let dups = chunk.len() as u64 - affected;
-                if dups > 0 {
-                    duplicates += dups;
-                    warn!(
-                        partition,
-                        duplicates = dups,
-                        "rows with an existing (device_id, seq) reached iot_metrics and were refused by the unique key; \
-                         the exactly-once chain let a duplicate through"
-                    );
-                }
-            }
-            sqlx::query("UPDATE bridge_offsets SET next_offset = ? WHERE sink = ? AND topic = ? AND kafka_partition = ?")
-                .bind(last + 1)
-                .bind(&self.sink_name)
-                .bind(&self.topic)
-                .bind(partition)
-                .execute(&mut *tx)
-                .await?;
-            committed.insert(partition, last + 1);
-        }
-        tx.commit().await?;
-        stats.rows_inserted.fetch_add(inserted, Relaxed);
-        stats.duplicate_rows.fetch_add(duplicates, Relaxed);
-        stats.records_already_stored.fetch_add(skipped, Relaxed);
-        stats.dead_letters.fetch_add(dead, Relaxed);
-        stats.transactions.fetch_add(1, Relaxed);
-        Ok(committed)
+    ) -> Result<(BTreeMap<i32, i64>, WriteCounts), sqlx::Error> {
+        let (committed, counts) = self.offsets.write(self, records).await?;
+        stats.record(&counts);
+        Ok((committed, counts))
     }
 
     async fn insert_rows(
         &self,
-        tx: &mut Transaction<'_, MySql>,
+        tx: &mut Transaction<'static, MySql>,
         partition: i32,
-        rows: &[(i64, MetricRecord)],
+        rows: &[(i64, MetricRecord<'_>)],
     ) -> Result<u64, sqlx::Error> {
         // INSERT IGNORE only ever ignores the unique key here: every value
         // was checked by `decode` and fits its column.
@@ -234,12 +158,7 @@ impl MysqlSink {
              lat, lon, speed, attributes, gateway_id, received_at_ms, kafka_partition, kafka_offset) ",
         );
         qb.push_values(rows, |mut b, (offset, m)| {
-            let attributes = m
-                .attributes
-                .as_ref()
-                .filter(|a| !a.is_empty())
-                .map(|a| Value::Object(a.clone()).to_string());
-            b.push_bind(&m.device_id)
+            b.push_bind(m.device_id.as_ref())
                 .push_bind(m.seq)
                 .push_bind(m.device_seq)
                 .push_bind(m.epoch)
@@ -250,8 +169,8 @@ impl MysqlSink {
                 .push_bind(m.lat)
                 .push_bind(m.lon)
                 .push_bind(m.speed)
-                .push_bind(attributes)
-                .push_bind(&m.gateway_id)
+                .push_bind(m.attributes_json())
+                .push_bind(m.gateway_id.as_ref())
                 .push_bind(m.received_at)
                 .push_bind(partition)
                 .push_bind(*offset);
@@ -261,7 +180,7 @@ impl MysqlSink {
 
     async fn dead_letter(
         &self,
-        tx: &mut Transaction<'_, MySql>,
+        tx: &mut Transaction<'static, MySql>,
         r: &KafkaRecord,
         reason: &str,
         message: &str,
@@ -270,8 +189,8 @@ impl MysqlSink {
             "INSERT IGNORE INTO bridge_dead_letters (sink, topic, kafka_partition, kafka_offset, reason, message, payload) \
              VALUES (?, ?, ?, ?, ?, ?, ?)",
         )
-        .bind(&self.sink_name)
-        .bind(&self.topic)
+        .bind(&self.offsets.sink_name)
+        .bind(&self.offsets.topic)
         .bind(r.partition)
         .bind(r.offset)
         .bind(reason)
@@ -280,6 +199,76 @@ impl MysqlSink {
         .execute(&mut **tx)
         .await?;
         Ok(())
+    }
+}
+
+impl PartitionRows for MysqlSink {
+    async fn write_rows(
+        &self,
+        tx: &mut Transaction<'static, MySql>,
+        partition: i32,
+        fresh: &[&KafkaRecord],
+        counts: &mut WriteCounts,
+    ) -> Result<(), sqlx::Error> {
+        let mut rows = Vec::with_capacity(fresh.len());
+        for r in fresh {
+            match decode(r.payload.as_deref()) {
+                Ok(m) => rows.push((r.offset, m)),
+                Err((reason, message)) => {
+                    warn!(
+                        partition,
+                        offset = r.offset,
+                        reason,
+                        "dead-lettering a record: {message}"
+                    );
+                    self.dead_letter(tx, r, reason, &message).await?;
+                    counts.dead += 1;
+                }
+            }
+        }
+        // In primary-key order: consecutive rows land on the same index
+        // pages, so an INSERT touches each page once instead of once per row.
+        rows.sort_unstable_by(|(_, a), (_, b)| {
+            (a.device_id.as_bytes(), a.seq).cmp(&(b.device_id.as_bytes(), b.seq))
+        });
+        let mut rest = rows.as_slice();
+        while !rest.is_empty() {
+            let (chunk, tail) = rest.split_at(insert_size(rest.len(), self.rows_per_insert));
+            rest = tail;
+            let affected = self.insert_rows(tx, partition, chunk).await?;
+            counts.inserted += affected;
+            let dups = chunk.len() as u64 - affected;
+            if dups > 0 {
+                counts.duplicates += dups;
+                warn!(
+                    partition,
+                    duplicates = dups,
+                    "rows with an existing (device_id, seq) reached iot_metrics and were refused by the unique key; \
+                     the exactly-once chain let a duplicate through"
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Columns of one `iot_metrics` row in [`MysqlSink::insert_rows`].
+const COLUMNS: usize = 16;
+
+/// MySQL and MariaDB refuse a prepared statement with more placeholders.
+const MAX_PLACEHOLDERS: usize = 65_535;
+
+/// Rows in the next INSERT when `remaining` rows are left: `per_insert`
+/// (at most what the placeholder limit allows) while that many remain,
+/// then the largest power of two that fits. Every statement therefore has
+/// one of a few shapes, which the connection's statement cache keeps
+/// prepared; a remainder of any size would be prepared anew every batch.
+fn insert_size(remaining: usize, per_insert: usize) -> usize {
+    let full = per_insert.clamp(1, MAX_PLACEHOLDERS / COLUMNS);
+    if remaining >= full {
+        full
+    } else {
+        1 << remaining.ilog2()
     }
 }
 
@@ -292,8 +281,44 @@ mod tests {
         let json = br#"{"device_id":"d","seq":5,"device_seq":5,"ts":1,"temperature":1.0,"humidity":2.0,
             "battery":3.0,"lat":4.0,"lon":5.0,"speed":6.0,"attributes":{"fw":"1"},"gateway_id":"g","received_at":9}"#;
         let r = decode(Some(json)).unwrap();
-        assert_eq!((r.device_id.as_str(), r.seq, r.received_at), ("d", 5, 9));
-        assert_eq!(r.attributes.unwrap()["fw"], "1");
+        assert_eq!((r.device_id.as_ref(), r.seq, r.received_at), ("d", 5, 9));
+        assert_eq!(r.attributes_json(), Some(r#"{"fw":"1"}"#));
+    }
+
+    #[test]
+    fn empty_or_odd_attributes() {
+        let base = r#"{"device_id":"d\u0041","seq":5,"device_seq":5,"ts":1,"temperature":1.0,"humidity":2.0,
+            "battery":3.0,"lat":4.0,"lon":5.0,"speed":6.0,"gateway_id":"g","received_at":9"#;
+        let r = decode(Some(format!("{base},\"attributes\":{{ }}}}").as_bytes()))
+            .map(|r| r.attributes_json().map(str::to_owned));
+        assert_eq!(r.unwrap(), None);
+        let owned = format!("{base}}}");
+        let r = decode(Some(owned.as_bytes())).unwrap();
+        assert_eq!((r.device_id.as_ref(), r.attributes_json()), ("dA", None));
+        assert_eq!(
+            decode(Some(format!("{base},\"attributes\":[1]}}").as_bytes()))
+                .unwrap_err()
+                .0,
+            "invalid_field"
+        );
+    }
+
+    #[test]
+    fn inserts_have_few_shapes_and_respect_the_placeholder_limit() {
+        let sizes = |mut n: usize, per: usize| {
+            let mut out = Vec::new();
+            while n > 0 {
+                let s = insert_size(n, per);
+                assert!(s >= 1 && s <= n && s * COLUMNS <= MAX_PLACEHOLDERS);
+                out.push(s);
+                n -= s;
+            }
+            out
+        };
+        assert_eq!(sizes(1300, 500), [500, 500, 256, 32, 8, 4]);
+        assert_eq!(sizes(3, 500), [2, 1]);
+        assert_eq!(sizes(10_000, 5000), [4095, 4095, 1024, 512, 256, 16, 2]);
+        assert_eq!(sizes(7, 1), [1; 7]);
     }
 
     #[test]

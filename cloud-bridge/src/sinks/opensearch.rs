@@ -14,9 +14,16 @@ use anyhow::Context as _;
 use serde::Deserialize;
 
 use crate::config::OpenSearchSinkConfig;
+use futures_util::future::join_all;
 
 /// Largest alert document accepted from Kafka.
 pub const MAX_ALERT_BYTES: usize = 64 * 1024;
+
+/// Most `_bulk` requests one batch is split into and sent at once.
+pub const MAX_CONCURRENT_REQUESTS: usize = 2;
+
+/// Fewest alerts worth a request of their own when splitting a batch.
+const MIN_DOCS_PER_REQUEST: usize = 250;
 
 /// One alert from Kafka.
 #[derive(Debug, Clone)]
@@ -42,7 +49,6 @@ pub enum ItemOutcome {
 pub struct AlertSink {
     client: reqwest::Client,
     bulk_url: String,
-    index: String,
     username: Option<String>,
     password: Option<String>,
 }
@@ -107,21 +113,44 @@ impl AlertSink {
             client: builder
                 .build()
                 .context("building the OpenSearch HTTP client")?,
-            bulk_url: format!("{}/_bulk", config.url.trim_end_matches('/')),
-            index: config.index.clone(),
+            // Only each item's status and error come back: OpenSearch
+            // writes, and the bridge parses, a fraction of the response.
+            bulk_url: format!(
+                "{}/{}/_bulk?filter_path=items.*.status,items.*.error",
+                config.url.trim_end_matches('/'),
+                config.index
+            ),
             username: config.username.clone(),
             password,
         })
     }
 
-    /// Sends one `_bulk` request; returns the outcome of each document, in
-    /// order. `Err` when the request as a whole failed (retry it all).
+    /// Indexes `docs` with `_bulk`; returns the outcome of each document,
+    /// in order. Large batches go out as up to [`MAX_CONCURRENT_REQUESTS`]
+    /// requests at once, so several of OpenSearch's write threads index
+    /// them in parallel. `Err` when a request as a whole failed (retry all:
+    /// the deterministic ids make indexing a document twice harmless).
     pub async fn bulk(&self, docs: &[(String, &[u8])]) -> anyhow::Result<Vec<ItemOutcome>> {
-        let mut body = Vec::with_capacity(docs.iter().map(|(_, d)| d.len() + 96).sum());
+        if docs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let requests = (docs.len() / MIN_DOCS_PER_REQUEST).clamp(1, MAX_CONCURRENT_REQUESTS);
+        let per_request = docs.len().div_ceil(requests);
+        let mut outcomes = Vec::with_capacity(docs.len());
+        for result in join_all(docs.chunks(per_request).map(|c| self.bulk_request(c))).await {
+            outcomes.extend(result?);
+        }
+        Ok(outcomes)
+    }
+
+    /// One `_bulk` request.
+    async fn bulk_request(&self, docs: &[(String, &[u8])]) -> anyhow::Result<Vec<ItemOutcome>> {
+        let mut body = Vec::with_capacity(docs.iter().map(|(id, d)| d.len() + id.len() + 24).sum());
         for (id, doc) in docs {
-            let action = serde_json::json!({"index": {"_index": self.index, "_id": id}});
-            serde_json::to_writer(&mut body, &action)?;
-            body.push(b'\n');
+            // The index is in the URL: the action names the id only.
+            body.extend_from_slice(br#"{"index":{"_id":"#);
+            serde_json::to_writer(&mut body, id)?;
+            body.extend_from_slice(b"}}\n");
             body.extend_from_slice(doc);
             body.push(b'\n');
         }
