@@ -199,7 +199,7 @@ fn default_topic_alerts() -> String {
     "iot-alerts".into()
 }
 const fn default_bulk_max_docs() -> usize {
-    500
+    5000
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -307,7 +307,7 @@ fn default_sink_name() -> String {
     "mysql-metrics".into()
 }
 const fn default_batch_max_records() -> usize {
-    5000
+    20_000
 }
 const fn default_batch_linger_ms() -> u64 {
     20

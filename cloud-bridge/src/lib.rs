@@ -326,6 +326,26 @@ fn consume_opensearch(run: &RouteRun) -> anyhow::Result<()> {
     let mut os = run.config.opensearch.clone();
     os.index = run.route.index.clone();
     let sink = sinks::opensearch::AlertSink::new(&os)?;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match run.rt.block_on(sink.ensure_index()) {
+            Ok(created) => {
+                if created {
+                    info!(index = %os.index, "created the index with the bridge's mapping");
+                }
+                break;
+            }
+            Err(e) => {
+                if *run.stop.borrow() {
+                    return Ok(());
+                }
+                run.metrics().error("opensearch_index");
+                warn!(index = %os.index, error = format!("{e:#}"), "cannot check or create the index; retrying in {backoff:?}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
     let batching = Batching {
         max: os.bulk_max_docs,
         linger: Duration::from_millis(os.batch_linger_ms),

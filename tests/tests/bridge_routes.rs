@@ -205,6 +205,22 @@ async fn scenario(
                 .await?,
         )?;
         assert_eq!(doc["_source"]["seq"], 10, "{doc}");
+        // The bridge created the index with its mapping: strings are
+        // keywords only, times are dates.
+        let mapping: serde_json::Value = serde_json::from_slice(
+            &http
+                .get(format!("{}/{index}/_mapping", opensearch_url()))
+                .send()
+                .await?
+                .bytes()
+                .await?,
+        )?;
+        let fields = &mapping[index]["mappings"]["properties"];
+        assert_eq!(fields["device_id"]["type"], "keyword", "{mapping}");
+        assert!(fields["device_id"]["fields"].is_null(), "{mapping}");
+        assert_eq!(fields["gateway_id"]["type"], "keyword", "{mapping}");
+        assert_eq!(fields["ts"]["type"], "date", "{mapping}");
+        assert_eq!(fields["received_at"]["type"], "date", "{mapping}");
         let v: serde_json::Value =
             serde_json::from_slice(&http.get(&count_url).send().await?.bytes().await?)?;
         assert_eq!(v["count"].as_u64(), Some(READINGS));

@@ -14,13 +14,31 @@ use anyhow::Context as _;
 use serde::Deserialize;
 
 use crate::config::OpenSearchSinkConfig;
-use futures_util::future::join_all;
+use futures_util::StreamExt as _;
+
+/// Settings and mappings of an index the bridge creates.
+const INDEX_BODY: &str = r#"{
+  "mappings": {
+    "dynamic_templates": [
+      {"strings": {"match_mapping_type": "string", "mapping": {"type": "keyword", "ignore_above": 1024}}}
+    ],
+    "properties": {
+      "ts": {"type": "date", "format": "epoch_millis"},
+      "raised_at": {"type": "date", "format": "epoch_millis"},
+      "received_at": {"type": "date", "format": "epoch_millis"}
+    }
+  }
+}"#;
 
 /// Largest alert document accepted from Kafka.
 pub const MAX_ALERT_BYTES: usize = 64 * 1024;
 
 /// Most `_bulk` requests one batch is split into and sent at once.
 pub const MAX_CONCURRENT_REQUESTS: usize = 2;
+
+/// Most document bytes in one `_bulk` request, well under OpenSearch's
+/// default `http.max_content_length` (100 MiB) even for large documents.
+const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// Fewest alerts worth a request of their own when splitting a batch.
 const MIN_DOCS_PER_REQUEST: usize = 250;
@@ -48,6 +66,8 @@ pub enum ItemOutcome {
 
 pub struct AlertSink {
     client: reqwest::Client,
+    /// `{url}/{index}`.
+    index_url: String,
     bulk_url: String,
     username: Option<String>,
     password: Option<String>,
@@ -113,6 +133,7 @@ impl AlertSink {
             client: builder
                 .build()
                 .context("building the OpenSearch HTTP client")?,
+            index_url: format!("{}/{}", config.url.trim_end_matches('/'), config.index),
             // Only each item's status and error come back: OpenSearch
             // writes, and the bridge parses, a fraction of the response.
             bulk_url: format!(
@@ -125,6 +146,55 @@ impl AlertSink {
         })
     }
 
+    /// Creates the index with the bridge's mapping unless it exists. An
+    /// index that exists (made by an operator or by an index template) is
+    /// left as it is.
+    ///
+    /// The mapping keeps every string a `keyword` (ids, kinds, events and
+    /// attributes are filtered and counted, never searched as prose):
+    /// OpenSearch's dynamic default indexes each string twice, as analysed
+    /// text and as a keyword, which costs about a third of its indexing
+    /// time. `ts`, `raised_at` and `received_at` are dates (epoch ms).
+    pub async fn ensure_index(&self) -> anyhow::Result<bool> {
+        let mut head = self.client.head(&self.index_url);
+        if let Some(user) = &self.username {
+            head = head.basic_auth(user, self.password.as_ref());
+        }
+        let status = head
+            .send()
+            .await
+            .context("asking OpenSearch whether the index exists")?
+            .status();
+        if status.is_success() {
+            return Ok(false);
+        }
+        if status != reqwest::StatusCode::NOT_FOUND {
+            anyhow::bail!("OpenSearch answered {status} when asked whether the index exists");
+        }
+        let mut put = self
+            .client
+            .put(&self.index_url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(INDEX_BODY);
+        if let Some(user) = &self.username {
+            put = put.basic_auth(user, self.password.as_ref());
+        }
+        let response = put.send().await.context("creating the index")?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(true);
+        }
+        let text = response.text().await.unwrap_or_default();
+        // Another instance created it meanwhile.
+        if text.contains("resource_already_exists_exception") {
+            return Ok(false);
+        }
+        anyhow::bail!(
+            "OpenSearch refused to create the index ({status}): {}",
+            text.chars().take(500).collect::<String>()
+        )
+    }
+
     /// Indexes `docs` with `_bulk`; returns the outcome of each document,
     /// in order. Large batches go out as up to [`MAX_CONCURRENT_REQUESTS`]
     /// requests at once, so several of OpenSearch's write threads index
@@ -134,10 +204,16 @@ impl AlertSink {
         if docs.is_empty() {
             return Ok(Vec::new());
         }
-        let requests = (docs.len() / MIN_DOCS_PER_REQUEST).clamp(1, MAX_CONCURRENT_REQUESTS);
+        let bytes: usize = docs.iter().map(|(id, d)| id.len() + d.len()).sum();
+        let requests = (docs.len() / MIN_DOCS_PER_REQUEST)
+            .clamp(1, MAX_CONCURRENT_REQUESTS)
+            .max(bytes.div_ceil(MAX_REQUEST_BYTES));
         let per_request = docs.len().div_ceil(requests);
         let mut outcomes = Vec::with_capacity(docs.len());
-        for result in join_all(docs.chunks(per_request).map(|c| self.bulk_request(c))).await {
+        let mut results = futures_util::stream::iter(docs.chunks(per_request))
+            .map(|c| self.bulk_request(c))
+            .buffered(MAX_CONCURRENT_REQUESTS);
+        while let Some(result) = results.next().await {
             outcomes.extend(result?);
         }
         Ok(outcomes)
