@@ -764,9 +764,18 @@ fn pipeline<C: ConsumerContext, T: Send>(
                 && (batch.len() >= batching.max
                     || first_at.elapsed() >= batching.linger
                     || stopping);
-            if due && batches.send(std::mem::take(&mut batch)).is_err() {
-                // The writer gave up (stopping) or panicked: joined below.
-                break;
+            if due {
+                let handed = Instant::now();
+                if batches.send(std::mem::take(&mut batch)).is_err() {
+                    // The writer gave up (stopping) or panicked: joined below.
+                    break;
+                }
+                if handed.elapsed() >= Duration::from_secs(1) {
+                    // A slow sink held this thread, and a consumer that
+                    // does not poll drops out of its group by design: it
+                    // rejoins now, so the watchdog counts from here.
+                    run.metrics().group_restart_clock();
+                }
             }
             if stopping {
                 break;

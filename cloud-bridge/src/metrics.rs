@@ -119,6 +119,15 @@ impl RouteMetrics {
         }
     }
 
+    /// Counts an unsteady group's time from now on.
+    pub fn group_restart_clock(&self) {
+        if let Ok(mut g) = self.group.lock()
+            && g.unsteady_since.is_some()
+        {
+            g.unsteady_since = Some(Instant::now());
+        }
+    }
+
     /// How long the consumer has not been a steady member of its group,
     /// with librdkafka's last group state and join state; `None` while it
     /// is steady, or when librdkafka reports no statistics.
@@ -357,6 +366,40 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_group_watch_follows_librdkafka_statistics() {
+        let routes = crate::BridgeConfig::load(None, |_| None)
+            .unwrap()
+            .effective_routes();
+        let m = Metrics::new(&routes, Default::default());
+        let r = &m.routes[0];
+        let stats = |state: &str, join: &str| rdkafka::Statistics {
+            cgrp: Some(rdkafka::statistics::ConsumerGroup {
+                state: state.into(),
+                join_state: join.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        r.group_starting();
+        // Nothing known until librdkafka reports (statistics may be off).
+        assert!(r.group_unsteady().is_none());
+        r.set_statistics(&stats("wait-coord", "init"));
+        let (since, state, join) = r.group_unsteady().unwrap();
+        assert_eq!((state.as_str(), join.as_str()), ("wait-coord", "init"));
+        r.set_statistics(&stats("up", "steady"));
+        assert!(r.group_unsteady().is_none());
+        // Unsteady again: counted from this report, not from the start.
+        std::thread::sleep(Duration::from_millis(20));
+        r.set_statistics(&stats("up", "wait-join"));
+        assert!(r.group_unsteady().unwrap().0 < since + Duration::from_millis(20));
+        r.group_restart_clock();
+        assert!(r.group_unsteady().unwrap().0 < Duration::from_millis(20));
+        r.set_statistics(&stats("up", "steady"));
+        r.group_restart_clock();
+        assert!(r.group_unsteady().is_none());
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_labels_escaped() {
