@@ -168,10 +168,12 @@ pub struct OpenSearchSinkConfig {
     pub password_file: Option<std::path::PathBuf>,
     /// PEM CA certificate to trust for `https` (besides the system's).
     pub ca_file: Option<std::path::PathBuf>,
-    /// Most alerts per `_bulk` request.
+    /// Most alerts per batch (sent as up to two `_bulk` requests at once).
     #[serde(default = "default_bulk_max_docs")]
     pub bulk_max_docs: usize,
-    /// How long to gather alerts for a bulk request after the first arrives.
+    /// Least time a batch gathers alerts after the first arrives before it
+    /// goes to the writer; it goes once the writer is free, and grows
+    /// while the writer is busy.
     #[serde(default = "default_batch_linger_ms")]
     pub batch_linger_ms: u64,
 }
@@ -259,10 +261,12 @@ pub struct MysqlSinkConfig {
     /// `bridge_offsets`.
     #[serde(default = "default_sink_name")]
     pub sink_name: String,
-    /// Most Kafka records per MySQL transaction.
+    /// Most Kafka records per batch (one transaction per partition).
     #[serde(default = "default_batch_max_records")]
     pub batch_max_records: usize,
-    /// How long to gather records for a batch after the first arrives.
+    /// Least time a batch gathers records after the first arrives before it
+    /// goes to the writer; it goes once the writer is free, and grows
+    /// while the writer is busy.
     #[serde(default = "default_batch_linger_ms")]
     pub batch_linger_ms: u64,
     /// Rows per multi-row INSERT statement.

@@ -760,11 +760,25 @@ fn pipeline<C: ConsumerContext, T: Send>(
                     stopping = true;
                 }
             }
-            let due = !batch.is_empty()
-                && (batch.len() >= batching.max
-                    || first_at.elapsed() >= batching.linger
-                    || stopping);
-            if due {
+            // Group commit: once the linger is over, the batch goes to the
+            // writer as soon as the writer is free; while it is busy the
+            // batch keeps growing, up to its limit. Under light load a
+            // record waits for one write at most, under backlog batches
+            // are full.
+            if !batch.is_empty()
+                && batch.len() < batching.max
+                && !stopping
+                && first_at.elapsed() >= batching.linger
+            {
+                match batches.try_send(std::mem::take(&mut batch)) {
+                    Ok(()) => {}
+                    Err(std::sync::mpsc::TrySendError::Full(back)) => batch = back,
+                    // The writer gave up (stopping) or panicked: joined below.
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => break,
+                }
+            }
+            let full = !batch.is_empty() && (batch.len() >= batching.max || stopping);
+            if full {
                 let handed = Instant::now();
                 if batches.send(std::mem::take(&mut batch)).is_err() {
                     // The writer gave up (stopping) or panicked: joined below.
