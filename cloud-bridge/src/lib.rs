@@ -64,18 +64,16 @@ enum OffsetSink {
 }
 
 impl OffsetSink {
-    fn topic(&self) -> &str {
+    /// Where this sink keeps its offsets.
+    fn offsets(&self) -> &OffsetTable {
         match self {
-            Self::Metrics(s, _) => &s.offsets.topic,
-            Self::Dlq(s) => &s.offsets.topic,
+            Self::Metrics(s, _) => &s.offsets,
+            Self::Dlq(s) => &s.offsets,
         }
     }
 
-    async fn stored_offsets(&self, partitions: &[i32]) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
-        match self {
-            Self::Metrics(s, _) => s.stored_offsets(partitions).await,
-            Self::Dlq(s) => s.stored_offsets(partitions).await,
-        }
+    fn topic(&self) -> &str {
+        &self.offsets().topic
     }
 
     /// Writes a batch; the next offset per partition and the rows written.
@@ -131,7 +129,7 @@ impl ConsumerContext for BridgeContext {
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
                 let stored = loop {
                     // Runs on the consumer thread, never on the async runtime.
-                    match self.rt.block_on(self.sink.stored_offsets(&partitions)) {
+                    match self.rt.block_on(self.sink.offsets().stored(&partitions)) {
                         Ok(s) => break s,
                         Err(e) => {
                             if *self.stop.borrow() {

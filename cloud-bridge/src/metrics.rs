@@ -390,12 +390,15 @@ mod tests {
         assert_eq!((state.as_str(), join.as_str()), ("wait-coord", "init"));
         r.set_statistics(&stats("up", "steady"));
         assert!(r.group_unsteady().is_none());
-        // Unsteady again: counted from this report, not from the start.
-        std::thread::sleep(Duration::from_millis(20));
+        // Unsteady again: counted from this report, not from the first
+        // one (which is at least `pause` old by now).
+        let pause = Duration::from_millis(200);
+        std::thread::sleep(pause);
         r.set_statistics(&stats("up", "wait-join"));
-        assert!(r.group_unsteady().unwrap().0 < since + Duration::from_millis(20));
+        assert!(r.group_unsteady().unwrap().0 < since + pause);
+        std::thread::sleep(pause);
         r.group_restart_clock();
-        assert!(r.group_unsteady().unwrap().0 < Duration::from_millis(20));
+        assert!(r.group_unsteady().unwrap().0 < pause);
         r.set_statistics(&stats("up", "steady"));
         r.group_restart_clock();
         assert!(r.group_unsteady().is_none());

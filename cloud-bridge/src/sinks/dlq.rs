@@ -71,13 +71,6 @@ pub struct DlqSink {
 }
 
 impl DlqSink {
-    pub async fn stored_offsets(
-        &self,
-        partitions: &[i32],
-    ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
-        self.offsets.stored(partitions).await
-    }
-
     /// Writes the batch, each partition in one transaction with its offset;
     /// returns the next offset per partition and what was written.
     pub async fn write(

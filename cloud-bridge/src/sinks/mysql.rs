@@ -125,14 +125,6 @@ pub struct MysqlSink {
 }
 
 impl MysqlSink {
-    /// The next offset to consume for each partition, as stored.
-    pub async fn stored_offsets(
-        &self,
-        partitions: &[i32],
-    ) -> Result<BTreeMap<i32, i64>, sqlx::Error> {
-        self.offsets.stored(partitions).await
-    }
-
     /// Writes a batch, each partition in one transaction with its offset.
     /// Returns the next offset per partition as committed.
     pub async fn write(
