@@ -121,6 +121,7 @@ pub async fn import(
     let limit = config.validation.max_payload_bytes;
     let reader_path = path.to_path_buf();
     let reader_bytes = read_bytes.clone();
+    let file_name: Arc<str> = path.display().to_string().into();
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut reader = BufReader::with_capacity(1 << 20, file.take(u64::MAX));
         let mut line = Vec::with_capacity(limit + 1);
@@ -138,7 +139,8 @@ pub async fn import(
             }
             let env = Envelope::Line {
                 source: "import",
-                origin: format!("import:{}:{lines}", reader_path.display()),
+                file: file_name.clone(),
+                line: lines,
                 // An exact-size copy: the queue holds thousands of lines.
                 payload: line.clone(),
             };

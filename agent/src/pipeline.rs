@@ -43,8 +43,10 @@ pub enum Envelope {
     /// the device id comes from the payload.
     Line {
         source: &'static str,
-        /// Where it came from, e.g. `import:file.jsonl:17`.
-        origin: String,
+        /// The file it came from, shared by its lines.
+        file: Arc<str>,
+        /// Its line number, from 1.
+        line: u64,
         payload: Vec<u8>,
     },
     /// A message with nothing to acknowledge (demo).
@@ -306,18 +308,25 @@ impl BatchWriter {
                 } => self.decode(source, topic, payload, now),
                 Envelope::Line {
                     source,
-                    origin,
+                    file,
+                    line,
                     payload,
                 } => match decode_reading(payload, None, now, &self.validation) {
                     Ok(reading) => Item::Reading(
                         reading,
-                        Raw::Bytes {
+                        Raw::Line {
                             source,
-                            topic: origin,
+                            file,
+                            line: *line,
                             payload,
                         },
                     ),
-                    Err(rejection) => self.rejected(source, origin, payload, rejection),
+                    Err(rejection) => self.rejected(
+                        source,
+                        &crate::outbox::line_origin(source, file, *line),
+                        payload,
+                        rejection,
+                    ),
                 },
             });
         }

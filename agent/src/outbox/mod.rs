@@ -28,14 +28,25 @@ use crate::transforms::validate::{DeadLetterRecord, Reading, Rejection, write_re
 /// 2: batch bodies may be lz4-compressed (`outbox_batch.codec`).
 /// 3: dedupe marks live in the unsent batches, `device_hwm` only holds those
 /// of batches that left (an older build would lose the rest: it must refuse).
-const SCHEMA_VERSION: i64 = 3;
+/// 4: bodies compressed in chunks (`CODEC_LZ4_CHUNKS`), which an older
+/// build cannot read.
+const SCHEMA_VERSION: i64 = 4;
 
 /// Largest decompressed batch body accepted when reading one back.
 const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
 
 /// `outbox_batch.codec` values.
 const CODEC_NONE: i64 = 0;
+/// One lz4 block with the body's size in front (u32 LE). Read, no longer
+/// written.
 const CODEC_LZ4: i64 = 1;
+/// lz4 blocks of at most [`CHUNK_BYTES`] of body each, every one as
+/// `raw length (u32 LE) | compressed length (u32 LE) | block`.
+const CODEC_LZ4_CHUNKS: i64 = 2;
+
+/// Body bytes per compressed chunk: lz4 looks back at most 64 KiB anyway,
+/// and a chunk this size is still in the CPU cache when it is compressed.
+const CHUNK_BYTES: usize = 64 * 1024;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
@@ -159,6 +170,14 @@ pub enum Raw<'a> {
         topic: &'a str,
         payload: &'a [u8],
     },
+    /// A line of an imported file: its origin is spelled out only for a
+    /// dead letter.
+    Line {
+        source: &'static str,
+        file: &'a str,
+        line: u64,
+        payload: &'a [u8],
+    },
     Frame {
         port: usize,
         address: u8,
@@ -186,6 +205,17 @@ impl Raw<'_> {
                 payload: payload[..payload.len().min(max_payload)].to_vec(),
                 rejection,
             },
+            Raw::Line {
+                source,
+                file,
+                line,
+                payload,
+            } => RejectedInput {
+                source,
+                topic: line_origin(source, file, line),
+                payload: payload[..payload.len().min(max_payload)].to_vec(),
+                rejection,
+            },
             Raw::Frame {
                 port,
                 address,
@@ -204,6 +234,17 @@ impl Raw<'_> {
             },
         }
     }
+}
+
+/// Where an imported line came from, e.g. `import:logs/day1.jsonl:17`, at
+/// most 256 characters.
+pub fn line_origin(source: &str, file: &str, line: u64) -> String {
+    let suffix = format!(":{line}");
+    let room = 256usize.saturating_sub(source.len() + 1 + suffix.len());
+    let mut origin = format!("{source}:");
+    origin.extend(file.chars().take(room));
+    origin.push_str(&suffix);
+    origin
 }
 
 /// What the batch writer hands to [`Outbox::write_batch`].
@@ -249,8 +290,7 @@ pub struct Outbox {
     compression: crate::config::OutboxCompression,
     /// Reused between batches: big buffers allocated per batch cost page
     /// faults every time.
-    body_buf: Vec<u8>,
-    stored_buf: Vec<u8>,
+    body: BodyWriter,
     /// Room kept free for checkpoints (see `reserve`); `None` when off.
     reserve: Option<reserve::DiskReserve>,
     /// The disk filled up: input is held back until the reserve fits again.
@@ -332,8 +372,7 @@ impl Outbox {
             plane,
             max_payload_bytes: 4096,
             compression: crate::config::OutboxCompression::Lz4,
-            body_buf: Vec::new(),
-            stored_buf: Vec::new(),
+            body: BodyWriter::default(),
             reserve: None,
             disk_full: false,
             db_path: path.to_path_buf(),
@@ -483,8 +522,8 @@ impl Outbox {
         now_ms: i64,
     ) -> Result<BatchOutcome, OutboxError> {
         let mut outcome = BatchOutcome::default();
-        let mut body = std::mem::take(&mut self.body_buf);
-        body.clear();
+        let mut body = std::mem::take(&mut self.body);
+        body.start(self.compression == crate::config::OutboxCompression::Lz4);
         let mut records = 0i64;
         let mut new_marks: HashMap<&str, u64> = HashMap::new();
         // Readings the data plane refused: turned into rejected items once
@@ -604,25 +643,7 @@ impl Outbox {
                 outcome.rejected += 1;
             }
             if records > 0 {
-                // A body too big to be read back decompressed is stored raw.
-                let (stored, codec) = match self.compression {
-                    crate::config::OutboxCompression::Lz4 if body.len() <= MAX_BODY_BYTES => {
-                        let stored = &mut self.stored_buf;
-                        stored.clear();
-                        stored.extend_from_slice(&(body.len() as u32).to_le_bytes());
-                        let bound = lz4_flex::block::get_maximum_output_size(body.len());
-                        stored.resize(4 + bound, 0);
-                        let n = lz4_flex::block::compress_into(&body, &mut stored[4..]).map_err(
-                            |_| OutboxError::Corrupt {
-                                batch_seq: 0,
-                                what: "lz4 output larger than its bound",
-                            },
-                        )?;
-                        stored.truncate(4 + n);
-                        (&stored[..], CODEC_LZ4)
-                    }
-                    _ => (&body[..], CODEC_NONE),
-                };
+                let (stored, codec) = body.finish();
                 tx.execute(
                     "INSERT INTO outbox_batch (created_ms, records, bytes, body, codec) VALUES (?1, ?2, ?3, ?4, ?5)",
                     params![now_ms, records, stored.len() as i64, stored, codec],
@@ -641,7 +662,7 @@ impl Outbox {
             }
         }
         tx.commit()?;
-        self.body_buf = body;
+        self.body = body;
         for (device, seq) in new_marks {
             match self.hwm.get_mut(device) {
                 Some(m) => *m = seq,
@@ -778,6 +799,7 @@ pub fn load_batches(
         let body = match codec {
             CODEC_NONE => body,
             CODEC_LZ4 => decompress(&body).map_err(corrupt)?,
+            CODEC_LZ4_CHUNKS => decompress_chunks(&body).map_err(corrupt)?,
             _ => return Err(corrupt("unknown body codec")),
         };
         // The budget counts bytes as they go to Kafka, not as stored.
@@ -874,12 +896,87 @@ pub fn ensure_sequence_after(
     Ok(Some(moved))
 }
 
-fn encode_record(out: &mut Vec<u8>, topic: TopicId, key: &[u8], value: &[u8]) {
-    out.push(topic as u8);
-    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    out.extend_from_slice(value);
+/// Where encoded records go.
+trait BodySink {
+    fn put(&mut self, bytes: &[u8]);
+}
+
+impl BodySink for Vec<u8> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.extend_from_slice(bytes);
+    }
+}
+
+/// A batch body as it is written: with compression on, records gather in a
+/// chunk that is compressed as soon as it holds [`CHUNK_BYTES`], so a
+/// batch is never in memory uncompressed.
+#[derive(Default)]
+struct BodyWriter {
+    compress: bool,
+    chunk: Vec<u8>,
+    /// What is stored: the compressed chunks, or the raw body.
+    out: Vec<u8>,
+}
+
+impl BodyWriter {
+    fn start(&mut self, compress: bool) {
+        self.compress = compress;
+        self.chunk.clear();
+        self.out.clear();
+    }
+
+    fn flush_chunk(&mut self) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let bound = lz4_flex::block::get_maximum_output_size(self.chunk.len());
+        let at = self.out.len();
+        self.out.resize(at + 8 + bound, 0);
+        let (head, block) = self.out[at..].split_at_mut(8);
+        let n = lz4_flex::block::compress_into(&self.chunk, block)
+            .expect("lz4 output of the maximum output size always fits");
+        head[..4].copy_from_slice(&(self.chunk.len() as u32).to_le_bytes());
+        head[4..].copy_from_slice(&(n as u32).to_le_bytes());
+        self.out.truncate(at + 8 + n);
+        self.chunk.clear();
+    }
+
+    /// The stored body and its codec.
+    fn finish(&mut self) -> (&[u8], i64) {
+        if !self.compress {
+            return (&self.out, CODEC_NONE);
+        }
+        self.flush_chunk();
+        (&self.out, CODEC_LZ4_CHUNKS)
+    }
+}
+
+impl BodySink for BodyWriter {
+    fn put(&mut self, mut bytes: &[u8]) {
+        if !self.compress {
+            self.out.extend_from_slice(bytes);
+            return;
+        }
+        while !bytes.is_empty() {
+            let room = CHUNK_BYTES - self.chunk.len();
+            let (now, rest) = bytes.split_at(bytes.len().min(room));
+            self.chunk.extend_from_slice(now);
+            bytes = rest;
+            if self.chunk.len() == CHUNK_BYTES {
+                self.flush_chunk();
+            }
+        }
+    }
+}
+
+fn encode_record(out: &mut impl BodySink, topic: TopicId, key: &[u8], value: &[u8]) {
+    let mut head = [0u8; 5];
+    head[0] = topic as u8;
+    head[1..].copy_from_slice(&(key.len() as u32).to_le_bytes());
+    out.put(&head);
+    out.put(key);
+    out.put(&(value.len() as u32).to_le_bytes());
+    out.put(value);
 }
 
 /// The `seq` of an enriched record (the only field needed back).
@@ -908,6 +1005,7 @@ fn marks_of_batches(
         let decoded = match codec {
             CODEC_NONE => Ok(body),
             CODEC_LZ4 => decompress(&body),
+            CODEC_LZ4_CHUNKS => decompress_chunks(&body),
             _ => Err("unknown body codec"),
         }
         .and_then(|body| decode_body(&body));
@@ -1008,6 +1106,33 @@ fn decompress(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
         .map_err(|_| "lz4 body does not decompress")?;
     if n != size {
         return Err("lz4 body shorter than its size header says");
+    }
+    Ok(out)
+}
+
+/// A body stored as lz4 chunks. Each chunk says its size and may not
+/// claim more than [`CHUNK_BYTES`]: damaged data cannot ask for more memory
+/// than lz4 could expand it to.
+fn decompress_chunks(mut stored: &[u8]) -> Result<Vec<u8>, &'static str> {
+    let mut out = Vec::new();
+    while !stored.is_empty() {
+        let (head, rest) = stored
+            .split_first_chunk::<8>()
+            .ok_or("lz4 chunk shorter than its header")?;
+        let raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if raw == 0 || raw > CHUNK_BYTES || len > rest.len() {
+            return Err("lz4 chunk header out of bounds");
+        }
+        let (block, rest) = rest.split_at(len);
+        let at = out.len();
+        out.resize(at + raw, 0);
+        let n = lz4_flex::block::decompress_into(block, &mut out[at..])
+            .map_err(|_| "lz4 chunk does not decompress")?;
+        if n != raw {
+            return Err("lz4 chunk shorter than its header says");
+        }
+        stored = rest;
     }
     Ok(out)
 }

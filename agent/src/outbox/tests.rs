@@ -635,6 +635,61 @@ fn corrupt_compressed_bodies_are_errors_not_panics() {
 }
 
 #[test]
+fn corrupt_chunked_bodies_are_errors_not_panics() {
+    let body: Vec<u8> = (0..200_000u32)
+        .flat_map(|i| (i % 1000).to_le_bytes())
+        .collect();
+    let mut writer = BodyWriter::default();
+    writer.start(true);
+    // Uneven pieces, so that some straddle two chunks.
+    for piece in body.chunks(7_777) {
+        writer.put(piece);
+    }
+    let (stored, codec) = writer.finish();
+    assert_eq!(codec, CODEC_LZ4_CHUNKS);
+    let stored = stored.to_vec();
+    assert!(stored.len() < body.len() / 2);
+    assert_eq!(decompress_chunks(&stored).unwrap(), body);
+    assert_eq!(decompress_chunks(&[]).unwrap(), Vec::<u8>::new());
+    // Truncated anywhere, a claimed size too big or wrong, a damaged block.
+    for cut in [1, 7, 8, 100, stored.len() - 1] {
+        assert!(decompress_chunks(&stored[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut big = stored.clone();
+    big[..4].copy_from_slice(&(CHUNK_BYTES as u32 + 1).to_le_bytes());
+    assert!(decompress_chunks(&big).is_err());
+    let mut short = stored.clone();
+    short[0] ^= 1;
+    assert!(decompress_chunks(&short).is_err());
+    let mut damaged = stored.clone();
+    for b in &mut damaged[8..40] {
+        *b = 0xff;
+    }
+    assert!(decompress_chunks(&damaged).is_err());
+}
+
+/// Batches written by the previous build (one lz4 block) still read.
+#[test]
+fn single_block_lz4_bodies_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir);
+    let mut body = Vec::new();
+    encode_record(&mut body, TopicId::Data, b"k", b"{\"seq\":3}");
+    let mut stored = (body.len() as u32).to_le_bytes().to_vec();
+    stored.extend(lz4_flex::block::compress(&body));
+    outbox
+        .conn
+        .execute(
+            "INSERT INTO outbox_batch (created_ms, records, bytes, body, codec) VALUES (1, 1, ?1, ?2, ?3)",
+            params![stored.len() as i64, stored, CODEC_LZ4],
+        )
+        .unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    assert_eq!(batches[0].records[0].key, b"k");
+    assert_eq!(load_marks(&outbox.conn).unwrap().get("k"), Some(&3));
+}
+
+#[test]
 fn a_version_1_outbox_is_upgraded_and_its_batches_still_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("o.db");

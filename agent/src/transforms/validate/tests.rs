@@ -295,6 +295,161 @@ fn fast_and_general_paths_agree() {
     assert!(payloads.len() > 300);
 }
 
+/// Number texts and layouts the scanner reads itself or leaves to the serde
+/// paths: every path gives the same result.
+#[test]
+fn scanner_agrees_with_the_serde_paths() {
+    let text = good().to_string();
+    // The common shape takes the scanner.
+    assert!(scan::parts(text.as_bytes()).is_some());
+    let spaced = " {\n\t\"device_id\" : \"dev-1\" , \"seq\":7,\"epoch\": null, \"ts\": 1789999999000,\r\n\
+                  \"temperature\":21.5,\"humidity\":40,\"battery\":88.0,\"lat\":52.52,\"lon\":-13.4,\"speed\":0 } \n";
+    assert!(scan::parts(spaced.as_bytes()).is_some());
+    let numbers = [
+        "0",
+        "-0",
+        "-0.0",
+        "1",
+        "01",
+        "1.",
+        ".5",
+        "+1",
+        "1.50",
+        "1e2",
+        "1E+2",
+        "2.5e-1",
+        "1e",
+        "1e+",
+        "-",
+        "--1",
+        "1.2.3",
+        "0x10",
+        "NaN",
+        "Infinity",
+        "-Infinity",
+        "1e400",
+        "-1e400",
+        "4.9e-324",
+        "21.500000000000000001",
+        "52.520000000000003126388037344440817832946777343750001",
+        "0.1000000000000000055511151231257827021181583404541015625",
+        "9007199254740993",
+        "18446744073709551615",
+        "18446744073709551616",
+        "-9223372036854775808",
+        "-9223372036854775809",
+        "1789999999000",
+        "1789999999000.0",
+        "1.789999999e12",
+        "true",
+        "null",
+        "\"7\"",
+        "",
+    ];
+    let mut payloads = vec![text.clone(), spaced.to_string()];
+    let with_epoch = format!("{{\"epoch\":5,{}", &text[1..]);
+    // The numeric fields.
+    for field in KNOWN_FIELDS
+        .into_iter()
+        .filter(|f| !matches!(*f, "device_id" | "attributes"))
+    {
+        let at = with_epoch.find(&format!("\"{field}\":")).unwrap() + field.len() + 3;
+        let end = at + with_epoch[at..].find([',', '}']).unwrap();
+        for number in numbers {
+            payloads.push(format!(
+                "{}{number}{}",
+                &with_epoch[..at],
+                &with_epoch[end..]
+            ));
+        }
+    }
+    let inner = &text[1..text.len() - 1];
+    payloads.extend([
+        format!("{{{inner},\"epoch\":3,\"epoch\":null}}"),
+        format!("{{{inner},}}"),
+        format!("{{,{inner}}}"),
+        format!("{{{inner}}}x"),
+        format!("{{{inner}}},"),
+        format!("{{{inner}"),
+        format!("{{{inner};"),
+        format!("{{{inner},\"attributes\":{{}}}}"),
+        format!("{{{inner},\"Seq\":1}}"),
+        text.replace("\"dev-1\"", "\"dév-1\""),
+        text.replace("\"dev-1\"", "\"dev\t1\""),
+        text.replace("\"dev-1\"", "\"\""),
+        text.replace("\"dev-1\"", "7"),
+        text.replace("\"device_id\"", "device_id"),
+        text.replace(':', " : "),
+        text.replace(',', " ,\n"),
+        "{}".into(),
+        " ".into(),
+    ]);
+    for p in &payloads {
+        for topic in [None, Some("dev-1"), Some("dev-2")] {
+            assert_eq!(
+                decode_reading(p.as_bytes(), topic, NOW, &limits()),
+                decode_reading_general(p.as_bytes(), topic, NOW, &limits()),
+                "payload {p:?} topic {topic:?}"
+            );
+        }
+    }
+    // Each number the scanner reads is the one serde_json reads.
+    for number in [
+        "21.5",
+        "1e2",
+        "-0.0",
+        "4.9e-324",
+        "0.30000000000000004",
+        "52.520000000000003126388037344440817832946777343750001",
+    ] {
+        let p = text.replace("21.5", number);
+        let scanned = scan::parts(p.as_bytes()).expect(number).temperature;
+        let parsed: f64 = serde_json::from_str(number).unwrap();
+        assert_eq!(scanned.to_bits(), parsed.to_bits(), "{number}");
+    }
+}
+
+/// The scanner's exact division gives the bits of a full parser on
+/// numbers of every length and scale it takes.
+#[test]
+fn exact_floats_equal_the_full_parser() {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut taken = 0;
+    for _ in 0..200_000 {
+        let digits = 1 + next() % 19;
+        let mantissa = next() % 10u64.pow(digits as u32);
+        let text = mantissa.to_string();
+        let point = (next() % (text.len() as u64 + 2)) as usize;
+        let mut number = if point == 0 || point > text.len() {
+            text.clone()
+        } else {
+            format!("{}.{}", &text[..point], &text[point..])
+        };
+        if point == 1 && next() % 2 == 0 {
+            number = format!("0.{}{text}", "0".repeat((next() % 8) as usize));
+        }
+        if next() % 2 == 0 {
+            number.insert(0, '-');
+        }
+        let full: f64 = number.parse().unwrap();
+        if let Some(value) = scan::exact_float(number.as_bytes()) {
+            taken += 1;
+            assert_eq!(value.to_bits(), full.to_bits(), "{number}");
+        }
+    }
+    // Most of them are short enough for the exact path.
+    assert!(taken > 100_000, "{taken}");
+    assert_eq!(scan::exact_float(b"1e5"), None);
+    assert_eq!(scan::exact_float(b"9007199254740993"), None);
+    assert_eq!(scan::exact_float(b"0.00000000000000000000001"), None);
+}
+
 #[test]
 fn hand_written_json_equals_serde_json() {
     let mut with_extras = good();
