@@ -38,8 +38,9 @@ pub enum FenceError {
 /// One geofence.
 #[derive(Debug, Clone)]
 pub struct Fence {
-    /// Shared with every device state that refers to the fence.
     pub id: Arc<str>,
+    /// The id as device states hold it.
+    pub key: FenceId,
     pub area: MultiPolygon<f64>,
     /// Emit `dwell` once a device stayed inside this long.
     pub dwell_ms: Option<i64>,
@@ -199,6 +200,7 @@ pub fn fences_from_value(doc: &Value) -> Result<Vec<Fence>, FenceError> {
             ));
         }
         fences.push(Fence {
+            key: FenceId::of(id),
             id: Arc::from(id),
             area,
             dwell_ms: optional_seconds(index, props, "dwell_seconds")?,
@@ -223,7 +225,7 @@ impl RTreeObject for Indexed {
 /// Fences with an R-tree over their bounding boxes.
 pub struct FenceIndex {
     fences: Vec<Fence>,
-    by_id: std::collections::HashMap<Arc<str>, usize>,
+    by_key: foldhash::HashMap<FenceId, usize>,
     tree: RTree<Indexed>,
 }
 
@@ -243,14 +245,10 @@ impl FenceIndex {
                 })
             })
             .collect();
-        let by_id = fences
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.id.clone(), i))
-            .collect();
+        let by_key = fences.iter().enumerate().map(|(i, f)| (f.key, i)).collect();
         Self {
             fences,
-            by_id,
+            by_key,
             tree: RTree::bulk_load(items),
         }
     }
@@ -280,8 +278,8 @@ impl FenceIndex {
         out
     }
 
-    fn get(&self, id: &str) -> Option<&Fence> {
-        self.by_id.get(id).map(|&i| &self.fences[i])
+    fn get(&self, key: FenceId) -> Option<&Fence> {
+        self.by_key.get(&key).map(|&i| &self.fences[i])
     }
 }
 
@@ -322,27 +320,85 @@ pub struct FenceEvent {
     pub lon: f64,
 }
 
-/// Fence ids in device state: one shared allocation per fence (stored as
-/// plain strings).
-mod shared_id {
-    use std::sync::Arc;
+/// A fence id as device state holds it: 4 bytes, the index of the name in
+/// a process-wide table that stores each name once, also for states read
+/// back from disk. On disk it is the name itself. Ordered by name.
+///
+/// The table only grows: by the fence names this process has seen, a few
+/// dozen bytes each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FenceId(u32);
 
-    use serde::{Deserialize, Deserializer, Serializer};
+#[derive(Default)]
+struct FenceNames {
+    ids: foldhash::HashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
+}
 
-    pub fn serialize<S: Serializer>(id: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(id)
+static FENCE_NAMES: std::sync::LazyLock<std::sync::RwLock<FenceNames>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn fence_names() -> std::sync::RwLockReadGuard<'static, FenceNames> {
+    // The table is consistent after every write: a panic elsewhere cannot
+    // leave it half-changed.
+    FENCE_NAMES.read().unwrap_or_else(|e| e.into_inner())
+}
+
+impl FenceId {
+    /// The id of `name`, added to the table when new.
+    pub fn of(name: &str) -> Self {
+        if let Some(&id) = fence_names().ids.get(name) {
+            return Self(id);
+        }
+        let mut table = FENCE_NAMES.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(&id) = table.ids.get(name) {
+            return Self(id);
+        }
+        let id = u32::try_from(table.names.len())
+            .expect("fewer than 4 billion distinct fence names in one process");
+        let name: Arc<str> = Arc::from(name);
+        table.names.push(name.clone());
+        table.ids.insert(name, id);
+        Self(id)
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
-        String::deserialize(d).map(Arc::from)
+    pub fn name(self) -> Arc<str> {
+        fence_names().names[self.0 as usize].clone()
+    }
+}
+
+impl Ord for FenceId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        if self == other {
+            return std::cmp::Ordering::Equal;
+        }
+        let table = fence_names();
+        table.names[self.0 as usize].cmp(&table.names[other.0 as usize])
+    }
+}
+
+impl PartialOrd for FenceId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Serialize for FenceId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for FenceId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        std::borrow::Cow::<'de, str>::deserialize(d).map(|name| Self::of(&name))
     }
 }
 
 /// A fence a device is in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inside {
-    #[serde(with = "shared_id")]
-    pub fence: Arc<str>,
+    pub fence: FenceId,
     /// Event time the device entered.
     pub since: i64,
     /// `dwell` already raised for this stay.
@@ -352,8 +408,7 @@ pub struct Inside {
 /// A fence a device left, waiting for `absent`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Left {
-    #[serde(with = "shared_id")]
-    pub fence: Arc<str>,
+    pub fence: FenceId,
     /// Event time at which `absent` fires unless the device is back.
     pub due: i64,
 }
@@ -374,7 +429,11 @@ impl DeviceFences {
 
     /// Whether the device is inside `fence`.
     pub fn is_inside(&self, fence: &str) -> bool {
-        self.inside.iter().any(|i| &*i.fence == fence)
+        self.inside.iter().any(|i| &*i.fence.name() == fence)
+    }
+
+    fn is_inside_key(&self, key: FenceId) -> bool {
+        self.inside.iter().any(|i| i.fence == key)
     }
 
     /// Advances the state with one position; returns the events it raises.
@@ -406,17 +465,17 @@ impl DeviceFences {
             });
         };
         if self.inside.len() != now_inside.len()
-            || !now_inside.iter().all(|f| self.is_inside(&f.id))
+            || !now_inside.iter().all(|f| self.is_inside_key(f.key))
         {
             let mut i = 0;
             while i < self.inside.len() {
-                if now_inside.iter().any(|f| f.id == self.inside[i].fence) {
+                if now_inside.iter().any(|f| f.key == self.inside[i].fence) {
                     i += 1;
                     continue;
                 }
                 let gone = self.inside.remove(i);
-                emit(FenceEventKind::Exit, &gone.fence);
-                if let Some(absent) = index.get(&gone.fence).and_then(|f| f.absent_ms) {
+                emit(FenceEventKind::Exit, &gone.fence.name());
+                if let Some(absent) = index.get(gone.fence).and_then(|f| f.absent_ms) {
                     self.left.retain(|l| l.fence != gone.fence);
                     self.left.push(Left {
                         fence: gone.fence,
@@ -425,13 +484,13 @@ impl DeviceFences {
                 }
             }
             for fence in &now_inside {
-                if !self.is_inside(&fence.id) {
+                if !self.is_inside_key(fence.key) {
                     self.inside.push(Inside {
-                        fence: fence.id.clone(),
+                        fence: fence.key,
                         since: ts,
                         dwell_reported: false,
                     });
-                    self.left.retain(|l| l.fence != fence.id);
+                    self.left.retain(|l| l.fence != fence.key);
                     emit(FenceEventKind::Enter, &fence.id);
                 }
             }
@@ -439,25 +498,25 @@ impl DeviceFences {
         }
         for inside in self.inside.iter_mut() {
             if !inside.dwell_reported
-                && let Some(dwell) = index.get(&inside.fence).and_then(|f| f.dwell_ms)
+                && let Some(dwell) = index.get(inside.fence).and_then(|f| f.dwell_ms)
                 && ts - inside.since >= dwell
             {
                 inside.dwell_reported = true;
-                emit(FenceEventKind::Dwell, &inside.fence);
+                emit(FenceEventKind::Dwell, &inside.fence.name());
             }
         }
         if self.left.iter().any(|l| ts >= l.due) {
-            let mut absent: Vec<Arc<str>> = Vec::new();
+            let mut absent: Vec<FenceId> = Vec::new();
             self.left.retain(|l| {
                 let due = ts >= l.due;
                 if due {
-                    absent.push(l.fence.clone());
+                    absent.push(l.fence);
                 }
                 !due
             });
             absent.sort();
             for id in absent {
-                emit(FenceEventKind::Absent, &id);
+                emit(FenceEventKind::Absent, &id.name());
             }
         }
         events
@@ -469,7 +528,7 @@ impl DeviceFences {
     pub fn forget_unknown(&mut self, index: &FenceIndex) -> bool {
         let before = self.left.len();
         self.left
-            .retain(|l| index.get(&l.fence).is_some_and(|f| f.absent_ms.is_some()));
+            .retain(|l| index.get(l.fence).is_some_and(|f| f.absent_ms.is_some()));
         // `inside` entries of a removed fence go on the next step, with an
         // `exit` event; only absent timers are dropped here.
         before != self.left.len()

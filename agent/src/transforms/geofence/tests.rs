@@ -252,7 +252,11 @@ fn absent_timers_end_with_the_fence_or_its_absent_setting() {
         FenceIndex::new(parse_fences(&text.replacen(", \"absent_seconds\": 10", "", 1)).unwrap());
     assert!(state.forget_unknown(&changed));
     assert_eq!(
-        state.left.iter().map(|l| &*l.fence).collect::<Vec<_>>(),
+        state
+            .left
+            .iter()
+            .map(|l| l.fence.name().to_string())
+            .collect::<Vec<_>>(),
         ["b"]
     );
     let events = state.step(&changed, "d", 4, 60_000, 5.0, 5.0);
@@ -263,4 +267,29 @@ fn absent_timers_end_with_the_fence_or_its_absent_setting() {
             .collect::<Vec<_>>(),
         [(FenceEventKind::Absent, "b")]
     );
+}
+
+#[test]
+fn fence_ids_order_by_name_and_survive_a_round_trip_to_disk() {
+    // Interned in the opposite order of their names.
+    let z = FenceId::of("order-test-z");
+    let a = FenceId::of("order-test-a");
+    assert!(a < z);
+    assert_eq!(FenceId::of("order-test-z"), z);
+    assert_eq!(&*z.name(), "order-test-z");
+    let state = DeviceFences {
+        inside: vec![Inside {
+            fence: z,
+            since: 5,
+            dwell_reported: true,
+        }],
+        left: vec![Left { fence: a, due: 9 }],
+    };
+    let bytes = postcard::to_allocvec(&state).unwrap();
+    // Stored as names, so another process reads the same fences.
+    assert!(bytes.windows(12).any(|w| w == b"order-test-z"));
+    let back: DeviceFences = postcard::from_bytes(&bytes).unwrap();
+    assert_eq!(back, state);
+    assert_eq!(std::mem::size_of::<Left>(), 16);
+    assert_eq!(std::mem::size_of::<Inside>(), 16);
 }
