@@ -892,3 +892,96 @@ fn marks_are_rebuilt_from_unsent_batches_after_a_crash() {
         .unwrap();
     assert_eq!((out.valid, out.duplicates), (1, 2));
 }
+
+/// A reading stored in binary renders to the JSON the batch writer used to
+/// store: with and without epoch, attributes, registration, enrichment.
+#[test]
+fn stored_readings_render_the_json_of_the_reading() {
+    let limits = ValidationConfig::default();
+    let payloads = [
+        r#"{"device_id":"dev-1","seq":7,"ts":1789999999000,"temperature":21.5,"humidity":40.0,"battery":88.25,"lat":48.13908938715199,"lon":-11.5,"speed":0}"#,
+        r#"{"device_id":"dev-2","seq":9,"epoch":1790000000,"ts":1789999999001,"temperature":-0.0,"humidity":0.1,"battery":100,"lat":-90,"lon":180,"speed":999.999,"firmware":"1.2","attributes":{"rssi":-70,"note":"a \"quoted\" é"}}"#,
+    ];
+    let fragments: [&[u8]; 2] = [b"", br#","device_type":"tracker","tags":{"fleet":"a"}"#];
+    for payload in payloads {
+        let r = decode_reading(payload.as_bytes(), None, NOW, &limits).unwrap();
+        for (registered, fragment) in [(false, fragments[0]), (true, fragments[1])] {
+            for gateway_id in [
+                "gw-1",
+                "a-gateway-id-of-sixty-four-characters-0123456789-abcdefghijklmn",
+            ] {
+                let mut expected = Vec::new();
+                crate::transforms::validate::write_reading_json(
+                    &mut expected,
+                    &r,
+                    gateway_id,
+                    NOW + 5,
+                    registered,
+                    fragment,
+                );
+                let mut stored = Vec::new();
+                let e = Enrichment {
+                    gateway_id,
+                    received_at: NOW + 5,
+                    registered,
+                    fragment,
+                };
+                encode_reading(&mut stored, &r, &e);
+                let mut rendered = Vec::new();
+                render_reading(r.device_id.as_bytes(), &stored, &mut rendered).unwrap();
+                assert_eq!(
+                    String::from_utf8(rendered).unwrap(),
+                    String::from_utf8(expected.clone()).unwrap()
+                );
+                assert_eq!(reading_seq(&stored), Some(r.seq));
+                // Smaller than its JSON, before compression.
+                assert!(stored.len() < expected.len());
+                // Damaged: cut anywhere, a value that is not finite, bytes after.
+                for cut in 0..stored.len() {
+                    assert!(render_reading(b"dev", &stored[..cut], &mut Vec::new()).is_err());
+                }
+                let mut longer = stored.clone();
+                longer.push(0);
+                assert!(render_reading(b"dev", &longer, &mut Vec::new()).is_err());
+                let mut nan = stored.clone();
+                let at = 17 + if r.epoch.is_some() { 8 } else { 0 } + 8;
+                nan[at..at + 8].copy_from_slice(&f64::NAN.to_bits().to_le_bytes());
+                assert!(render_reading(b"dev", &nan, &mut Vec::new()).is_err());
+            }
+        }
+    }
+}
+
+/// What the uplink reads is the JSON of each reading, and the marks come
+/// back from the binary records after a restart.
+#[test]
+fn batches_of_binary_readings_send_json_and_keep_their_marks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    let mut items: Vec<Item> = (1..=300).map(|s| reading("a", s)).collect();
+    items.push(reading("b", 42));
+    outbox.write_batch(&mut items, NOW).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let records = &batches[0].records;
+    assert_eq!(records.len(), 301);
+    for (record, item) in records.iter().zip(&items) {
+        let Item::Reading(r, _) = item else {
+            unreachable!()
+        };
+        let mut expected = Vec::new();
+        crate::transforms::validate::write_reading_json(
+            &mut expected,
+            r,
+            &outbox.gateway_id,
+            NOW,
+            false,
+            b"",
+        );
+        assert_eq!(record.topic, TopicId::Data);
+        assert_eq!(record.key, r.device_id.as_bytes());
+        assert_eq!(record.value, expected);
+    }
+    let marks = load_marks(&outbox.conn).unwrap();
+    assert_eq!(marks.get("a"), Some(&300));
+    assert_eq!(marks.get("b"), Some(&42));
+}

@@ -1128,6 +1128,66 @@ pub fn write_reading_json(
     registered: bool,
     enrichment: &[u8],
 ) {
+    let attributes = if r.attributes.is_empty() {
+        Vec::new()
+    } else {
+        // A map of JSON values always serializes.
+        serde_json::to_vec(&r.attributes).unwrap_or_default()
+    };
+    write_record_json(
+        out,
+        &RecordFields::of(r, &attributes),
+        &Enrichment {
+            gateway_id,
+            received_at,
+            registered,
+            fragment: enrichment,
+        },
+    );
+}
+
+/// The fields of an accepted reading as its record carries them: what the
+/// outbox stores, and renders as JSON when the batch is sent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecordFields<'a> {
+    pub device_id: &'a str,
+    pub seq: u64,
+    pub device_seq: u64,
+    pub epoch: Option<u64>,
+    pub ts: i64,
+    /// temperature, humidity, battery, lat, lon, speed.
+    pub values: [f64; 6],
+    /// The extra fields as a JSON object, empty when there are none.
+    pub attributes: &'a [u8],
+}
+
+impl<'a> RecordFields<'a> {
+    pub fn of(r: &'a Reading, attributes: &'a [u8]) -> Self {
+        Self {
+            device_id: &r.device_id,
+            seq: r.seq,
+            device_seq: r.device_seq,
+            epoch: r.epoch,
+            ts: r.ts,
+            values: [r.temperature, r.humidity, r.battery, r.lat, r.lon, r.speed],
+            attributes,
+        }
+    }
+}
+
+/// What the gateway adds to a reading.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Enrichment<'a> {
+    pub gateway_id: &'a str,
+    /// Gateway clock when the reading was accepted, epoch ms.
+    pub received_at: i64,
+    pub registered: bool,
+    /// From [`enrichment_fragment`]; empty for an unregistered device.
+    pub fragment: &'a [u8],
+}
+
+/// Appends an enriched reading as JSON.
+pub fn write_record_json(out: &mut Vec<u8>, r: &RecordFields<'_>, e: &Enrichment<'_>) {
     use serde_json::ser::{CompactFormatter, Formatter};
     let mut f = CompactFormatter;
     // Ids are validated to [A-Za-z0-9._-]: nothing to escape.
@@ -1144,31 +1204,34 @@ pub fn write_reading_json(
     out.extend_from_slice(b",\"ts\":");
     let _ = f.write_i64(out, r.ts);
     for (key, value) in [
-        (&b",\"temperature\":"[..], r.temperature),
-        (b",\"humidity\":", r.humidity),
-        (b",\"battery\":", r.battery),
-        (b",\"lat\":", r.lat),
-        (b",\"lon\":", r.lon),
-        (b",\"speed\":", r.speed),
-    ] {
+        &b",\"temperature\":"[..],
+        b",\"humidity\":",
+        b",\"battery\":",
+        b",\"lat\":",
+        b",\"lon\":",
+        b",\"speed\":",
+    ]
+    .into_iter()
+    .zip(r.values)
+    {
         out.extend_from_slice(key);
         // Validated values are finite.
         let _ = f.write_f64(out, value);
     }
     if !r.attributes.is_empty() {
         out.extend_from_slice(b",\"attributes\":");
-        let _ = serde_json::to_writer(&mut *out, &r.attributes);
+        out.extend_from_slice(r.attributes);
     }
     out.extend_from_slice(b",\"gateway_id\":\"");
-    out.extend_from_slice(gateway_id.as_bytes());
+    out.extend_from_slice(e.gateway_id.as_bytes());
     out.extend_from_slice(b"\",\"received_at\":");
-    let _ = f.write_i64(out, received_at);
-    out.extend_from_slice(if registered {
+    let _ = f.write_i64(out, e.received_at);
+    out.extend_from_slice(if e.registered {
         b",\"registered\":true"
     } else {
         b",\"registered\":false"
     });
-    out.extend_from_slice(enrichment);
+    out.extend_from_slice(e.fragment);
     out.push(b'}');
 }
 
