@@ -85,6 +85,22 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Stops the process with SIGTERM, so that it finishes what it sent
+    /// (a bridge's bulk request in flight would otherwise be indexed after
+    /// the cleanup deleted the index, and create it again); SIGKILL if it
+    /// is not gone within `grace`.
+    async fn terminate(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + grace;
+            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        self.kill9();
+    }
 }
 
 impl Drop for Proc {
@@ -516,6 +532,9 @@ interval_seconds = 0
 
     async fn cleanup(mut self) {
         self.agent = None;
+        for bridge in self.bridges.iter_mut().flatten() {
+            bridge.terminate(Duration::from_secs(30)).await;
+        }
         self.bridges.clear();
         self.remove_agent_session().await;
         let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
