@@ -1139,18 +1139,16 @@ fn decompress(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
 /// A body stored as lz4 chunks. Each chunk says its size and may not
 /// claim more than [`CHUNK_BYTES`]: damaged data cannot ask for more memory
 /// than lz4 could expand it to.
-fn decompress_chunks(mut stored: &[u8]) -> Result<Vec<u8>, &'static str> {
+fn decompress_chunks(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
     let mut out = Vec::new();
-    while !stored.is_empty() {
-        let (head, rest) = stored
-            .split_first_chunk::<8>()
-            .ok_or("lz4 chunk shorter than its header")?;
-        let raw = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        if raw == 0 || raw > CHUNK_BYTES || len > rest.len() {
-            return Err("lz4 chunk header out of bounds");
+    let mut c = Cursor(stored);
+    while !c.0.is_empty() {
+        let raw = c.u32()? as usize;
+        let len = c.u32()? as usize;
+        if raw == 0 || raw > CHUNK_BYTES {
+            return Err("lz4 chunk claims an impossible size");
         }
-        let (block, rest) = rest.split_at(len);
+        let block = c.take(len)?;
         let at = out.len();
         out.resize(at + raw, 0);
         let n = lz4_flex::block::decompress_into(block, &mut out[at..])
@@ -1158,7 +1156,6 @@ fn decompress_chunks(mut stored: &[u8]) -> Result<Vec<u8>, &'static str> {
         if n != raw {
             return Err("lz4 chunk shorter than its header says");
         }
-        stored = rest;
     }
     Ok(out)
 }
