@@ -342,6 +342,19 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
+/// Kafka's own rule for topic names; `bridge_offsets.topic` is latin1.
+fn topic_name_ok(topic: &str) -> bool {
+    (1..=249).contains(&topic.len())
+        && topic != "."
+        && topic != ".."
+        && topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+const TOPIC_RULE: &str =
+    "a Kafka topic name: 1 to 249 characters of A-Z, a-z, 0-9, '.', '_' or '-'";
+
 const RESERVED_KAFKA_KEYS: &[&str] = &[
     "bootstrap.servers",
     "group.id",
@@ -439,8 +452,8 @@ impl BridgeConfig {
                     "an index name: lowercase letters, digits, '-', '_', '.', not starting with '_', '-' or '+'",
                 ));
             }
-            if os.topic.is_empty() || os.topic.len() > 249 {
-                return Err(invalid("opensearch.topic", &os.topic, "a Kafka topic name"));
+            if !topic_name_ok(&os.topic) {
+                return Err(invalid("opensearch.topic", &os.topic, TOPIC_RULE));
             }
             if !(1..=10_000).contains(&os.bulk_max_docs) {
                 return Err(invalid(
@@ -457,18 +470,18 @@ impl BridgeConfig {
                 ));
             }
         }
-        if self.kafka.topic_data.is_empty() || self.kafka.topic_data.len() > 249 {
+        if !topic_name_ok(&self.kafka.topic_data) {
             return Err(invalid(
                 "kafka.topic_data",
                 &self.kafka.topic_data,
-                "a Kafka topic name",
+                TOPIC_RULE,
             ));
         }
-        if self.kafka.topic_dlq.is_empty() || self.kafka.topic_dlq.len() > 249 {
+        if !topic_name_ok(&self.kafka.topic_dlq) {
             return Err(invalid(
                 "kafka.topic_dlq",
                 &self.kafka.topic_dlq,
-                "a Kafka topic name",
+                TOPIC_RULE,
             ));
         }
         self.validate_routes()?;
@@ -618,8 +631,8 @@ impl BridgeConfig {
     fn validate_routes(&self) -> Result<(), ConfigError> {
         let mut seen = std::collections::BTreeSet::new();
         for r in &self.routes {
-            if r.topic.is_empty() || r.topic.len() > 249 {
-                return Err(invalid("routes.topic", &r.topic, "a Kafka topic name"));
+            if !topic_name_ok(&r.topic) {
+                return Err(invalid("routes.topic", &r.topic, TOPIC_RULE));
             }
             if r.sink != SinkKind::Opensearch && (r.index.is_some() || r.document_id.is_some()) {
                 return Err(invalid(
@@ -737,6 +750,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown variant `kafka`"), "{err}");
+        for topic in ["t\u{e9}", "a b", "a/b", "..", &"t".repeat(250)] {
+            std::fs::write(
+                &path,
+                format!("[[routes]]\ntopic = \"{topic}\"\nsink = \"mysql_metrics\"\n"),
+            )
+            .unwrap();
+            let err = BridgeConfig::load(Some(&path), |_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("invalid config: `routes.topic`")
+                    && err.contains("a Kafka topic name: 1 to 249"),
+                "{err}"
+            );
+        }
         let err = BridgeConfig::load(None, |k| {
             (k == "CLOUD_BRIDGE_API_LISTEN").then(|| "localhost".into())
         })

@@ -416,8 +416,11 @@ fn document_id(rule: config::DocumentId, payload: &[u8]) -> Result<String, Strin
             }
             let k: Key = serde_json::from_slice(payload)
                 .map_err(|e| format!("no device_id and seq: {e}"))?;
-            if k.device_id.is_empty() || k.device_id.len() > 64 {
-                return Err("device_id must be 1 to 64 characters".into());
+            if !edge_agent::config::is_valid_id(&k.device_id) {
+                return Err(format!(
+                    "device_id {:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'",
+                    k.device_id
+                ));
             }
             Ok(format!("{}:{}", k.device_id, k.seq))
         }

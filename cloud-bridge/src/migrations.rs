@@ -112,6 +112,39 @@ const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
             KEY iot_dlq_gateway (gateway_id, received_at_ms)
         ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     ],
+), (
+    3,
+    "case-sensitive ids",
+    // Ids are 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-', and
+    // case-sensitive, as the agent treats them. Under the tables' default
+    // collation (utf8mb4_general_ci on MariaDB, utf8mb4_0900_ai_ci on
+    // MySQL 8) `Dev-1` and `dev-1` were one key: the second device's
+    // readings were refused as duplicates of the first's, and a gateway's
+    // registry matched the devices of a gateway differing only in case.
+    // latin1_general_cs is case-sensitive, gives each of those 65
+    // characters its own weight, and exists on both servers; a `_bin`
+    // collation would flag the columns BINARY, which clients then decode
+    // as bytes instead of text. No key can collide in the conversion: the
+    // new collation only tells apart more ids than the old one.
+    &[
+        "ALTER TABLE iot_metrics
+            MODIFY device_id  VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
+            MODIFY gateway_id VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL",
+        "ALTER TABLE bridge_offsets
+            MODIFY sink  VARCHAR(64)  CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
+            MODIFY topic VARCHAR(249) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL",
+        "ALTER TABLE bridge_dead_letters
+            MODIFY sink  VARCHAR(64)  CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
+            MODIFY topic VARCHAR(249) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL",
+        "ALTER TABLE device_metadata
+            MODIFY device_id  VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
+            MODIFY gateway_id VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NULL",
+        "ALTER TABLE geofences
+            MODIFY fence_id   VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
+            MODIFY gateway_id VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NULL",
+        "ALTER TABLE gateways
+            MODIFY gateway_id VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL",
+    ],
 )];
 
 /// Applies every migration not yet recorded in `schema_migrations`.

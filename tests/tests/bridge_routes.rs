@@ -18,10 +18,18 @@ const BRIDGE: &str = env!("CARGO_BIN_EXE_fault-bridge");
 const READINGS: u64 = 300;
 const DEAD_LETTERS: u64 = 25;
 const UNREADABLE: u64 = 3;
+/// Readings of `DEV-n`, with the seqs of `dev-n`'s: ids are case-sensitive.
+const CASE_TWINS: u64 = 20;
+/// A device id the agent never sends (not ASCII).
+const FOREIGN_ID: &str = "d\u{e9}v-1";
 
 fn reading(i: u64) -> String {
+    reading_of(&format!("dev-{}", i % 7), i)
+}
+
+fn reading_of(device_id: &str, i: u64) -> String {
     serde_json::json!({
-        "device_id": format!("dev-{}", i % 7), "seq": i, "device_seq": i, "ts": 1_700_000_000_000i64 + i as i64,
+        "device_id": device_id, "seq": i, "device_seq": i, "ts": 1_700_000_000_000i64 + i as i64,
         "temperature": 20.5, "humidity": 40.0, "battery": 3.7, "lat": 48.1, "lon": 11.5, "speed": 0.0,
         "gateway_id": "gw-routes", "received_at": 1_700_000_000_100i64 + i as i64, "registered": false
     })
@@ -86,6 +94,27 @@ async fn scenario(
             .await
             .map_err(|(e, _)| e)?;
     }
+    for i in 0..CASE_TWINS {
+        let key = format!("DEV-{}", i % 7);
+        producer
+            .send(
+                FutureRecord::to(data)
+                    .key(&key)
+                    .payload(&reading_of(&key, i)),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+    }
+    producer
+        .send(
+            FutureRecord::to(data)
+                .key(FOREIGN_ID)
+                .payload(&reading_of(FOREIGN_ID, 1)),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)?;
     for i in 0..DEAD_LETTERS {
         producer
             .send(
@@ -146,7 +175,7 @@ async fn scenario(
             || {
                 let q = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM iot_metrics")
                     .fetch_one(&pool);
-                async move { Ok((q.await? as u64 >= READINGS).then_some(())) }
+                async move { Ok((q.await? as u64 >= READINGS + CASE_TWINS).then_some(())) }
             },
         )
         .await?;
@@ -171,7 +200,7 @@ async fn scenario(
                     let _ = refresh.send().await;
                     let v: serde_json::Value =
                         serde_json::from_slice(&count.send().await?.bytes().await?)?;
-                    Ok((v["count"].as_u64() >= Some(READINGS)).then_some(()))
+                    Ok((v["count"].as_u64() >= Some(READINGS + CASE_TWINS)).then_some(()))
                 }
             },
         )
@@ -181,8 +210,31 @@ async fn scenario(
             .fetch_one(&pool)
             .await?;
         ensure!(
-            rows as u64 == READINGS,
-            "{rows} rows for {READINGS} readings"
+            rows as u64 == READINGS + CASE_TWINS,
+            "{rows} rows for {READINGS} readings and {CASE_TWINS} of devices differing only in case"
+        );
+        let twins: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM iot_metrics WHERE device_id LIKE 'DEV-%'")
+                .fetch_one(&pool)
+                .await?;
+        assert_eq!(twins as u64, CASE_TWINS);
+        let upper: String = sqlx::query_scalar(
+            "SELECT device_id FROM iot_metrics WHERE device_id = 'DEV-3' AND seq = 10",
+        )
+        .fetch_one(&pool)
+        .await?;
+        assert_eq!(upper, "DEV-3");
+        // The foreign id is a dead letter of both routes, not a row.
+        let letters: Vec<(String, String)> =
+            sqlx::query_as("SELECT sink, reason FROM bridge_dead_letters ORDER BY sink")
+                .fetch_all(&pool)
+                .await?;
+        assert_eq!(
+            letters,
+            [
+                ("mysql-metrics".to_string(), "invalid_field".to_string()),
+                (format!("opensearch-{index}"), "no_document_id".to_string()),
+            ]
         );
         let reasons: Vec<(String, i64)> =
             sqlx::query_as("SELECT reason, COUNT(*) FROM iot_dlq GROUP BY reason ORDER BY reason")
@@ -205,6 +257,15 @@ async fn scenario(
                 .await?,
         )?;
         assert_eq!(doc["_source"]["seq"], 10, "{doc}");
+        let doc: serde_json::Value = serde_json::from_slice(
+            &http
+                .get(format!("{}/{index}/_doc/DEV-3:10", opensearch_url()))
+                .send()
+                .await?
+                .bytes()
+                .await?,
+        )?;
+        assert_eq!(doc["_source"]["device_id"], "DEV-3", "{doc}");
         // The bridge created the index with its mapping: strings are
         // keywords only, times are dates.
         let mapping: serde_json::Value = serde_json::from_slice(
@@ -223,7 +284,7 @@ async fn scenario(
         assert_eq!(fields["received_at"]["type"], "date", "{mapping}");
         let v: serde_json::Value =
             serde_json::from_slice(&http.get(&count_url).send().await?.bytes().await?)?;
-        assert_eq!(v["count"].as_u64(), Some(READINGS));
+        assert_eq!(v["count"].as_u64(), Some(READINGS + CASE_TWINS));
 
         // Metrics: what each route wrote, and the lag (librdkafka reports
         // it every 5 s) back at 0.
@@ -240,8 +301,14 @@ async fn scenario(
         )
         .await?;
         for line in [
-            format!("bridge_written_total{{topic=\"{data}\",sink=\"mysql_metrics\"}} {READINGS}"),
-            format!("bridge_written_total{{topic=\"{data}\",sink=\"opensearch\"}} {READINGS}"),
+            format!(
+                "bridge_written_total{{topic=\"{data}\",sink=\"mysql_metrics\"}} {}",
+                READINGS + CASE_TWINS
+            ),
+            format!(
+                "bridge_written_total{{topic=\"{data}\",sink=\"opensearch\"}} {}",
+                READINGS + CASE_TWINS
+            ),
             format!(
                 "bridge_written_total{{topic=\"{dlq}\",sink=\"mysql_dlq\"}} {}",
                 DEAD_LETTERS + UNREADABLE

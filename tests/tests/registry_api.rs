@@ -233,6 +233,24 @@ async fn scenario(api: &Api, db_url: &str, dir: &Path) -> anyhow::Result<()> {
     let (s, _) = api.get("/v1/devices?limit=0", Some(ADMIN)).await?;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
+    // Ids are case-sensitive, as on the agent: `PUMP-1` is a device of its
+    // own, not a replacement of `pump-1`.
+    let (s, v) = api
+        .put("/v1/devices/PUMP-1", json!({"gateway_id": "GW-A"}))
+        .await?;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, v) = api.get("/v1/devices/pump-1", Some(ADMIN)).await?;
+    assert_eq!(v["gateway_id"], "gw-a", "{v}");
+    let (_, page) = api.get("/v1/devices?gateway_id=gw-a", Some(ADMIN)).await?;
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "{page}");
+    let r = api
+        .req(Method::DELETE, "/v1/devices/PUMP-1", Some(ADMIN))
+        .send()
+        .await?;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let (s, _) = api.get("/v1/devices/pump-1", Some(ADMIN)).await?;
+    assert_eq!(s, StatusCode::OK);
+
     // Auth: none, wrong, and a gateway token outside its own registry.
     let (s, _) = api.get("/v1/devices", None).await?;
     assert_eq!(s, StatusCode::UNAUTHORIZED);

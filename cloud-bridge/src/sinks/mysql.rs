@@ -12,6 +12,7 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
+use edge_agent::config::is_valid_id;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sqlx::{MySql, QueryBuilder, Transaction};
@@ -63,11 +64,17 @@ pub fn decode(payload: Option<&[u8]>) -> Result<MetricRecord<'_>, (&'static str,
             format!("not a rich-iot-data record: {e}"),
         )
     })?;
-    if r.device_id.is_empty() || r.device_id.len() > 64 || r.gateway_id.len() > 64 {
-        return Err((
-            "invalid_field",
-            "device_id or gateway_id longer than 64 characters or empty".into(),
-        ));
+    // The id columns hold these characters only, compared case-sensitively
+    // (migration 3), as the agent checks them.
+    for (name, id) in [("device_id", &r.device_id), ("gateway_id", &r.gateway_id)] {
+        if !is_valid_id(id) {
+            return Err((
+                "invalid_field",
+                format!(
+                    "{name} {id:?} is not 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'"
+                ),
+            ));
+        }
     }
     if r.seq > i64::MAX as u64 {
         return Err((
@@ -329,5 +336,14 @@ mod tests {
             decode(Some(long.as_bytes())).unwrap_err().0,
             "invalid_field"
         );
+        // Ids the agent would never send: not ASCII, a space, a wildcard.
+        for (device, gateway) in [("d\u{e9}v", "g"), ("d v", "g"), ("d", "g+"), ("d", "")] {
+            let json = format!(
+                r#"{{"device_id":"{device}","seq":1,"device_seq":1,"ts":1,"temperature":1,"humidity":1,"battery":1,"lat":1,"lon":1,"speed":1,"gateway_id":"{gateway}","received_at":1}}"#
+            );
+            let (reason, message) = decode(Some(json.as_bytes())).unwrap_err();
+            assert_eq!(reason, "invalid_field", "{json}");
+            assert!(message.contains("is not 1 to 64 characters"), "{message}");
+        }
     }
 }
