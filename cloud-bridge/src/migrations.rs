@@ -145,6 +145,15 @@ const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
         "ALTER TABLE gateways
             MODIFY gateway_id VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL",
     ],
+), (
+    4,
+    "iot_metrics without the ts_ms index",
+    // Every row also went into this secondary index, at a random place in
+    // it (rows are inserted in primary-key order): it cost the MySQL sink
+    // 25 to 35 % of its throughput (README, "Cloud bridge sinks").
+    // Readings of a device over time are read through the primary key;
+    // operators who query across devices by time add it back themselves.
+    &["DROP INDEX iot_metrics_ts ON iot_metrics"],
 )];
 
 /// Applies every migration not yet recorded in `schema_migrations`.
@@ -182,6 +191,21 @@ pub async fn migrate(pool: &MySqlPool) -> Result<Vec<i64>, sqlx::Error> {
                 continue;
             }
             for statement in *statements {
+                // MySQL 8 has no `DROP INDEX IF EXISTS`: a migration cut
+                // short after its DROP must not fail when run again.
+                if let Some((index, table)) = dropped_index(statement) {
+                    let present: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM information_schema.STATISTICS \
+                         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND INDEX_NAME = ?",
+                    )
+                    .bind(table)
+                    .bind(index)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    if present == 0 {
+                        continue;
+                    }
+                }
                 sqlx::query(statement).execute(&mut *conn).await?;
             }
             sqlx::query("INSERT INTO schema_migrations (version, description) VALUES (?, ?)")
@@ -199,4 +223,11 @@ pub async fn migrate(pool: &MySqlPool) -> Result<Vec<i64>, sqlx::Error> {
         .execute(&mut *conn)
         .await;
     result
+}
+
+/// `(index, table)` of a `DROP INDEX index ON table` statement.
+fn dropped_index(statement: &str) -> Option<(&str, &str)> {
+    let rest = statement.strip_prefix("DROP INDEX ")?;
+    let (index, table) = rest.split_once(" ON ")?;
+    Some((index.trim(), table.trim()))
 }

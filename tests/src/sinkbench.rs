@@ -957,7 +957,9 @@ async fn drain_mysql(
         if let Some((_, rss)) = proc_usage(bridge_pid) {
             rss_max = rss_max.max(rss);
         }
-        progress("MariaDB", t, stored, total, per_s);
+        // Between counts, the offsets committed with the rows (a few
+        // transaction markers included) show the progress.
+        progress("MariaDB", t, stored.max(committed.min(total)), total, per_s);
         if committed > 0 && cpu.is_none() {
             cpu = Some(CpuMeter::start(pids.clone()));
         }
