@@ -43,7 +43,7 @@ fn read_bounded_line(
         if available.is_empty() {
             return Ok(consumed);
         }
-        let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
+        let (chunk, found) = match memchr::memchr(b'\n', available) {
             Some(i) => (&available[..i], Some(i)),
             None => (available, None),
         };

@@ -340,6 +340,23 @@ impl KafkaUplink {
                     // to read_committed consumers; the batches stay in the
                     // outbox and go out again in the next transaction.
                     if let Err(abort) = producer.abort_transaction(commit_timeout) {
+                        // The abort is refused with a fencing error when
+                        // another instance took the transactional id over
+                        // while the commit failed for some other reason
+                        // (Kafka 4.1 answers a commit racing a newcomer's
+                        // init with UNKNOWN_SERVER_ERROR). Starting a new
+                        // session then would fence the newcomer in turn.
+                        let fenced_now = producer
+                            .client()
+                            .fatal_error()
+                            .is_some_and(|(code, _)| is_fenced_code(code));
+                        if is_fenced(&abort) || fenced_now {
+                            warn!(commit_error = %err, "the transaction's abort was refused: another instance took over");
+                            return Err(UplinkError::Fenced {
+                                gateway_id: self.config.gateway_id.clone(),
+                                transactional_id: self.config.transactional_id(),
+                            });
+                        }
                         warn!(error = %abort, "aborting the failed transaction failed; a new producer session will fence it");
                     }
                 }

@@ -541,25 +541,30 @@ mod scan {
             }
         }
 
-        /// Any number as a finite f64, correctly rounded.
+        /// Any number as a finite f64, correctly rounded, in one pass over
+        /// its text: the fast path of [`Cursor::scan_float`], else the
+        /// standard library's parser on the text just checked.
         fn float(&mut self) -> Option<f64> {
             self.skip_ws();
             let start = self.at;
-            if let Some(value) = self.exact() {
+            if let Some(value) = self.scan_float()? {
                 return Some(value);
             }
-            self.at = start;
-            let text = self.number()?;
-            let value: f64 = std::str::from_utf8(text).ok()?.parse().ok()?;
+            // SAFETY: `scan_float` accepted `start..self.at` as JSON's
+            // number grammar, which is ASCII only: digits, '-', '+', '.',
+            // 'e' and 'E'.
+            let text = unsafe { std::str::from_utf8_unchecked(&self.bytes[start..self.at]) };
+            let value: f64 = text.parse().ok()?;
             value.is_finite().then_some(value)
         }
 
-        /// In one pass: a number without exponent whose digits fit in 53
-        /// bits, with at most 22 after the point. The digits and the power
-        /// of ten are both exact in an f64, so one division rounds
-        /// correctly (Clinger's fast path). `None` for anything else, which
-        /// [`Cursor::float`] reads with the full parser.
-        fn exact(&mut self) -> Option<f64> {
+        /// Reads a number in JSON's grammar (`-? int frac? exp?`) and
+        /// consumes it. `Some(Some(value))` when it has no exponent and its
+        /// digits fit in 53 bits with at most 22 after the point: the
+        /// digits and the power of ten are then both exact in an f64, so
+        /// one division rounds correctly (Clinger's fast path).
+        /// `Some(None)` for any other number, `None` for no number.
+        fn scan_float(&mut self) -> Option<Option<f64>> {
             let bytes = self.bytes;
             let mut i = self.at;
             let negative = bytes.get(i) == Some(&b'-');
@@ -590,17 +595,32 @@ mod scan {
                     return None;
                 }
             }
+            let mut exponent = false;
+            if let Some(b'e' | b'E') = bytes.get(i) {
+                exponent = true;
+                i += 1;
+                if let Some(b'+' | b'-') = bytes.get(i) {
+                    i += 1;
+                }
+                let exp_start = i;
+                while let Some(b'0'..=b'9') = bytes.get(i) {
+                    i += 1;
+                }
+                if i == exp_start {
+                    return None;
+                }
+            }
+            self.at = i;
             // At most 19 digits cannot have wrapped around.
-            if matches!(bytes.get(i), Some(b'e' | b'E'))
+            if exponent
                 || int_digits + decimals > 19
                 || mantissa > 1 << 53
                 || decimals >= EXACT_POWERS.len()
             {
-                return None;
+                return Some(None);
             }
-            self.at = i;
             let value = mantissa as f64 / EXACT_POWERS[decimals];
-            Some(if negative { -value } else { value })
+            Some(Some(if negative { -value } else { value }))
         }
     }
 
@@ -614,7 +634,7 @@ mod scan {
     #[cfg(test)]
     pub(super) fn exact_float(text: &[u8]) -> Option<f64> {
         let mut c = Cursor { bytes: text, at: 0 };
-        let value = c.exact()?;
+        let value = c.scan_float()??;
         (c.at == text.len()).then_some(value)
     }
 
