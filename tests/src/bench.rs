@@ -836,24 +836,10 @@ pub fn kafka_alone(duration: Duration, per_transaction: usize) -> anyhow::Result
         for _ in 0..per_transaction {
             key += 1;
             let k = key.to_string();
-            let mut record = BaseRecord::to(&topic)
+            let record = BaseRecord::to(&topic)
                 .key(k.as_str())
                 .payload(payload.as_str());
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull,
-                        ),
-                        r,
-                    )) => {
-                        record = r;
-                        producer.poll(Duration::from_millis(5));
-                    }
-                    Err((e, _)) => return Err(e.into()),
-                }
-            }
+            edge_agent::sinks::kafka::send(&producer, record)?;
         }
         edge_agent::sinks::kafka::wait_for_deliveries(&producer, Duration::from_secs(60));
         producer.commit_transaction(Duration::from_secs(60))?;

@@ -416,24 +416,10 @@ fn produce(
             value.clear();
             let key = make(k, &mut value);
             bytes += value.len() as u64;
-            let mut record = BaseRecord::to(topic)
+            let record = BaseRecord::to(topic)
                 .key(key.as_bytes())
                 .payload(value.as_slice());
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((
-                        rdkafka::error::KafkaError::MessageProduction(
-                            rdkafka::types::RDKafkaErrorCode::QueueFull,
-                        ),
-                        r,
-                    )) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(2));
-                    }
-                    Err((e, _)) => return Err(e).context("producing a record"),
-                }
-            }
+            edge_agent::sinks::kafka::send(&producer, record).context("producing a record")?;
             k += 1;
         }
         edge_agent::sinks::kafka::wait_for_deliveries(&producer, Duration::from_secs(60));

@@ -899,11 +899,11 @@ fn holds_partitions(log: &str, topic: &str) -> bool {
 }
 
 // ---------------------------------------------------------------------------
-// Two agents with one gateway id: the older is fenced.
+// Two agents with one gateway id: one of them is fenced, normally the older.
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_second_agent_with_the_same_gateway_id_fences_the_first() -> anyhow::Result<()> {
+async fn two_agents_with_one_gateway_id_leave_one_producer() -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     init_logging();
     let world = World::new("zombie", 40, 250, 2000.0, None).await?;
@@ -940,46 +940,69 @@ async fn a_second_agent_with_the_same_gateway_id_fences_the_first() -> anyhow::R
             child: twin,
             what: "the second agent".into(),
         };
+        // Exactly one of the two must give way, exit with code 3 and say
+        // why. Normally that is the first: the second one's init fenced
+        // it. But when the second one's init races a commit of the first,
+        // Kafka 4.1 may answer that commit with UNKNOWN_SERVER_ERROR and
+        // then refuse the second one's init as fenced: the second one
+        // exits and the first goes on; or the first one's next session
+        // fences the second, which, idle, learns it at its next ownership
+        // check (an idle uplink commits its marker every 10 s). Either way
+        // one producer is left.
         let deadline = Instant::now() + Duration::from_secs(90);
-        let status = loop {
+        let (loser, status) = loop {
             if let Some(status) = w.agent.as_mut().map(|a| a.exited()).transpose()?.flatten() {
-                break status;
+                break ("agent", status);
+            }
+            if let Some(status) = twin.exited()? {
+                break ("twin", status);
             }
             ensure!(
-                twin.exited()?.is_none(),
-                "the second agent exited; its log:\n{}",
-                tail(&w.log_text("twin"), 20)
-            );
-            ensure!(
                 Instant::now() < deadline,
-                "the first agent was not fenced within 90 s; its log:\n{}",
+                "neither agent was fenced within 90 s; the first one's log:\n{}",
                 tail(&w.log_text("agent"), 20)
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        let log = w.log_text("agent");
+        let log = w.log_text(loser);
         ensure!(
             status.code() == Some(3) && log.contains("this agent was fenced"),
-            "the fenced agent must exit with code 3 and say why; it exited with {status}, log:\n{}",
+            "the fenced agent ({loser}) must exit with code 3 and say why; it exited with {status}, log:\n{}",
             tail(&log, 20)
         );
-        eprintln!("[faults] the first agent was fenced and exited with code 3");
-        w.agent = None;
-        // The operator stops the impostor and starts the gateway again: it
-        // fences the second one in turn and ships what it holds, once.
-        w.until_produced(&progress, total * 2 / 3, Duration::from_secs(60))
-            .await?;
-        // SAFETY: kill(2) on our own child's pid; no memory is involved.
-        unsafe { libc::kill(twin.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while twin.exited()?.is_none() {
-            ensure!(
-                Instant::now() < deadline,
-                "the second agent did not stop on SIGTERM"
+        if loser == "agent" {
+            eprintln!("[faults] the first agent was fenced and exited with code 3");
+            w.agent = None;
+            // The operator stops the impostor and starts the gateway again:
+            // it fences the second one in turn and ships what it holds,
+            // once.
+            w.until_produced(&progress, total * 2 / 3, Duration::from_secs(60))
+                .await?;
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
+            unsafe { libc::kill(twin.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while twin.exited()?.is_none() {
+                ensure!(
+                    Instant::now() < deadline,
+                    "the second agent did not stop on SIGTERM"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            w.start_agent(None)?;
+        } else {
+            eprintln!(
+                "[faults] the second agent was fenced (its init raced a commit of the first): \
+                 it exited with code 3 and the first one goes on"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // The first one keeps shipping: it was not fenced.
+            w.until_produced(&progress, total * 2 / 3, Duration::from_secs(60))
+                .await?;
+            ensure!(
+                w.agent.as_mut().map(|a| a.exited()).transpose()?.flatten().is_none(),
+                "the first agent exited although the second one gave way; its log:\n{}",
+                tail(&w.log_text("agent"), 20)
+            );
         }
-        w.start_agent(None)?;
         w.verify(&progress, &stop, 1).await
     })
     .await

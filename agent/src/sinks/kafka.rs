@@ -25,7 +25,7 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::config::Config;
 use crate::outbox::{self, OutboxError, TopicId};
@@ -38,6 +38,12 @@ const MAX_TRANSACTION_BYTES: u64 = 4 * 1024 * 1024;
 /// Under load, committed batches are trimmed from the outbox at most this
 /// often (see the uplink loop).
 const TRIM_INTERVAL: Duration = Duration::from_millis(250);
+
+/// An idle uplink commits a transaction holding only its unchanged marker
+/// this often: the coordinator refuses it if another instance took the
+/// transactional id over, so an agent that was fenced while it had nothing
+/// to send learns it and stops, instead of reporting itself up.
+const OWNERSHIP_CHECK: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -219,6 +225,7 @@ impl KafkaUplink {
         // decided by the marker, and a start trims up to it first.
         let mut trimmed = committed;
         let mut last_trim = Instant::now();
+        let mut last_commit = Instant::now();
         loop {
             if self.stopping() {
                 if trimmed < committed {
@@ -242,6 +249,15 @@ impl KafkaUplink {
                     last_trim = Instant::now();
                     continue;
                 }
+                if last_commit.elapsed() >= OWNERSHIP_CHECK {
+                    debug!(
+                        marker = committed,
+                        "idle: committing the unchanged marker to check that this agent still owns its transactional id"
+                    );
+                    self.send_transaction(&producer, &[], committed)?;
+                    last_commit = Instant::now();
+                    continue;
+                }
                 self.signals
                     .new_batch
                     .wait_past(seen, Duration::from_millis(250));
@@ -250,6 +266,7 @@ impl KafkaUplink {
             let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
             let started = Instant::now();
             self.send_transaction(&producer, &batches, last)?;
+            last_commit = Instant::now();
             add_micros(&self.stats.kafka_transaction_micros, started);
             crate::fault::point("kafka_committed");
             committed = last;
@@ -540,10 +557,15 @@ impl rdkafka::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
-fn send(
-    producer: &ThreadedProducer<DefaultProducerContext>,
-    mut record: BaseRecord<'_, [u8], [u8]>,
-) -> Result<(), KafkaError> {
+/// Queues a record, waiting while librdkafka's local queue is full.
+pub fn send<C: rdkafka::producer::ProducerContext + 'static, K, V>(
+    producer: &ThreadedProducer<C>,
+    mut record: BaseRecord<'_, K, V, C::DeliveryOpaque>,
+) -> Result<(), KafkaError>
+where
+    K: rdkafka::message::ToBytes + ?Sized,
+    V: rdkafka::message::ToBytes + ?Sized,
+{
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),
