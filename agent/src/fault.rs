@@ -9,7 +9,8 @@
 //! - `outbox_committed`: a batch is durable in SQLite, its sources are not
 //!   acknowledged yet;
 //! - `kafka_sent`: a transaction's records and marker are in Kafka, the
-//!   transaction is not committed;
+//!   transaction is not committed (an idle uplink's ownership check is a
+//!   transaction of its marker alone, and counts here too);
 //! - `kafka_committed`: the transaction is committed, the outbox is not
 //!   trimmed yet.
 //!

@@ -114,6 +114,16 @@ const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
     ],
 ), (
     3,
+    "iot_metrics without the ts_ms index",
+    // Every row also went into this secondary index, at a random place in
+    // it (rows are inserted in primary-key order): it cost the MySQL sink
+    // 25 to 35 % of its throughput (README, "Cloud bridge sinks").
+    // Readings of a device over time are read through the primary key;
+    // operators who query across devices by time add it back themselves.
+    // Before migration 4, whose copy of the table would rebuild it.
+    &["DROP INDEX iot_metrics_ts ON iot_metrics"],
+), (
+    4,
     "case-sensitive ids",
     // Ids are 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-', and
     // case-sensitive, as the agent treats them. Under the tables' default
@@ -124,8 +134,10 @@ const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
     // latin1_general_cs is case-sensitive, gives each of those 65
     // characters its own weight, and exists on both servers; a `_bin`
     // collation would flag the columns BINARY, which clients then decode
-    // as bytes instead of text. No key can collide in the conversion: the
-    // new collation only tells apart more ids than the old one.
+    // as bytes instead of text. Ids the sinks accepted before they checked
+    // the rule (not latin1, trailing spaces) could not convert or could
+    // collide: the migration refuses to start while any id breaks the rule
+    // (see `check_ids`), and names the rows.
     &[
         "ALTER TABLE iot_metrics
             MODIFY device_id  VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL,
@@ -145,15 +157,6 @@ const MIGRATIONS: &[(i64, &str, &[&str])] = &[(
         "ALTER TABLE gateways
             MODIFY gateway_id VARCHAR(64) CHARACTER SET latin1 COLLATE latin1_general_cs NOT NULL",
     ],
-), (
-    4,
-    "iot_metrics without the ts_ms index",
-    // Every row also went into this secondary index, at a random place in
-    // it (rows are inserted in primary-key order): it cost the MySQL sink
-    // 25 to 35 % of its throughput (README, "Cloud bridge sinks").
-    // Readings of a device over time are read through the primary key;
-    // operators who query across devices by time add it back themselves.
-    &["DROP INDEX iot_metrics_ts ON iot_metrics"],
 )];
 
 /// Applies every migration not yet recorded in `schema_migrations`.
@@ -189,6 +192,9 @@ pub async fn migrate(pool: &MySqlPool) -> Result<Vec<i64>, sqlx::Error> {
         for (version, description, statements) in MIGRATIONS {
             if applied.contains(version) {
                 continue;
+            }
+            if *version == 4 {
+                check_ids(&mut *conn).await?;
             }
             for statement in *statements {
                 // MySQL 8 has no `DROP INDEX IF EXISTS`: a migration cut
@@ -230,4 +236,45 @@ fn dropped_index(statement: &str) -> Option<(&str, &str)> {
     let rest = statement.strip_prefix("DROP INDEX ")?;
     let (index, table) = rest.split_once(" ON ")?;
     Some((index.trim(), table.trim()))
+}
+
+/// The columns migration 4 makes case-sensitive latin1.
+const ID_COLUMNS: [(&str, &str); 11] = [
+    ("iot_metrics", "device_id"),
+    ("iot_metrics", "gateway_id"),
+    ("bridge_offsets", "sink"),
+    ("bridge_offsets", "topic"),
+    ("bridge_dead_letters", "sink"),
+    ("bridge_dead_letters", "topic"),
+    ("device_metadata", "device_id"),
+    ("device_metadata", "gateway_id"),
+    ("geofences", "fence_id"),
+    ("geofences", "gateway_id"),
+    ("gateways", "gateway_id"),
+];
+
+/// Refuses migration 4 while a stored id breaks the id rule: it might not
+/// convert to latin1, or collide with another once trailing spaces no
+/// longer count. Names the table, the column and a few of the ids.
+async fn check_ids(conn: &mut sqlx::MySqlConnection) -> Result<(), sqlx::Error> {
+    for (table, column) in ID_COLUMNS {
+        // Kafka allows topic names of up to 249 characters.
+        let max = if column == "topic" { 249 } else { 64 };
+        // Table and column names are the constants above, not input.
+        let bad: Vec<String> = sqlx::query_scalar(&format!(
+            "SELECT CAST({column} AS CHAR) FROM {table} \
+             WHERE {column} IS NOT NULL AND NOT ({column} REGEXP '^[A-Za-z0-9._-]{{1,{max}}}$') LIMIT 3"
+        ))
+        .fetch_all(&mut *conn)
+        .await?;
+        if !bad.is_empty() {
+            return Err(sqlx::Error::Protocol(format!(
+                "migration 4 (case-sensitive ids) cannot run: {table}.{column} holds ids that are not 1 to {max} \
+                 characters of A-Z, a-z, 0-9, '.', '_' or '-', for example {bad:?}. They were stored before the \
+                 bridge checked ids, and the agent never sends such ids: correct or delete those rows, then start \
+                 the bridge again"
+            )));
+        }
+    }
+    Ok(())
 }

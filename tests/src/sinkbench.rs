@@ -121,7 +121,8 @@ pub struct SinkBenchSpec {
 pub struct DrainSample {
     /// Seconds since the bridge started.
     pub t: f64,
-    /// Stored as last counted (MariaDB: see `count_every`).
+    /// Stored as last counted (MariaDB: see `count_every`; between counts,
+    /// the offsets the sink committed, at most the records sent).
     pub stored: u64,
     /// Stored per second (MariaDB: Kafka offsets the sink committed per
     /// second, which also count the transaction markers).
@@ -939,13 +940,18 @@ async fn drain_mysql(
                 (now_committed - committed) as f64 / (t - s.t)
             });
         committed = now_committed;
-        samples.push(DrainSample { t, stored, per_s });
+        // Between counts, the offsets committed with the rows (a few
+        // transaction markers included) show the progress.
+        let shown = stored.max(committed.min(total));
+        samples.push(DrainSample {
+            t,
+            stored: shown,
+            per_s,
+        });
         if let Some((_, rss)) = proc_usage(bridge_pid) {
             rss_max = rss_max.max(rss);
         }
-        // Between counts, the offsets committed with the rows (a few
-        // transaction markers included) show the progress.
-        progress("MariaDB", t, stored.max(committed.min(total)), total, per_s);
+        progress("MariaDB", t, shown, total, per_s);
         if committed > 0 && cpu.is_none() {
             cpu = Some(CpuMeter::start(pids.clone()));
         }

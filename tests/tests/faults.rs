@@ -978,16 +978,31 @@ async fn two_agents_with_one_gateway_id_leave_one_producer() -> anyhow::Result<(
             // once.
             w.until_produced(&progress, total * 2 / 3, Duration::from_secs(60))
                 .await?;
+            // The second one was not fenced: it still runs, and stops
+            // cleanly when asked.
+            ensure!(
+                twin.exited()?.is_none(),
+                "the second agent exited too; its log:\n{}",
+                tail(&w.log_text("twin"), 20)
+            );
             // SAFETY: kill(2) on our own child's pid; no memory is involved.
             unsafe { libc::kill(twin.child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(60);
-            while twin.exited()?.is_none() {
+            let status = loop {
+                if let Some(status) = twin.exited()? {
+                    break status;
+                }
                 ensure!(
                     Instant::now() < deadline,
                     "the second agent did not stop on SIGTERM"
                 );
                 tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            };
+            ensure!(
+                status.success(),
+                "the second agent exited with {status} on SIGTERM; its log:\n{}",
+                tail(&w.log_text("twin"), 20)
+            );
             w.start_agent(None)?;
         } else {
             eprintln!(

@@ -1,7 +1,8 @@
 //! The bridge's schema migrations against a real MariaDB: applied once,
 //! run again after being cut short, and the upgrade of a database at
-//! version 2 holding rows (ids become case-sensitive, the `ts_ms` index
-//! goes, no row is lost).
+//! version 2 holding rows (the `ts_ms` index goes, ids become
+//! case-sensitive, no row is lost, an id breaking the rule stops the
+//! upgrade with its name).
 
 use edge_tests::{TestDatabase, init_logging};
 use sqlx::MySqlPool;
@@ -103,9 +104,25 @@ async fn scenario(pool: &MySqlPool) -> anyhow::Result<()> {
     assert_eq!(insert(pool, "dev-1", 1).await?, 0, "version 2 folds case");
     assert_eq!(insert(pool, "dev-1", 2).await?, 1);
     assert_eq!(insert(pool, "pump.7_x", 3).await?, 1);
+    // An id the sinks took before they checked ids, which latin1 cannot
+    // hold: migration 4 refuses to run and names it; migration 3 ran.
+    assert_eq!(insert(pool, "d\u{e9}v-\u{4e00}", 4).await?, 1);
     assert!(ts_index_present(pool).await?);
-    assert_eq!(migrate(pool).await?, [3, 4]);
+    let err = migrate(pool).await.unwrap_err().to_string();
+    assert!(
+        err.contains("migration 4 (case-sensitive ids) cannot run: iot_metrics.device_id")
+            && err.contains("d\u{e9}v-\u{4e00}"),
+        "{err}"
+    );
     assert!(!ts_index_present(pool).await?);
+    assert_eq!(
+        collation(pool, "iot_metrics", "device_id").await?,
+        "utf8mb4_general_ci"
+    );
+    sqlx::query("DELETE FROM iot_metrics WHERE seq = 4")
+        .execute(pool)
+        .await?;
+    assert_eq!(migrate(pool).await?, [4]);
     assert_eq!(
         collation(pool, "iot_metrics", "device_id").await?,
         "latin1_general_cs"

@@ -232,6 +232,10 @@ async fn scenario(api: &Api, db_url: &str, dir: &Path) -> anyhow::Result<()> {
     assert_eq!(page["items"].as_array().map(Vec::len), Some(1));
     let (s, _) = api.get("/v1/devices?limit=0", Some(ADMIN)).await?;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    let (s, v) = api
+        .get("/v1/fences?after=d%C3%A9v%E4%B8%80", Some(ADMIN))
+        .await?;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 
     // Ids are case-sensitive, as on the agent: `PUMP-1` is a device of its
     // own, not a replacement of `pump-1`.

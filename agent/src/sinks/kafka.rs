@@ -5,7 +5,9 @@
 //! `init_transactions` fences any older incarnation of this gateway and
 //! aborts its open transaction; the last committed marker (read with
 //! `read_committed`) says which batches Kafka already has. The outbox is
-//! trimmed only after a commit. Runs on its own OS thread: librdkafka's
+//! trimmed only after a commit. An idle uplink commits its unchanged marker
+//! every [`OWNERSHIP_CHECK`], so that it learns when another instance took
+//! its transactional id over. Runs on its own OS thread: librdkafka's
 //! transactional calls block.
 
 use std::collections::HashSet;

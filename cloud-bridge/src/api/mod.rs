@@ -490,6 +490,11 @@ impl Page {
         if let Some(g) = &self.gateway_id {
             check_id("gateway_id", g)?;
         }
+        // `after` is an id from `next_after`; anything else cannot be
+        // compared with the id columns (migration 4).
+        if let Some(a) = &self.after {
+            check_id("after", a)?;
+        }
         match self.limit.unwrap_or(100) {
             n @ 1..=registry::MAX_PAGE => Ok(n),
             n => Err(ApiError::new(

@@ -65,7 +65,7 @@ pub fn decode(payload: Option<&[u8]>) -> Result<MetricRecord<'_>, (&'static str,
         )
     })?;
     // The id columns hold these characters only, compared case-sensitively
-    // (migration 3), as the agent checks them.
+    // (migration 4), as the agent checks them.
     for (name, id) in [("device_id", &r.device_id), ("gateway_id", &r.gateway_id)] {
         if !is_valid_id(id) {
             return Err((
