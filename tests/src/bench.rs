@@ -404,10 +404,16 @@ async fn run_inner(
             }
         ),
     };
+    // Extra `[kafka]` lines for the agent, one `key = value` per line, to
+    // compare settings (`EDGE_BENCH_AGENT_KAFKA="transaction_lanes = 1"`).
+    let kafka_extra = match std::env::var("EDGE_BENCH_AGENT_KAFKA") {
+        Ok(lines) if !lines.trim().is_empty() => format!("{}\n", lines.trim()),
+        _ => String::new(),
+    };
     let toml = format!(
         "gateway_id = \"gw-{sfx}\"\ndata_dir = \"{}\"\n{source}[http]\nlisten = \"{listen}\"\n\
          [kafka]\nbrokers = \"{}\"\ntopic_data = \"{}\"\ntopic_dlq = \"{}\"\ntopic_alerts = \"{}\"\n\
-         topic_offsets = \"{}\"\n[progress]\ninterval_seconds = 0\n",
+         topic_offsets = \"{}\"\n{kafka_extra}[progress]\ninterval_seconds = 0\n",
         dir.path().join("data").display(),
         kafka_brokers(),
         topics[0],
@@ -841,7 +847,7 @@ pub fn kafka_alone(duration: Duration, per_transaction: usize) -> anyhow::Result
                 .payload(payload.as_str());
             edge_agent::sinks::kafka::send(&producer, record)?;
         }
-        edge_agent::sinks::kafka::wait_for_deliveries(&producer, Duration::from_secs(60));
+        edge_agent::sinks::kafka::flush_deliveries(&producer, Duration::from_secs(60));
         producer.commit_transaction(Duration::from_secs(60))?;
         committed += per_transaction as u64;
         transactions += 1;

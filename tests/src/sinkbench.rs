@@ -423,7 +423,7 @@ fn produce(
             edge_agent::sinks::kafka::send(&producer, record).context("producing a record")?;
             k += 1;
         }
-        edge_agent::sinks::kafka::wait_for_deliveries(&producer, Duration::from_secs(60));
+        edge_agent::sinks::kafka::flush_deliveries(&producer, Duration::from_secs(60));
         producer
             .commit_transaction(Duration::from_secs(60))
             .context("committing a pre-filling transaction")?;

@@ -679,6 +679,12 @@ pub struct KafkaConfig {
     /// uplink at this many batches per transaction round trip.
     #[serde(default = "default_max_batches_per_transaction")]
     pub max_batches_per_transaction: usize,
+    /// Transactional producers the uplink takes turns with (1 or 2). After
+    /// a commit the coordinator still writes its markers, and a transaction
+    /// started on the same transactional id meanwhile waits a fixed 20 ms
+    /// in librdkafka; with 2, the next transaction runs on the other id.
+    #[serde(default = "default_transaction_lanes")]
+    pub transaction_lanes: usize,
     /// Kafka `transaction.timeout.ms`: the broker aborts a transaction left
     /// open longer than this.
     #[serde(default = "default_transaction_timeout_seconds")]
@@ -711,6 +717,9 @@ fn default_compression() -> String {
     "lz4".into()
 }
 const fn default_linger_ms() -> u64 {
+    2
+}
+const fn default_transaction_lanes() -> usize {
     2
 }
 const fn default_max_batches_per_transaction() -> usize {
@@ -1046,6 +1055,13 @@ impl Config {
                 "1 to 100000",
             ));
         }
+        if !(1..=2).contains(&k.transaction_lanes) {
+            return Err(invalid(
+                "kafka.transaction_lanes",
+                k.transaction_lanes,
+                "1 or 2",
+            ));
+        }
         if !(10..=900).contains(&k.transaction_timeout_seconds) {
             return Err(invalid(
                 "kafka.transaction_timeout_seconds",
@@ -1210,6 +1226,18 @@ impl Config {
     /// fences its previous incarnation.
     pub fn transactional_id(&self) -> String {
         format!("edge-agent-{}", self.gateway_id)
+    }
+
+    /// The transactional id of uplink lane `lane` (see
+    /// `kafka.transaction_lanes`). Lane 0 keeps the historical id; the
+    /// others add `/lane-N`, and `/` never occurs in a gateway id, so no
+    /// two gateways share an id.
+    pub fn lane_transactional_id(&self, lane: usize) -> String {
+        if lane == 0 {
+            self.transactional_id()
+        } else {
+            format!("{}/lane-{lane}", self.transactional_id())
+        }
     }
 }
 

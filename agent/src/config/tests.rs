@@ -23,6 +23,38 @@ fn embedded_default_is_valid_and_uses_demo_source() {
 }
 
 #[test]
+fn transaction_lanes_default_to_two_with_distinct_ids() {
+    let c = Config::from_toml(MINIMAL, "t").unwrap();
+    assert_eq!(c.kafka.transaction_lanes, 2);
+    assert_eq!(c.lane_transactional_id(0), "edge-agent-gw-1");
+    assert_eq!(c.lane_transactional_id(1), "edge-agent-gw-1/lane-1");
+    // '/' is not allowed in gateway ids, so no gateway's lane 0 id equals
+    // another's lane 1 id.
+    assert!(error_of(&MINIMAL.replace("gw-1", "gw-1/lane-1")).contains("`gateway_id`"));
+    for lanes in [0, 3] {
+        let err = error_of(&MINIMAL.replace(
+            "brokers = \"127.0.0.1:9092\"",
+            &format!("brokers = \"x\"\ntransaction_lanes = {lanes}"),
+        ));
+        assert_eq!(
+            err,
+            format!("invalid config: `kafka.transaction_lanes` = {lanes}: 1 or 2")
+        );
+    }
+    let one = MINIMAL.replace(
+        "brokers = \"127.0.0.1:9092\"",
+        "brokers = \"x\"\ntransaction_lanes = 1",
+    );
+    assert_eq!(
+        Config::from_toml(&one, "t")
+            .unwrap()
+            .kafka
+            .transaction_lanes,
+        1
+    );
+}
+
+#[test]
 fn every_board_config_validates() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../board-configs");
     let mut seen = 0;

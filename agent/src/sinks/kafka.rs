@@ -171,15 +171,17 @@ impl KafkaUplink {
         client_config(&self.config.kafka)
     }
 
-    /// One connected session: init, recover the marker, then ship batches.
-    fn session(&mut self) -> Result<(), UplinkError> {
-        let k = self.config.kafka.clone();
-        let timeout = Duration::from_secs(30);
-        self.ensure_offsets_topic()?;
-
+    /// A transactional producer for uplink lane `lane`, initialised: this
+    /// fences an older instance's producer of the same id and ends its open
+    /// transaction (aborted, or its commit completed).
+    fn lane_producer(
+        &self,
+        lane: usize,
+    ) -> Result<ThreadedProducer<DefaultProducerContext>, UplinkError> {
+        let k = &self.config.kafka;
         let producer: ThreadedProducer<DefaultProducerContext> = self
             .base_client_config()
-            .set("transactional.id", self.config.transactional_id())
+            .set("transactional.id", self.config.lane_transactional_id(lane))
             .set("enable.idempotence", "true")
             .set("compression.type", &k.compression)
             .set("linger.ms", k.linger_ms.to_string())
@@ -194,18 +196,47 @@ impl KafkaUplink {
             )
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "262144")
-            // A transaction that starts right after the previous commit is
-            // told CONCURRENT_TRANSACTIONS while the coordinator writes the
-            // markers, and librdkafka retries after retry.backoff.ms: at the
-            // default 100 ms that wait was most of every transaction. Short
-            // first retries, still backing off exponentially to 1 s.
+            // Short first retries of failed requests, still backing off
+            // exponentially to 1 s (the default starts at 100 ms).
             .set("retry.backoff.ms", "5")
             .set("retry.backoff.max.ms", "1000")
             .create()
             .map_err(self.kafka_err("creating the producer"))?;
         producer
-            .init_transactions(timeout)
+            .init_transactions(Duration::from_secs(30))
             .map_err(self.kafka_err("initialising transactions (fencing older instances)"))?;
+        Ok(producer)
+    }
+
+    /// One connected session: init, recover the marker, then ship batches.
+    fn session(&mut self) -> Result<(), UplinkError> {
+        let k = self.config.kafka.clone();
+        self.ensure_offsets_topic()?;
+
+        // Lane 0 is the gateway's claim: an older instance loses it here
+        // and stops at its next transaction on it. The other lanes follow.
+        // Kafka may refuse one of those inits as fenced when it races a
+        // commit of the instance just fenced on lane 0 (seen with Kafka
+        // 4.1); that instance is on its way out, so the init is retried.
+        let mut producers = vec![self.lane_producer(0)?];
+        for lane in 1..k.transaction_lanes {
+            let mut attempt = 1;
+            let producer = loop {
+                match self.lane_producer(lane) {
+                    Err(UplinkError::Fenced { .. }) if attempt < 5 && !self.stopping() => {
+                        warn!(
+                            lane,
+                            attempt,
+                            "Kafka refused this lane's init as fenced while an older instance was being fenced; retrying"
+                        );
+                        std::thread::sleep(Duration::from_millis(200 * attempt));
+                        attempt += 1;
+                    }
+                    other => break other?,
+                }
+            };
+            producers.push(producer);
+        }
 
         let mut committed = self.read_marker()?;
         if let Some(moved) = outbox::ensure_sequence_after(&self.conn, committed)? {
@@ -228,6 +259,11 @@ impl KafkaUplink {
         let mut trimmed = committed;
         let mut last_trim = Instant::now();
         let mut last_commit = Instant::now();
+        // Transactions take turns on the lanes: while the coordinator writes
+        // one transaction's commit markers, the next runs on another
+        // transactional id. A transaction begins only after the previous
+        // commit returned, so every partition holds them in outbox order.
+        let mut next_lane = 0usize;
         loop {
             if self.stopping() {
                 if trimmed < committed {
@@ -256,7 +292,7 @@ impl KafkaUplink {
                         marker = committed,
                         "idle: committing the unchanged marker to check that this agent still owns its transactional id"
                     );
-                    self.send_transaction(&producer, &[], committed)?;
+                    self.send_transaction(&producers[0], &[], committed)?;
                     last_commit = Instant::now();
                     continue;
                 }
@@ -267,7 +303,8 @@ impl KafkaUplink {
             };
             let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
             let started = Instant::now();
-            self.send_transaction(&producer, &batches, last)?;
+            self.send_transaction(&producers[next_lane], &batches, last)?;
+            next_lane = (next_lane + 1) % producers.len();
             last_commit = Instant::now();
             add_micros(&self.stats.kafka_transaction_micros, started);
             crate::fault::point("kafka_committed");
@@ -337,7 +374,7 @@ impl KafkaUplink {
                 let _ = producer.flush(commit_timeout);
                 crate::fault::crash("kafka_sent");
             }
-            wait_for_deliveries(producer, commit_timeout);
+            flush_deliveries(producer, commit_timeout);
             producer.commit_transaction(commit_timeout)
         })();
         match result {
@@ -476,15 +513,25 @@ impl KafkaUplink {
         // Read up to the high watermark as of now, not just to the first
         // end-of-partition: read_committed stops at the last stable offset,
         // and another gateway's open transaction on this shared topic could
-        // hide our newest marker behind it. Open transactions end within
-        // their timeout, so the stable offset passes this snapshot.
+        // hide our newest marker behind it (reading an older marker would
+        // send batches again that Kafka already holds). The watermarks come
+        // from a read_uncommitted client: asked by a read_committed one,
+        // Kafka answers with the last stable offset instead. Open
+        // transactions end within their timeout, so the stable offset
+        // passes this snapshot.
+        let watermarks: BaseConsumer<QuietEof> = self
+            .base_client_config()
+            .set("isolation.level", "read_uncommitted")
+            .create_with_context(QuietEof)
+            .map_err(self.kafka_err("creating the watermark reader"))?;
         let mut targets = std::collections::HashMap::new();
         for p in &partitions {
-            let (_, high) = consumer
+            let (_, high) = watermarks
                 .fetch_watermarks(&topic, *p, Duration::from_secs(20))
                 .map_err(self.kafka_err("fetching offsets topic watermarks"))?;
             targets.insert(*p, high);
         }
+        drop(watermarks);
         consumer
             .assign(&tpl)
             .map_err(self.kafka_err("assigning offsets partitions"))?;
@@ -494,8 +541,18 @@ impl KafkaUplink {
             .collect();
         let mut marker = 0i64;
         let wait = Duration::from_secs(self.config.kafka.transaction_timeout_seconds + 30);
-        let deadline = Instant::now() + wait;
+        let started = Instant::now();
+        let deadline = started + wait;
+        let mut told = false;
         while !pending.is_empty() {
+            if !told && started.elapsed() > Duration::from_secs(5) {
+                info!(
+                    topic = %topic,
+                    "waiting for open transactions on the offsets topic to end before reading this gateway's marker \
+                     (another gateway's transaction, or one of a crashed instance, holds the stable offset back)"
+                );
+                told = true;
+            }
             if Instant::now() > deadline || self.stopping() {
                 return Err(UplinkError::Marker {
                     topic,
@@ -581,21 +638,29 @@ where
     }
 }
 
-/// Waits (up to `limit`) until librdkafka has no message in flight.
+/// Sends every queued record now and waits (up to `limit`) until
+/// librdkafka has no message in flight.
 ///
 /// `commit_transaction` flushes first, but rust-rdkafka's flush polls the
 /// producer's event queue in 100 ms steps, and with a `ThreadedProducer`
 /// the delivery events are served by the producer's own thread: every
-/// commit waited the full 100 ms. Waiting here for the deliveries to settle
-/// leaves nothing for that flush to wait for. Past `limit` the commit itself
-/// reports what is stuck.
-pub fn wait_for_deliveries<P: Producer<C>, C: rdkafka::producer::ProducerContext>(
-    producer: &P,
+/// commit waited the full 100 ms. librdkafka's own flush is used instead:
+/// while it runs, the broker threads treat `linger.ms` as over, so the last
+/// records of a transaction do not wait out the linger (waiting for the
+/// in-flight count alone did, and every transaction paid it). Past `limit`
+/// the commit itself reports what is stuck.
+pub fn flush_deliveries<C: rdkafka::producer::ProducerContext + 'static>(
+    producer: &ThreadedProducer<C>,
     limit: Duration,
 ) {
-    let deadline = Instant::now() + limit;
-    while producer.in_flight_count() > 0 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_micros(200));
+    let ms = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: the pointer is the producer's live librdkafka handle, which
+    // `producer` keeps alive for the whole call, and rd_kafka_flush may be
+    // called from any thread while the producer's own thread polls.
+    // Delivery callbacks it serves run the context's `delivery`, which is
+    // `Sync` as rdkafka requires of every producer context.
+    unsafe {
+        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
     }
 }
 
