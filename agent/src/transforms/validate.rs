@@ -724,7 +724,9 @@ mod scan {
         if c.at != payload.len() {
             return None;
         }
-        let device_id = std::str::from_utf8(device_id?).ok()?;
+        // SAFETY: `plain_string` returned bytes in 0x20..0x80 only: ASCII,
+        // so valid UTF-8.
+        let device_id = unsafe { std::str::from_utf8_unchecked(device_id?) };
         Some(Parts {
             device_id: device_id.to_string(),
             device_seq: seq?,
