@@ -392,3 +392,70 @@ async fn hidden_marker_scenario(
     );
     Ok(())
 }
+
+/// Another instance takes over only the uplink's second lane (as when two
+/// instances' inits interleave: one ends up with lane 0, the other with
+/// lane 1). Lane 0 decides who owns the gateway: the agent still holding
+/// it starts its session over, takes lane 1 back and goes on, instead of
+/// stopping as fenced. Kafka holds every reading once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_second_lane_starts_the_session_over() -> anyhow::Result<()> {
+    init_logging();
+    let sfx = unique("lanelost");
+    let (data, dlq, offsets) = (
+        format!("data-{sfx}"),
+        format!("dlq-{sfx}"),
+        format!("offsets-{sfx}"),
+    );
+    create_topics(&[(&data, 2, false), (&dlq, 1, false), (&offsets, 1, true)]).await?;
+    let result = lane_lost_scenario(&sfx, &data, &dlq, &offsets).await;
+    delete_topics(&[&data, &dlq, &offsets]).await;
+    result
+}
+
+async fn lane_lost_scenario(sfx: &str, data: &str, dlq: &str, offsets: &str) -> anyhow::Result<()> {
+    use rdkafka::producer::{Producer, ThreadedProducer};
+
+    let dir = tempfile::tempdir()?;
+    let cfg = config(sfx, "demo-", dir.path(), data, dlq, offsets)?;
+    let lane_1 = cfg.lane_transactional_id(1);
+    let agent = start(cfg);
+    agent.until_committed(300).await?;
+    let transactions = agent.stats.kafka_transactions.load(Relaxed);
+
+    let interloper: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", kafka_brokers())
+            .set("transactional.id", &lane_1)
+            .create()?;
+    interloper.init_transactions(Duration::from_secs(30))?;
+
+    // The agent meets the fence at its next transaction on lane 1, starts
+    // over and commits again.
+    let before = agent.stats.kafka_records_committed.load(Relaxed);
+    agent.until_committed(before + 1_000).await?;
+    anyhow::ensure!(
+        !agent.task.is_finished(),
+        "the agent stopped after losing lane 1 only"
+    );
+    let stats = agent.stop().await?;
+    assert!(stats.kafka_transactions.load(Relaxed) > transactions + 2);
+    drop(interloper);
+
+    let keys: Vec<(String, u64)> = read_topic_to_end(data, 2, &format!("check-{sfx}"))?
+        .iter()
+        .map(|v| {
+            (
+                v["device_id"].as_str().unwrap_or_default().to_string(),
+                v["seq"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    let unique: BTreeSet<_> = keys.iter().cloned().collect();
+    assert_eq!(keys.len(), unique.len(), "duplicates in Kafka");
+    println!(
+        "lane lost: {} readings in Kafka, all unique; the agent went on",
+        keys.len()
+    );
+    Ok(())
+}

@@ -9,6 +9,14 @@
 //! every [`OWNERSHIP_CHECK`], so that it learns when another instance took
 //! its transactional id over. Runs on its own OS thread: librdkafka's
 //! transactional calls block.
+//!
+//! Transactions take turns on `kafka.transaction_lanes` transactional
+//! producers (lane 0 keeps the historical id): while the coordinator writes
+//! one commit's markers, the next transaction runs on the other id instead
+//! of waiting librdkafka's fixed 20 ms retry. Each begins after the previous
+//! commit returned, so partitions hold them in outbox order. A start
+//! initialises every lane, lane 0 first; whoever holds lane 0 owns the
+//! gateway, and losing another lane only starts the session over.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -42,7 +50,7 @@ const MAX_TRANSACTION_BYTES: u64 = 4 * 1024 * 1024;
 const TRIM_INTERVAL: Duration = Duration::from_millis(250);
 
 /// An idle uplink commits a transaction holding only its unchanged marker
-/// this often: the coordinator refuses it if another instance took the
+/// on each lane this often: the coordinator refuses it if another instance took the
 /// transactional id over, so an agent that was fenced while it had nothing
 /// to send learns it and stops, instead of reporting itself up.
 const OWNERSHIP_CHECK: Duration = Duration::from_secs(10);
@@ -55,6 +63,17 @@ pub enum UplinkError {
     )]
     Fenced {
         gateway_id: String,
+        transactional_id: String,
+    },
+    /// Another instance initialised one of this agent's other lanes: not
+    /// fatal. Lane 0 decides who owns the gateway; the session starts over,
+    /// and its init takes every lane back, or finds lane 0 lost and stops.
+    #[error(
+        "Kafka transactional id {transactional_id} (uplink lane {lane}) was taken over by another instance with \
+         this gateway_id; starting over on all lanes"
+    )]
+    LaneTaken {
+        lane: usize,
         transactional_id: String,
     },
     #[error("Kafka ({brokers}): {what}: {source}")]
@@ -232,6 +251,7 @@ impl KafkaUplink {
                         std::thread::sleep(Duration::from_millis(200 * attempt));
                         attempt += 1;
                     }
+                    Err(UplinkError::Fenced { .. }) => return Err(self.lane_taken(lane)),
                     other => break other?,
                 }
             };
@@ -292,7 +312,10 @@ impl KafkaUplink {
                         marker = committed,
                         "idle: committing the unchanged marker to check that this agent still owns its transactional id"
                     );
-                    self.send_transaction(&producers[0], &[], committed)?;
+                    // Every lane: another instance may hold any of them.
+                    for (lane, producer) in producers.iter().enumerate() {
+                        self.lane_transaction(lane, producer, &[], committed)?;
+                    }
                     last_commit = Instant::now();
                     continue;
                 }
@@ -303,7 +326,7 @@ impl KafkaUplink {
             };
             let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
             let started = Instant::now();
-            self.send_transaction(&producers[next_lane], &batches, last)?;
+            self.lane_transaction(next_lane, &producers[next_lane], &batches, last)?;
             next_lane = (next_lane + 1) % producers.len();
             last_commit = Instant::now();
             add_micros(&self.stats.kafka_transaction_micros, started);
@@ -328,6 +351,31 @@ impl KafkaUplink {
         self.trim(upto)?;
         add_micros(&self.stats.outbox_trim_micros, started);
         Ok(())
+    }
+
+    fn lane_taken(&self, lane: usize) -> UplinkError {
+        UplinkError::LaneTaken {
+            lane,
+            transactional_id: self.config.lane_transactional_id(lane),
+        }
+    }
+
+    /// [`Self::send_transaction`] on lane `lane`. Fenced on lane 0, this
+    /// agent lost its gateway id: fatal. Fenced on another lane, it may
+    /// still hold lane 0, which decides: the session starts over (two
+    /// instances whose inits interleaved could otherwise each hold a lane
+    /// and both stop).
+    fn lane_transaction(
+        &self,
+        lane: usize,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        batches: &[outbox::StoredBatch],
+        last: i64,
+    ) -> Result<(), UplinkError> {
+        match self.send_transaction(producer, batches, last) {
+            Err(UplinkError::Fenced { .. }) if lane > 0 => Err(self.lane_taken(lane)),
+            other => other,
+        }
     }
 
     fn send_transaction(
@@ -656,9 +704,10 @@ pub fn flush_deliveries<C: rdkafka::producer::ProducerContext + 'static>(
     let ms = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: the pointer is the producer's live librdkafka handle, which
     // `producer` keeps alive for the whole call, and rd_kafka_flush may be
-    // called from any thread while the producer's own thread polls.
-    // Delivery callbacks it serves run the context's `delivery`, which is
-    // `Sync` as rdkafka requires of every producer context.
+    // called from any thread. rust-rdkafka's producers use the event API,
+    // so this flush serves no callbacks here: it waits until the message
+    // count is zero while the producer's own thread serves the delivery
+    // reports.
     unsafe {
         rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
     }

@@ -466,74 +466,53 @@ mod scan {
             Some(&rest[..len])
         }
 
-        /// The text of a number in JSON's grammar (`-? int frac? exp?`).
-        fn number(&mut self) -> Option<&'a [u8]> {
+        /// A non-negative integer (digits only, JSON's grammar) that fits a
+        /// u64, read in one pass. A fraction or exponent after the digits
+        /// makes it no integer: `None`, like a sign or a leading zero.
+        fn unsigned(&mut self) -> Option<u64> {
             self.skip_ws();
             let bytes = self.bytes;
             let start = self.at;
             let mut i = start;
-            let digits = |mut i: usize| {
-                while let Some(b'0'..=b'9') = bytes.get(i) {
-                    i += 1;
-                }
-                i
-            };
-            if bytes.get(i) == Some(&b'-') {
+            let mut n = 0u64;
+            while let Some(&b @ b'0'..=b'9') = bytes.get(i) {
+                n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
                 i += 1;
             }
-            match bytes.get(i)? {
-                b'0' => i += 1,
-                b'1'..=b'9' => i = digits(i + 1),
-                _ => return None,
+            if i == start || (i - start > 1 && bytes[start] == b'0') {
+                return None;
             }
-            if bytes.get(i) == Some(&b'.') {
-                let end = digits(i + 1);
-                if end == i + 1 {
-                    return None;
-                }
-                i = end;
-            }
-            if let Some(b'e' | b'E') = bytes.get(i) {
-                i += 1;
-                if let Some(b'+' | b'-') = bytes.get(i) {
-                    i += 1;
-                }
-                let end = digits(i);
-                if end == i {
-                    return None;
-                }
-                i = end;
+            if let Some(b'.' | b'e' | b'E') = bytes.get(i) {
+                return None;
             }
             self.at = i;
-            Some(&bytes[start..i])
+            Some(n)
         }
 
-        /// A non-negative integer (digits only) that fits a u64.
-        fn unsigned(&mut self) -> Option<u64> {
-            let text = self.number()?;
-            text.iter().try_fold(0u64, |n, &b| {
-                if !b.is_ascii_digit() {
-                    return None;
-                }
-                n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
-            })
-        }
-
-        /// An integer that fits an i64.
+        /// An integer that fits an i64, read in one pass (as
+        /// [`Cursor::unsigned`], with an optional minus).
         fn signed(&mut self) -> Option<i64> {
-            let text = self.number()?;
-            let (negative, digits) = match text.split_first() {
-                Some((b'-', rest)) => (true, rest),
-                _ => (false, text),
-            };
-            let magnitude = digits.iter().try_fold(0i64, |n, &b| {
-                if !b.is_ascii_digit() {
-                    return None;
-                }
-                n.checked_mul(10)?.checked_sub(i64::from(b - b'0'))
-            })?;
-            // Accumulated as a negative number so that i64::MIN fits. JSON
-            // parsers read `-0` as a float: so do the serde paths.
+            self.skip_ws();
+            let bytes = self.bytes;
+            let negative = bytes.get(self.at) == Some(&b'-');
+            let start = self.at + usize::from(negative);
+            let mut i = start;
+            // Accumulated as a negative number so that i64::MIN fits.
+            let mut magnitude = 0i64;
+            while let Some(&b @ b'0'..=b'9') = bytes.get(i) {
+                magnitude = magnitude
+                    .checked_mul(10)?
+                    .checked_sub(i64::from(b - b'0'))?;
+                i += 1;
+            }
+            if i == start || (i - start > 1 && bytes[start] == b'0') {
+                return None;
+            }
+            if let Some(b'.' | b'e' | b'E') = bytes.get(i) {
+                return None;
+            }
+            self.at = i;
+            // JSON parsers read `-0` as a float: so do the serde paths.
             if negative {
                 (magnitude != 0).then_some(magnitude)
             } else {
@@ -586,6 +565,17 @@ mod scan {
             if bytes.get(i) == Some(&b'.') {
                 i += 1;
                 let frac_start = i;
+                // Eight digits at a time while there are, then one by one.
+                while let Some(chunk) = bytes.get(i..i + 8) {
+                    let word = u64::from_le_bytes(chunk.try_into().ok()?);
+                    if !eight_digits(word) {
+                        break;
+                    }
+                    mantissa = mantissa
+                        .wrapping_mul(100_000_000)
+                        .wrapping_add(value_of_eight_digits(word));
+                    i += 8;
+                }
                 while let Some(&b @ b'0'..=b'9') = bytes.get(i) {
                     mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(b - b'0'));
                     i += 1;
@@ -622,6 +612,29 @@ mod scan {
             let value = mantissa as f64 / EXACT_POWERS[decimals];
             Some(Some(if negative { -value } else { value }))
         }
+    }
+
+    /// Whether all eight bytes of `word` (little-endian) are ASCII digits:
+    /// adding 0x46 carries into the top bit of a byte above b'9', and
+    /// subtracting 0x30 borrows into it for a byte below b'0' (the borrow
+    /// of a byte below b'0' only makes its neighbours fail too).
+    pub(super) fn eight_digits(word: u64) -> bool {
+        let above = word.wrapping_add(0x4646_4646_4646_4646);
+        let below = word.wrapping_sub(0x3030_3030_3030_3030);
+        (above | below) & 0x8080_8080_8080_8080 == 0
+    }
+
+    /// The number eight ASCII digits spell, the first (lowest) byte the
+    /// most significant: pairs, then quadruples, then the whole, each step
+    /// one multiply-add of adjacent lanes.
+    pub(super) fn value_of_eight_digits(word: u64) -> u64 {
+        let digits = word - 0x3030_3030_3030_3030;
+        // Each 16-bit lane: 10 * first + second.
+        let pairs = (digits.wrapping_mul(10) + (digits >> 8)) & 0x00ff_00ff_00ff_00ff;
+        // Each 32-bit lane: 100 * first pair + second pair.
+        let quads = (pairs.wrapping_mul(100) + (pairs >> 16)) & 0x0000_ffff_0000_ffff;
+        // 10,000 * first quadruple + second.
+        (quads & 0xffff_ffff) * 10_000 + (quads >> 32)
     }
 
     /// Powers of ten that an f64 holds exactly.

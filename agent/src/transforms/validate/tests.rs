@@ -473,3 +473,36 @@ fn hand_written_json_equals_serde_json() {
         }
     }
 }
+
+/// The eight-digit step of the float scanner: every byte value at every
+/// position is told apart from a digit, and the value is the number.
+#[test]
+fn eight_digits_at_once() {
+    let base = *b"12345678";
+    assert!(scan::eight_digits(u64::from_le_bytes(base)));
+    for at in 0..8 {
+        for byte in 0..=255u8 {
+            let mut text = base;
+            text[at] = byte;
+            assert_eq!(
+                scan::eight_digits(u64::from_le_bytes(text)),
+                byte.is_ascii_digit(),
+                "byte {byte:#04x} at {at}"
+            );
+        }
+    }
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    for _ in 0..100_000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let text = format!("{:08}", state % 100_000_000);
+        let word = u64::from_le_bytes(text.as_bytes().try_into().unwrap());
+        assert!(scan::eight_digits(word), "{text}");
+        assert_eq!(
+            scan::value_of_eight_digits(word),
+            text.parse::<u64>().unwrap(),
+            "{text}"
+        );
+    }
+}
