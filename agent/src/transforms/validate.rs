@@ -602,14 +602,17 @@ mod scan {
             }
             self.at = i;
             // At most 19 digits cannot have wrapped around.
-            if exponent
-                || int_digits + decimals > 19
-                || mantissa > 1 << 53
-                || decimals >= EXACT_POWERS.len()
-            {
+            if exponent || int_digits + decimals > 19 || decimals >= EXACT_POWERS.len() {
                 return Some(None);
             }
-            let value = mantissa as f64 / EXACT_POWERS[decimals];
+            let value = if mantissa <= 1 << 53 {
+                mantissa as f64 / EXACT_POWERS[decimals]
+            } else {
+                match wide_quotient(mantissa, decimals) {
+                    Some(value) => value,
+                    None => return Some(None),
+                }
+            };
             Some(Some(if negative { -value } else { value }))
         }
     }
@@ -636,6 +639,54 @@ mod scan {
         // 10,000 * first quadruple + second.
         (quads & 0xffff_ffff) * 10_000 + (quads >> 32)
     }
+
+    /// `mantissa / 10^decimals` correctly rounded (to nearest, ties to
+    /// even), for a mantissa above 2^53 (16 to 19 digits), where one float
+    /// division would round twice. The quotient of `mantissa * 2^64` by
+    /// the power of ten, in integers, keeps at least 55 bits: the top 53
+    /// are the result, the rest and the remainder decide the rounding.
+    /// `None` when fewer bits remain (more than 18 decimals).
+    fn wide_quotient(mantissa: u64, decimals: usize) -> Option<f64> {
+        if decimals == 0 {
+            // Integer to float conversion rounds to nearest, ties to even.
+            return Some(mantissa as f64);
+        }
+        let power = POWERS_OF_TEN[decimals];
+        let numerator = u128::from(mantissa) << 64;
+        let quotient = numerator / power;
+        let remainder = numerator - quotient * power;
+        if quotient < 1 << 54 {
+            return None;
+        }
+        let bits = 128 - quotient.leading_zeros();
+        let mut shift = bits - 53;
+        let mut significand = (quotient >> shift) as u64;
+        let rest = quotient & ((1 << shift) - 1);
+        let half = 1u128 << (shift - 1);
+        let up = rest > half || (rest == half && (remainder != 0 || significand & 1 == 1));
+        if up {
+            significand += 1;
+            if significand == 1 << 53 {
+                significand = 1 << 52;
+                shift += 1;
+            }
+        }
+        // significand * 2^(shift - 64): shift is 2 to 75, so the scale is
+        // a normal power of two and the product exact.
+        let scale = f64::from_bits(((1023 + i64::from(shift) - 64) as u64) << 52);
+        Some(significand as f64 * scale)
+    }
+
+    /// 10^0 to 10^22 as integers.
+    const POWERS_OF_TEN: [u128; 23] = {
+        let mut powers = [1u128; 23];
+        let mut i = 1;
+        while i < powers.len() {
+            powers[i] = powers[i - 1] * 10;
+            i += 1;
+        }
+        powers
+    };
 
     /// Powers of ten that an f64 holds exactly.
     const EXACT_POWERS: [f64; 23] = [
