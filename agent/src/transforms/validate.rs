@@ -479,10 +479,7 @@ mod scan {
                 n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
                 i += 1;
             }
-            if i == start || (i - start > 1 && bytes[start] == b'0') {
-                return None;
-            }
-            if let Some(b'.' | b'e' | b'E') = bytes.get(i) {
+            if !integer_ends_at(bytes, start, i) {
                 return None;
             }
             self.at = i;
@@ -505,10 +502,7 @@ mod scan {
                     .checked_sub(i64::from(b - b'0'))?;
                 i += 1;
             }
-            if i == start || (i - start > 1 && bytes[start] == b'0') {
-                return None;
-            }
-            if let Some(b'.' | b'e' | b'E') = bytes.get(i) {
+            if !integer_ends_at(bytes, start, i) {
                 return None;
             }
             self.at = i;
@@ -615,6 +609,14 @@ mod scan {
             };
             Some(Some(if negative { -value } else { value }))
         }
+    }
+
+    /// Whether the digits `start..end` of `bytes` are a whole JSON integer:
+    /// at least one, no leading zero, and no fraction or exponent after.
+    fn integer_ends_at(bytes: &[u8], start: usize, end: usize) -> bool {
+        end > start
+            && (end - start == 1 || bytes[start] != b'0')
+            && !matches!(bytes.get(end), Some(b'.' | b'e' | b'E'))
     }
 
     /// Whether all eight bytes of `word` (little-endian) are ASCII digits:
