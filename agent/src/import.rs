@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::pipeline::{AckRouter, BatchWriter, Envelope};
+use crate::pipeline::{AckRouter, BatchWriter, Envelope, LineChunk};
 use crate::signal::OutboxSignals;
 use crate::stats::Stats;
 
@@ -27,8 +27,14 @@ pub struct ImportSummary {
     pub seconds: f64,
 }
 
-/// Reads one line of at most `limit` bytes into `buf` (without the newline).
-/// A longer line is consumed to its end and returned truncated to
+/// Lines handed to the batch writer together, at most.
+const CHUNK_LINES: usize = 64;
+/// Bytes of lines handed over together: a chunk is sent once it holds this
+/// many.
+const CHUNK_BYTES: usize = 16 * 1024;
+
+/// Appends one line of at most `limit` bytes to `buf` (without the
+/// newline). A longer line is consumed to its end and appended truncated to
 /// `limit + 1` bytes, so the caller rejects it without ever holding it whole.
 /// Returns the bytes consumed, 0 at the end of the input.
 fn read_bounded_line(
@@ -36,7 +42,7 @@ fn read_bounded_line(
     buf: &mut Vec<u8>,
     limit: usize,
 ) -> std::io::Result<usize> {
-    buf.clear();
+    let start = buf.len();
     let mut consumed = 0;
     loop {
         let available = reader.fill_buf()?;
@@ -47,7 +53,7 @@ fn read_bounded_line(
             Some(i) => (&available[..i], Some(i)),
             None => (available, None),
         };
-        let room = (limit + 1).saturating_sub(buf.len());
+        let room = (limit + 1).saturating_sub(buf.len() - start);
         buf.extend_from_slice(&chunk[..chunk.len().min(room)]);
         let used = found.map_or(chunk.len(), |i| i + 1);
         reader.consume(used);
@@ -84,7 +90,8 @@ pub async fn import(
     let (outbox, (batches, bytes)) = outbox;
     stats.outbox_batches.store(batches, Relaxed);
     stats.outbox_bytes.store(bytes, Relaxed);
-    let (tx, rx) = mpsc::channel(crate::INPUT_QUEUE);
+    // As many lines queued as the live sources may queue.
+    let (tx, rx) = mpsc::channel(crate::INPUT_QUEUE / CHUNK_LINES);
     let (_stop_tx, stop_rx) = watch::channel(false);
     let signals = Arc::new(OutboxSignals::default());
     let mut writer = BatchWriter::new(
@@ -122,33 +129,43 @@ pub async fn import(
     let reader_path = path.to_path_buf();
     let reader_bytes = read_bytes.clone();
     let file_name: Arc<str> = path.display().to_string().into();
+    // A chunk never holds more lines than a batch may.
+    let chunk_lines = CHUNK_LINES.min(config.outbox.batch_max_records);
     let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
         let mut reader = BufReader::with_capacity(1 << 20, file.take(u64::MAX));
-        let mut line = Vec::with_capacity(limit + 1);
+        let new_chunk =
+            || LineChunk::new("import", file_name.clone(), CHUNK_BYTES + 1024, chunk_lines);
+        let mut chunk = new_chunk();
         let mut lines = 0u64;
+        let full = |lines: u64| {
+            anyhow::anyhow!(
+                "stopped at line {lines}: the outbox is full (outbox.max_size_bytes). Start the agent to ship \
+                 the backlog, then import again: lines already imported are skipped as duplicates"
+            )
+        };
         loop {
-            let n = read_bounded_line(&mut reader, &mut line, limit)
+            let start = chunk.next_start();
+            let n = read_bounded_line(&mut reader, &mut chunk.bytes, limit)
                 .with_context(|| format!("reading {}", reader_path.display()))?;
             if n == 0 {
+                if !chunk.ends.is_empty() && tx.blocking_send(Envelope::Lines(chunk)).is_err() {
+                    return Err(full(lines));
+                }
                 return Ok(lines);
             }
             reader_bytes.fetch_add(n as u64, Relaxed);
             lines += 1;
-            if line.iter().all(u8::is_ascii_whitespace) {
+            if chunk.bytes[start..].iter().all(u8::is_ascii_whitespace) {
+                chunk.bytes.truncate(start);
                 continue;
             }
-            let env = Envelope::Line {
-                source: "import",
-                file: file_name.clone(),
-                line: lines,
-                // An exact-size copy: the queue holds thousands of lines.
-                payload: line.clone(),
-            };
-            if tx.blocking_send(env).is_err() {
-                anyhow::bail!(
-                    "stopped at line {lines}: the outbox is full (outbox.max_size_bytes). Start the agent to ship \
-                     the backlog, then import again: lines already imported are skipped as duplicates"
-                );
+            chunk.end_line(lines);
+            if (chunk.ends.len() >= chunk_lines || chunk.bytes.len() >= CHUNK_BYTES)
+                && tx
+                    .blocking_send(Envelope::Lines(std::mem::replace(&mut chunk, new_chunk())))
+                    .is_err()
+            {
+                return Err(full(lines));
             }
         }
     })
@@ -219,15 +236,31 @@ mod tests {
     fn long_lines_are_bounded_and_consumed() {
         let input = format!("short\n{}\nafter\nlast-without-newline", "x".repeat(10_000));
         let mut reader = BufReader::with_capacity(64, input.as_bytes());
-        let mut line = Vec::new();
+        // Lines are appended to what the buffer holds, each bounded alone.
+        let mut buf = b"before".to_vec();
         let mut lines = Vec::new();
         loop {
-            let n = read_bounded_line(&mut reader, &mut line, 100).unwrap();
+            let start = buf.len();
+            let n = read_bounded_line(&mut reader, &mut buf, 100).unwrap();
             if n == 0 {
                 break;
             }
-            lines.push((n, line.len()));
+            lines.push((n, buf.len() - start));
         }
         assert_eq!(lines, vec![(6, 5), (10_001, 101), (6, 5), (20, 20)]);
+        let expected = format!("beforeshort{}afterlast-without-newline", "x".repeat(101));
+        assert_eq!(String::from_utf8(buf).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_chunk_gives_back_its_lines_with_their_numbers() {
+        let mut chunk = LineChunk::new("import", "f.jsonl".into(), 16, 4);
+        for (number, text) in [(1, "a"), (3, "bc"), (4, "")] {
+            chunk.bytes.extend_from_slice(text.as_bytes());
+            chunk.end_line(number);
+        }
+        let lines: Vec<(u64, &[u8])> = chunk.lines().collect();
+        assert_eq!(lines, vec![(1, &b"a"[..]), (3, b"bc"), (4, b"")]);
+        assert_eq!(chunk.next_start(), 3);
     }
 }

@@ -39,16 +39,9 @@ pub enum Envelope {
         device_id: String,
         reading: firmware_proto::message::Reading,
     },
-    /// One JSON reading without a topic (import of a JSON-lines file):
-    /// the device id comes from the payload.
-    Line {
-        source: &'static str,
-        /// The file it came from, shared by its lines.
-        file: Arc<str>,
-        /// Its line number, from 1.
-        line: u64,
-        payload: Vec<u8>,
-    },
+    /// JSON readings without a topic (import of a JSON-lines file), a
+    /// few lines at a time: the device id comes from each payload.
+    Lines(LineChunk),
     /// A message with nothing to acknowledge (demo).
     Raw {
         source: &'static str,
@@ -63,8 +56,61 @@ impl Envelope {
             Envelope::Mqtt(p) => p.publish.payload.len() + p.publish.topic.len(),
             Envelope::Raw { topic, payload, .. } => payload.len() + topic.len(),
             Envelope::Serial { .. } => 64,
-            Envelope::Line { payload, .. } => payload.len(),
+            Envelope::Lines(chunk) => chunk.bytes.len(),
         }
+    }
+
+    /// How many readings it holds.
+    fn records(&self) -> usize {
+        match self {
+            Envelope::Lines(chunk) => chunk.ends.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// Consecutive lines of an imported file, handed over together: one queue
+/// slot and one allocation for many readings.
+#[derive(Debug)]
+pub struct LineChunk {
+    pub source: &'static str,
+    /// The file they came from.
+    pub file: Arc<str>,
+    /// The lines back to back, without their newlines.
+    pub bytes: Vec<u8>,
+    /// Each line's number (from 1) and where it ends in `bytes`; it starts
+    /// where the line before it ends.
+    pub ends: Vec<(u64, usize)>,
+}
+
+impl LineChunk {
+    pub fn new(source: &'static str, file: Arc<str>, bytes: usize, lines: usize) -> Self {
+        Self {
+            source,
+            file,
+            bytes: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(lines),
+        }
+    }
+
+    /// Ends the line whose bytes were appended since the last call.
+    pub fn end_line(&mut self, number: u64) {
+        self.ends.push((number, self.bytes.len()));
+    }
+
+    /// Where the next line starts in `bytes`.
+    pub fn next_start(&self) -> usize {
+        self.ends.last().map_or(0, |&(_, end)| end)
+    }
+
+    /// Each line's number and bytes, in order.
+    pub fn lines(&self) -> impl Iterator<Item = (u64, &[u8])> {
+        let mut start = 0;
+        self.ends.iter().map(move |&(number, end)| {
+            let line = &self.bytes[start..end];
+            start = end;
+            (number, line)
+        })
     }
 }
 
@@ -142,6 +188,10 @@ impl BatchWriter {
         let max_records = self.outbox_config.batch_max_records;
         let max_bytes = self.outbox_config.batch_max_bytes;
         let linger = Duration::from_millis(self.outbox_config.batch_linger_ms);
+        // An input that would have taken its batch past `max_records`: it
+        // starts the next one.
+        let mut carried: Option<Envelope> = None;
+        let mut batch = Vec::new();
         loop {
             if !self.wait_for_space(&stop) {
                 info!(
@@ -150,24 +200,25 @@ impl BatchWriter {
                 return;
             }
             self.stats.writer_heartbeat_ms.store(now_ms(), Relaxed);
-            // The timer must be created inside the runtime: build it in the
-            // async block that block_on runs.
-            let first = match rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(1), rx.recv()).await })
-            {
-                Ok(Some(first)) => first,
-                Ok(None) => return,
-                Err(_) => continue,
+            let first = match carried.take() {
+                Some(first) => first,
+                // The timer must be created inside the runtime: build it in
+                // the async block that block_on runs.
+                None => match rt.block_on(async {
+                    tokio::time::timeout(Duration::from_secs(1), rx.recv()).await
+                }) {
+                    Ok(Some(first)) => first,
+                    Ok(None) => return,
+                    Err(_) => continue,
+                },
             };
             let mut bytes = first.size_hint();
-            let mut batch = vec![first];
+            let mut records = first.records();
+            batch.push(first);
             let deadline = Instant::now() + linger;
-            while batch.len() < max_records && bytes < max_bytes {
-                match rx.try_recv() {
-                    Ok(env) => {
-                        bytes += env.size_hint();
-                        batch.push(env);
-                    }
+            while records < max_records && bytes < max_bytes {
+                let env = match rx.try_recv() {
+                    Ok(env) => env,
                     Err(_) => {
                         let now = Instant::now();
                         if now >= deadline {
@@ -176,16 +227,20 @@ impl BatchWriter {
                         match rt.block_on(async {
                             tokio::time::timeout(deadline - now, rx.recv()).await
                         }) {
-                            Ok(Some(env)) => {
-                                bytes += env.size_hint();
-                                batch.push(env);
-                            }
+                            Ok(Some(env)) => env,
                             Ok(None) | Err(_) => break,
                         }
                     }
+                };
+                if records + env.records() > max_records {
+                    carried = Some(env);
+                    break;
                 }
+                bytes += env.size_hint();
+                records += env.records();
+                batch.push(env);
             }
-            if !self.commit(batch, &stop) {
+            if !self.commit(&mut batch, records, &stop) {
                 return;
             }
         }
@@ -269,10 +324,37 @@ impl BatchWriter {
     /// Decodes, writes and acknowledges one batch. Retries a failing write
     /// (a full disk, say) until it succeeds or the agent stops; returns false
     /// when stopping.
-    fn commit(&mut self, batch: Vec<Envelope>, stop: &watch::Receiver<bool>) -> bool {
+    fn commit(
+        &mut self,
+        batch: &mut Vec<Envelope>,
+        records: usize,
+        stop: &watch::Receiver<bool>,
+    ) -> bool {
         let now = now_ms();
-        let mut items = Vec::with_capacity(batch.len());
-        for env in &batch {
+        let mut items = Vec::with_capacity(records);
+        for env in batch.iter() {
+            if let Envelope::Lines(chunk) = env {
+                for (line, payload) in chunk.lines() {
+                    items.push(match decode_reading(payload, None, now, &self.validation) {
+                        Ok(reading) => Item::Reading(
+                            reading,
+                            Raw::Line {
+                                source: chunk.source,
+                                file: &chunk.file,
+                                line,
+                                payload,
+                            },
+                        ),
+                        Err(rejection) => self.rejected(
+                            chunk.source,
+                            &crate::outbox::line_origin(chunk.source, &chunk.file, line),
+                            payload,
+                            rejection,
+                        ),
+                    });
+                }
+                continue;
+            }
             items.push(match env {
                 Envelope::Serial {
                     port,
@@ -306,28 +388,7 @@ impl BatchWriter {
                     topic,
                     payload,
                 } => self.decode(source, topic, payload, now),
-                Envelope::Line {
-                    source,
-                    file,
-                    line,
-                    payload,
-                } => match decode_reading(payload, None, now, &self.validation) {
-                    Ok(reading) => Item::Reading(
-                        reading,
-                        Raw::Line {
-                            source,
-                            file,
-                            line: *line,
-                            payload,
-                        },
-                    ),
-                    Err(rejection) => self.rejected(
-                        source,
-                        &crate::outbox::line_origin(source, file, *line),
-                        payload,
-                        rejection,
-                    ),
-                },
+                Envelope::Lines(_) => continue,
             });
         }
         let mut backoff = Duration::from_millis(100);
@@ -356,9 +417,17 @@ impl BatchWriter {
         s.valid.fetch_add(outcome.valid, Relaxed);
         s.duplicates.fetch_add(outcome.duplicates, Relaxed);
         s.alerts.fetch_add(outcome.alerts, Relaxed);
-        let refused: Vec<bool> = items
+        // Whether each input was refused, by input: an input of several
+        // readings (lines) needs no acknowledgement.
+        let mut at = 0;
+        let refused: Vec<bool> = batch
             .iter()
-            .map(|item| matches!(item, Item::Rejected(_)))
+            .map(|env| {
+                let n = env.records();
+                let refused = n == 1 && matches!(items.get(at), Some(Item::Rejected(_)));
+                at += n;
+                refused
+            })
             .collect();
         for item in &items {
             if let Item::Rejected(r) = item {
@@ -378,7 +447,7 @@ impl BatchWriter {
         }
         let mut mqtt_acks = Vec::new();
         let mut serial_acks: Vec<Vec<SerialAck>> = vec![Vec::new(); self.acks.serial.len()];
-        for (env, refused) in batch.into_iter().zip(refused) {
+        for (env, refused) in batch.drain(..).zip(refused) {
             match env {
                 Envelope::Mqtt(delivery) => mqtt_acks.push(delivery),
                 Envelope::Serial {
@@ -396,7 +465,7 @@ impl BatchWriter {
                         });
                     }
                 }
-                Envelope::Raw { .. } | Envelope::Line { .. } => {}
+                Envelope::Raw { .. } | Envelope::Lines(_) => {}
             }
         }
         if !mqtt_acks.is_empty()

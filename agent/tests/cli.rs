@@ -333,7 +333,8 @@ fn tells_systemd_ready_feeds_the_watchdog_and_says_stopping() {
 #[test]
 fn import_replays_a_jsonl_file_once_and_refuses_a_busy_data_folder() {
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), "");
+    // Fewer records per batch than two chunks of lines hold.
+    let config = write_config(dir.path(), "[outbox]\nbatch_max_records = 100\n");
     let file = dir.path().join("backfill.jsonl");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -405,6 +406,29 @@ fn import_replays_a_jsonl_file_once_and_refuses_a_busy_data_folder() {
             ("payload_too_large".to_string(), 2)
         ]
     );
+    // Rejects name their line, counted across the blank one.
+    let origins: Vec<String> = conn
+        .prepare("SELECT DISTINCT topic FROM quarantine ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let name = file.display();
+    assert_eq!(
+        origins,
+        vec![format!("import:{name}:501"), format!("import:{name}:503")]
+    );
+    // Every batch keeps to outbox.batch_max_records; none is lost.
+    let (largest, total): (i64, i64) = conn
+        .query_row(
+            "SELECT MAX(records), SUM(records) FROM outbox_batch",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(largest <= 100, "a batch of {largest} records");
+    assert_eq!(total, 500 + 4, "500 readings and 4 dead letters");
     drop(conn);
 
     // While an agent runs on the data folder, an import is refused.
