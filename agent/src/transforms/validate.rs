@@ -439,7 +439,11 @@ mod scan {
 
     impl<'a> Cursor<'a> {
         fn skip_ws(&mut self) {
-            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            // Most bytes here are not whitespace: one comparison for them.
+            while let Some(&b) = self.bytes.get(self.at)
+                && b <= b' '
+                && matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+            {
                 self.at += 1;
             }
         }
@@ -453,28 +457,67 @@ mod scan {
         }
 
         /// A string without escapes or control characters, ASCII only,
-        /// after its opening quote.
+        /// after its opening quote: eight bytes at a time, then one by one.
         fn plain_string(&mut self) -> Option<&'a [u8]> {
             let rest = self.bytes.get(self.at..)?;
-            let len = rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x80).contains(&b))?;
-            if rest[len] != b'"' {
+            let mut len = 0;
+            let end = loop {
+                let Some(chunk) = rest.get(len..len + 8) else {
+                    break len + rest[len..].iter().position(|&b| !plain(b))?;
+                };
+                let stops = not_plain(u64::from_le_bytes(chunk.try_into().ok()?));
+                if stops != 0 {
+                    break len + (stops.trailing_zeros() / 8) as usize;
+                }
+                len += 8;
+            };
+            if rest[end] != b'"' {
                 return None;
             }
-            self.at += len + 1;
-            Some(&rest[..len])
+            self.at += end + 1;
+            Some(&rest[..end])
         }
 
-        /// A non-negative integer (digits only, JSON's grammar) that fits a
-        /// u64, read in one pass. A fraction or exponent after the digits
-        /// makes it no integer: `None`, like a sign or a leading zero.
-        fn unsigned(&mut self) -> Option<u64> {
-            self.skip_ws();
+        /// A key of the schema with its closing quote, after its opening
+        /// quote: its field number (see [`parts`]). `None` for any other
+        /// key, and for a key spelled with escapes.
+        fn key(&mut self) -> Option<usize> {
+            let rest = self.bytes.get(self.at..)?;
+            let second = rest.get(1).copied();
+            // Each literal has its own length, so each comparison is a
+            // fixed-size one the compiler unrolls.
+            let (field, len) = match rest.first()? {
+                b'd' if starts(rest, b"device_id\"") => (0, 10),
+                b's' if second == Some(b'e') && starts(rest, b"seq\"") => (1, 4),
+                b'e' if starts(rest, b"epoch\"") => (2, 6),
+                b't' if second == Some(b's') && starts(rest, b"ts\"") => (3, 3),
+                b't' if starts(rest, b"temperature\"") => (4, 12),
+                b'h' if starts(rest, b"humidity\"") => (5, 9),
+                b'b' if starts(rest, b"battery\"") => (6, 8),
+                b'l' if starts(rest, b"lat\"") => (7, 4),
+                b'l' if starts(rest, b"lon\"") => (8, 4),
+                b's' if starts(rest, b"speed\"") => (9, 6),
+                _ => return None,
+            };
+            self.at += len;
+            Some(field)
+        }
+
+        /// Digits (JSON's grammar: no sign, no leading zero, no fraction or
+        /// exponent after) as a u64, or `None` when they are no integer or
+        /// do not fit. The first eight at once when there are eight.
+        fn digits(&mut self) -> Option<u64> {
             let bytes = self.bytes;
             let start = self.at;
             let mut i = start;
             let mut n = 0u64;
+            if let Some(chunk) = bytes.get(i..i + 8) {
+                let word = u64::from_le_bytes(chunk.try_into().ok()?);
+                if eight_digits(word) {
+                    n = value_of_eight_digits(word);
+                    i += 8;
+                }
+            }
             while let Some(&b @ b'0'..=b'9') = bytes.get(i) {
                 n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
                 i += 1;
@@ -486,32 +529,30 @@ mod scan {
             Some(n)
         }
 
-        /// An integer that fits an i64, read in one pass (as
-        /// [`Cursor::unsigned`], with an optional minus).
+        /// A non-negative integer that fits a u64. A fraction or exponent
+        /// after the digits makes it no integer: `None`, like a sign or a
+        /// leading zero.
+        fn unsigned(&mut self) -> Option<u64> {
+            self.skip_ws();
+            self.digits()
+        }
+
+        /// An integer that fits an i64 (as [`Cursor::unsigned`], with an
+        /// optional minus).
         fn signed(&mut self) -> Option<i64> {
             self.skip_ws();
-            let bytes = self.bytes;
-            let negative = bytes.get(self.at) == Some(&b'-');
-            let start = self.at + usize::from(negative);
-            let mut i = start;
-            // Accumulated as a negative number so that i64::MIN fits.
-            let mut magnitude = 0i64;
-            while let Some(&b @ b'0'..=b'9') = bytes.get(i) {
-                magnitude = magnitude
-                    .checked_mul(10)?
-                    .checked_sub(i64::from(b - b'0'))?;
-                i += 1;
+            let negative = self.bytes.get(self.at) == Some(&b'-');
+            self.at += usize::from(negative);
+            let magnitude = self.digits()?;
+            if !negative {
+                return i64::try_from(magnitude).ok();
             }
-            if !integer_ends_at(bytes, start, i) {
+            // JSON parsers read `-0` as a float: so do the serde paths.
+            if magnitude == 0 || magnitude > 1 << 63 {
                 return None;
             }
-            self.at = i;
-            // JSON parsers read `-0` as a float: so do the serde paths.
-            if negative {
-                (magnitude != 0).then_some(magnitude)
-            } else {
-                magnitude.checked_neg()
-            }
+            // 2^63 wraps to i64::MIN, which is its negation.
+            Some((magnitude as i64).wrapping_neg())
         }
 
         /// Any number as a finite f64, correctly rounded, in one pass over
@@ -619,6 +660,32 @@ mod scan {
             && !matches!(bytes.get(end), Some(b'.' | b'e' | b'E'))
     }
 
+    /// Whether `bytes` starts with `literal`.
+    fn starts<const N: usize>(bytes: &[u8], literal: &[u8; N]) -> bool {
+        bytes.get(..N) == Some(&literal[..])
+    }
+
+    /// A byte a plain string may hold: ASCII, no control character, no
+    /// quote and no backslash.
+    pub(super) fn plain(b: u8) -> bool {
+        (0x20..0x80).contains(&b) && b != b'"' && b != b'\\'
+    }
+
+    /// A word whose lowest set bit is the top bit of the first byte (in
+    /// little-endian order) that is not [`plain`], 0 when all eight are.
+    /// Each test below flags exactly its first match, and only bytes after
+    /// a match may be flagged wrongly (by a borrow): the lowest flag of
+    /// their union is exact.
+    pub(super) fn not_plain(word: u64) -> u64 {
+        const ONES: u64 = 0x0101_0101_0101_0101;
+        const HIGH: u64 = 0x8080_8080_8080_8080;
+        let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+        let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+        let quote = zero_byte(word ^ (ONES * u64::from(b'"')));
+        let backslash = zero_byte(word ^ (ONES * u64::from(b'\\')));
+        control | quote | backslash | (word & HIGH)
+    }
+
     /// Whether all eight bytes of `word` (little-endian) are ASCII digits:
     /// adding 0x46 carries into the top bit of a byte above b'9', and
     /// subtracting 0x30 borrows into it for a byte below b'0' (the borrow
@@ -716,7 +783,9 @@ mod scan {
         }
     }
 
-    /// The fields of a reading in its common shape, or `None`.
+    /// The fields of a reading in its common shape, or `None`. Fields by
+    /// number: 0 device_id, 1 seq, 2 epoch, 3 ts, 4 to 9 temperature,
+    /// humidity, battery, lat, lon and speed.
     pub(super) fn parts(payload: &[u8]) -> Option<Parts> {
         let mut c = Cursor {
             bytes: payload,
@@ -725,61 +794,41 @@ mod scan {
         if c.next()? != b'{' {
             return None;
         }
-        let mut device_id = None;
-        let (mut seq, mut epoch, mut ts) = (None, None, None);
-        let mut values = [None::<f64>; 6];
-        // Which keys were seen: a repeated key goes to the serde paths.
+        let mut device_id: &[u8] = &[];
+        let (mut seq, mut epoch, mut ts) = (0, None, 0);
+        let mut values = [0.0; 6];
+        // Which fields were seen: a repeated key goes to the serde paths.
         let mut seen = 0u16;
         loop {
             if c.next()? != b'"' {
                 return None;
             }
-            let key = c.plain_string()?;
+            let field = c.key()?;
+            if seen & (1 << field) != 0 {
+                return None;
+            }
+            seen |= 1 << field;
             if c.next()? != b':' {
                 return None;
             }
-            let bit = match key {
-                b"device_id" => {
+            match field {
+                0 => {
                     if c.next()? != b'"' {
                         return None;
                     }
-                    device_id = Some(c.plain_string()?);
-                    0
+                    device_id = c.plain_string()?;
                 }
-                b"seq" => {
-                    seq = Some(c.unsigned()?);
-                    1
-                }
-                b"epoch" => {
+                1 => seq = c.unsigned()?,
+                2 => {
                     epoch = if c.literal(b"null") {
                         None
                     } else {
                         Some(c.unsigned()?)
-                    };
-                    2
+                    }
                 }
-                b"ts" => {
-                    ts = Some(c.signed()?);
-                    3
-                }
-                b"temperature" | b"humidity" | b"battery" | b"lat" | b"lon" | b"speed" => {
-                    let slot = match key {
-                        b"temperature" => 0,
-                        b"humidity" => 1,
-                        b"battery" => 2,
-                        b"lat" => 3,
-                        b"lon" => 4,
-                        _ => 5,
-                    };
-                    values[slot] = Some(c.float()?);
-                    4 + slot
-                }
-                _ => return None,
-            };
-            if seen & (1 << bit) != 0 {
-                return None;
+                3 => ts = c.signed()?,
+                slot => values[slot - 4] = c.float()?,
             }
-            seen |= 1 << bit;
             match c.next()? {
                 b',' => {}
                 b'}' => break,
@@ -787,23 +836,25 @@ mod scan {
             }
         }
         c.skip_ws();
-        if c.at != payload.len() {
+        // Every field but the epoch, and nothing after the object.
+        if seen | 1 << 2 != (1 << 10) - 1 || c.at != payload.len() {
             return None;
         }
         // SAFETY: `plain_string` returned bytes in 0x20..0x80 only: ASCII,
         // so valid UTF-8.
-        let device_id = unsafe { std::str::from_utf8_unchecked(device_id?) };
+        let device_id = unsafe { std::str::from_utf8_unchecked(device_id) };
+        let [temperature, humidity, battery, lat, lon, speed] = values;
         Some(Parts {
             device_id: device_id.to_string(),
-            device_seq: seq?,
+            device_seq: seq,
             epoch,
-            ts: ts?,
-            temperature: values[0]?,
-            humidity: values[1]?,
-            battery: values[2]?,
-            lat: values[3]?,
-            lon: values[4]?,
-            speed: values[5]?,
+            ts,
+            temperature,
+            humidity,
+            battery,
+            lat,
+            lon,
+            speed,
             attributes: Map::new(),
         })
     }

@@ -374,6 +374,22 @@ fn scanner_agrees_with_the_serde_paths() {
         format!("{{{inner};"),
         format!("{{{inner},\"attributes\":{{}}}}"),
         format!("{{{inner},\"Seq\":1}}"),
+        // Keys that share a first letter or a prefix with the schema's.
+        text.replace("\"seq\"", "\"se\""),
+        text.replace("\"seq\"", "\"seqs\""),
+        text.replace("\"seq\"", "\"s\""),
+        text.replace("\"ts\"", "\"t\""),
+        text.replace("\"ts\"", "\"tsx\""),
+        text.replace("\"temperature\"", "\"temperatur\""),
+        text.replace("\"lat\"", "\"la\""),
+        text.replace("\"lon\"", "\"lo\""),
+        text.replace("\"lon\"", "\"long\""),
+        text.replace("\"speed\"", "\"spee\""),
+        with_epoch.replace("\"epoch\"", "\"epochs\""),
+        with_epoch.replace("\"epoch\"", "\"e\""),
+        text.replace("\"device_id\"", "\"device_i\""),
+        text.replace("\"battery\"", "\"batteryy\""),
+        text.replace("\"humidity\"", "\"h\""),
         text.replace("\"dev-1\"", "\"dév-1\""),
         text.replace("\"dev-1\"", "\"dev\t1\""),
         text.replace("\"dev-1\"", "\"\""),
@@ -544,5 +560,65 @@ fn eight_digits_at_once() {
             text.parse::<u64>().unwrap(),
             "{text}"
         );
+    }
+}
+
+/// The eight-byte step of the string scanner finds the first byte a plain
+/// string may not hold: every byte value at every position, after plain
+/// bytes and before any others, and random words.
+#[test]
+fn first_stop_of_a_plain_string() {
+    let first_stop = |word: u64| {
+        let stops = scan::not_plain(word);
+        (stops != 0).then(|| stops.trailing_zeros() as usize / 8)
+    };
+    let expected = |bytes: &[u8; 8]| bytes.iter().position(|&b| !scan::plain(b));
+    for at in 0..8 {
+        for byte in 0..=255u8 {
+            for after in [b'a', b'"', 0x00, 0x1f, 0xff, b'\\', 0x80] {
+                let mut text = *b"dev-0001";
+                text[at] = byte;
+                for later in &mut text[at + 1..] {
+                    *later = after;
+                }
+                assert_eq!(
+                    first_stop(u64::from_le_bytes(text)),
+                    expected(&text),
+                    "{text:?}"
+                );
+            }
+        }
+    }
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..200_000 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let text = state.to_le_bytes();
+        assert_eq!(first_stop(state), expected(&text), "{text:?}");
+    }
+    // Whole strings of every length up to 40 (so their closing quote at
+    // every offset), and one more byte at every position.
+    let payload = |id: &[u8]| {
+        format!(
+            "{{\"device_id\":\"{}\",\"seq\":1,\"ts\":1,\"temperature\":1,\"humidity\":1,\"battery\":1,\"lat\":1,\"lon\":1,\"speed\":1}}",
+            String::from_utf8_lossy(id)
+        )
+    };
+    for len in 0..40 {
+        let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+        let read = |id: &[u8]| scan::parts(payload(id).as_bytes()).map(|parts| parts.device_id);
+        assert_eq!(
+            read(&text).as_deref(),
+            Some(std::str::from_utf8(&text).unwrap())
+        );
+        for extra in [b'\\', 0x01, 0x1f, 0xc3, b'~', 0x7f] {
+            for at in 0..=len {
+                let mut id = text.clone();
+                id.insert(at, extra);
+                let expected = scan::plain(extra).then(|| String::from_utf8(id.clone()).unwrap());
+                assert_eq!(read(&id), expected, "{id:?}");
+            }
+        }
     }
 }
