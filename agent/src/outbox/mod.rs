@@ -929,15 +929,21 @@ impl BodySink for Vec<u8> {
 struct BodyWriter {
     compress: bool,
     chunk: Vec<u8>,
-    /// What is stored: the compressed chunks, or the raw body.
+    /// What is stored: the compressed chunks, or the raw body, in
+    /// `out[..len]`. With compression, `out` keeps its length between
+    /// batches, so it is zeroed only as it grows.
     out: Vec<u8>,
+    len: usize,
 }
 
 impl BodyWriter {
     fn start(&mut self, compress: bool) {
         self.compress = compress;
         self.chunk.clear();
-        self.out.clear();
+        if !compress {
+            self.out.clear();
+        }
+        self.len = 0;
     }
 
     fn flush_chunk(&mut self) {
@@ -945,14 +951,16 @@ impl BodyWriter {
             return;
         }
         let bound = lz4_flex::block::get_maximum_output_size(self.chunk.len());
-        let at = self.out.len();
-        self.out.resize(at + 8 + bound, 0);
+        let at = self.len;
+        if self.out.len() < at + 8 + bound {
+            self.out.resize(at + 8 + bound, 0);
+        }
         let (head, block) = self.out[at..].split_at_mut(8);
         let n = lz4_flex::block::compress_into(&self.chunk, block)
             .expect("lz4 output of the maximum output size always fits");
         head[..4].copy_from_slice(&(self.chunk.len() as u32).to_le_bytes());
         head[4..].copy_from_slice(&(n as u32).to_le_bytes());
-        self.out.truncate(at + 8 + n);
+        self.len = at + 8 + n;
         self.chunk.clear();
     }
 
@@ -962,7 +970,7 @@ impl BodyWriter {
             return (&self.out, CODEC_NONE);
         }
         self.flush_chunk();
-        (&self.out, CODEC_LZ4_CHUNKS)
+        (&self.out[..self.len], CODEC_LZ4_CHUNKS)
     }
 }
 

@@ -600,20 +600,22 @@ mod scan {
             if bytes.get(i) == Some(&b'.') {
                 i += 1;
                 let frac_start = i;
-                // Eight digits at a time while there are, then one by one.
-                while let Some(chunk) = bytes.get(i..i + 8) {
-                    let word = u64::from_le_bytes(chunk.try_into().ok()?);
-                    if !eight_digits(word) {
+                // Up to eight digits at a time while eight bytes remain,
+                // then one by one.
+                loop {
+                    let Some(chunk) = bytes.get(i..i + 8) else {
+                        while let Some(&b @ b'0'..=b'9') = bytes.get(i) {
+                            mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(b - b'0'));
+                            i += 1;
+                        }
+                        break;
+                    };
+                    let (count, value) = digit_run(u64::from_le_bytes(chunk.try_into().ok()?));
+                    mantissa = mantissa.wrapping_mul(TENS[count]).wrapping_add(value);
+                    i += count;
+                    if count < 8 {
                         break;
                     }
-                    mantissa = mantissa
-                        .wrapping_mul(100_000_000)
-                        .wrapping_add(value_of_eight_digits(word));
-                    i += 8;
-                }
-                while let Some(&b @ b'0'..=b'9') = bytes.get(i) {
-                    mantissa = mantissa.wrapping_mul(10).wrapping_add(u64::from(b - b'0'));
-                    i += 1;
                 }
                 decimals = i - frac_start;
                 if decimals == 0 {
@@ -695,6 +697,39 @@ mod scan {
         let below = word.wrapping_sub(0x3030_3030_3030_3030);
         (above | below) & 0x8080_8080_8080_8080 == 0
     }
+
+    /// How many of the eight bytes of `word` (little-endian) are ASCII
+    /// digits before the first that is not, and the number they spell. The
+    /// flags are [`eight_digits`]'s, per byte: a carry or borrow only
+    /// reaches the bytes after a non-digit, so the first flag is exact.
+    #[inline(always)]
+    pub(super) fn digit_run(word: u64) -> (usize, u64) {
+        let above = word.wrapping_add(0x4646_4646_4646_4646);
+        let below = word.wrapping_sub(0x3030_3030_3030_3030);
+        let stops = (above | below) & 0x8080_8080_8080_8080;
+        let count = stops.trailing_zeros() / 8;
+        if count == 0 {
+            return (0, 0);
+        }
+        // The digits moved to the top bytes, with '0's below them, spell
+        // the same number.
+        let shift = 64 - 8 * count;
+        let padded = (word << shift) | (0x3030_3030_3030_3030 & ((1 << shift) - 1));
+        (count as usize, value_of_eight_digits(padded))
+    }
+
+    /// 10^0 to 10^8.
+    const TENS: [u64; 9] = [
+        1,
+        10,
+        100,
+        1_000,
+        10_000,
+        100_000,
+        1_000_000,
+        10_000_000,
+        100_000_000,
+    ];
 
     /// The number eight ASCII digits spell, the first (lowest) byte the
     /// most significant: pairs, then quadruples, then the whole, each step

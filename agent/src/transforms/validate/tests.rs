@@ -622,3 +622,35 @@ fn first_stop_of_a_plain_string() {
         }
     }
 }
+
+/// The fraction step of the number scanner: every byte value at every
+/// position ends the digits there, whatever follows, and the value is the
+/// number the digits before it spell.
+#[test]
+fn digit_runs() {
+    assert_eq!(
+        scan::digit_run(u64::from_le_bytes(*b"12345678")),
+        (8, 12_345_678)
+    );
+    for at in 0..8 {
+        for byte in 0..=255u8 {
+            for after in [b'9', b'0', 0x00, b'/', b':', 0xff, 0xba, b'.'] {
+                let mut text = *b"12345678";
+                text[at] = byte;
+                for later in &mut text[at + 1..] {
+                    *later = after;
+                }
+                let count = text.iter().position(|b| !b.is_ascii_digit()).unwrap_or(8);
+                let value = std::str::from_utf8(&text[..count])
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap_or(0);
+                assert_eq!(
+                    scan::digit_run(u64::from_le_bytes(text)),
+                    (count, value),
+                    "{text:?}"
+                );
+            }
+        }
+    }
+}
