@@ -587,12 +587,7 @@ impl Outbox {
                                 records += 1;
                                 outcome.valid += 1;
                                 for alert in &alerts {
-                                    let value = serde_json::to_vec(&AlertRecord {
-                                        alert,
-                                        gateway_id: &self.gateway_id,
-                                        raised_at: now_ms,
-                                    })
-                                    .expect("serializing an alert to JSON cannot fail");
+                                    alert_json(&mut value, alert, &self.gateway_id, now_ms);
                                     encode_record(
                                         &mut body,
                                         TopicId::Alert,
@@ -691,14 +686,22 @@ impl Outbox {
     }
 }
 
-/// An alert as sent to `iot-alerts`.
-#[derive(serde::Serialize)]
-struct AlertRecord<'a> {
-    #[serde(flatten)]
-    alert: &'a Alert,
-    gateway_id: &'a str,
-    /// Gateway clock when the alert was raised, epoch ms.
-    raised_at: i64,
+/// Writes an alert as sent to `iot-alerts` into `out` (cleared first): the
+/// alert's fields, then `gateway_id` and `raised_at` (the gateway clock
+/// when it was raised, epoch ms). The alert serializes as a struct and the
+/// two fields are appended inside its braces: what a flattened wrapper
+/// gives, without serde's slow path for flattening.
+fn alert_json(out: &mut Vec<u8>, alert: &Alert, gateway_id: &str, raised_at: i64) {
+    out.clear();
+    // A struct of strings and numbers always serializes, and always as an
+    // object that ends with its closing brace.
+    let _ = serde_json::to_writer(&mut *out, alert);
+    out.pop();
+    out.extend_from_slice(b",\"gateway_id\":");
+    let _ = serde_json::to_writer(&mut *out, gateway_id);
+    out.extend_from_slice(b",\"raised_at\":");
+    let _ = serde_json::to_writer(&mut *out, &raised_at);
+    out.push(b'}');
 }
 
 /// What [`Outbox::drop_oldest`] deleted.

@@ -985,3 +985,58 @@ fn batches_of_binary_readings_send_json_and_keep_their_marks() {
     assert_eq!(marks.get("a"), Some(&300));
     assert_eq!(marks.get("b"), Some(&42));
 }
+
+/// The alert JSON is byte for byte what serde gives for the alert
+/// flattened into a wrapper with the two gateway fields.
+#[test]
+fn alert_json_equals_the_flattened_record() {
+    #[derive(serde::Serialize)]
+    struct Flattened<'a> {
+        #[serde(flatten)]
+        alert: &'a Alert,
+        gateway_id: &'a str,
+        raised_at: i64,
+    }
+    let fence = Alert {
+        alert_id: "dev-1:7:depot:enter".into(),
+        kind: "geofence",
+        event: "enter",
+        device_id: "dev-1".into(),
+        seq: 7,
+        ts: 1_789_999_999_000,
+        lat: 52.520_000_000_000_003,
+        lon: -13.4,
+        fence_id: Some("depot \"north\"".into()),
+        field: None,
+        value: None,
+        threshold: None,
+        consecutive: None,
+    };
+    let threshold = Alert {
+        alert_id: "dev-1:8:threshold:temperature".into(),
+        kind: "threshold",
+        event: "threshold",
+        fence_id: None,
+        field: Some("temperature"),
+        value: Some(-0.5),
+        threshold: Some([0.0, 85.5]),
+        consecutive: Some(3),
+        ..fence.clone()
+    };
+    let mut out = b"left over".to_vec();
+    for alert in [&fence, &threshold] {
+        for (gateway_id, raised_at) in [("gw-1", 1_790_000_000_000), ("gw\\\u{7f}é", -1)] {
+            alert_json(&mut out, alert, gateway_id, raised_at);
+            let expected = serde_json::to_vec(&Flattened {
+                alert,
+                gateway_id,
+                raised_at,
+            })
+            .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&expected)
+            );
+        }
+    }
+}

@@ -304,6 +304,33 @@ impl FenceEventKind {
     }
 }
 
+/// The deterministic id of a fence event: `{device}:{seq}:{fence}:{kind}`,
+/// built without the formatting machinery (one per event, on the hot path).
+fn event_id(device_id: &str, seq: u64, fence_id: &str, kind: FenceEventKind) -> String {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = seq;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let kind = kind.as_str();
+    let mut id = String::with_capacity(device_id.len() + fence_id.len() + kind.len() + 23);
+    id.push_str(device_id);
+    id.push(':');
+    // ASCII digits.
+    id.extend(digits[at..].iter().map(|&d| char::from(d)));
+    id.push(':');
+    id.push_str(fence_id);
+    id.push(':');
+    id.push_str(kind);
+    id
+}
+
 /// A geofence event, ready to become an alert.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FenceEvent {
@@ -454,7 +481,7 @@ impl DeviceFences {
         }
         let mut emit = |kind: FenceEventKind, fence_id: &str| {
             events.push(FenceEvent {
-                id: format!("{device_id}:{seq}:{fence_id}:{}", kind.as_str()),
+                id: event_id(device_id, seq, fence_id, kind),
                 kind,
                 device_id: device_id.to_string(),
                 fence_id: fence_id.to_string(),

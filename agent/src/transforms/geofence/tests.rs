@@ -293,3 +293,20 @@ fn fence_ids_order_by_name_and_survive_a_round_trip_to_disk() {
     assert_eq!(std::mem::size_of::<Left>(), 16);
     assert_eq!(std::mem::size_of::<Inside>(), 16);
 }
+
+#[test]
+fn event_ids_spell_device_seq_fence_and_kind() {
+    for seq in [0, 7, 10, 1_234_567_890, u64::MAX] {
+        for kind in [
+            FenceEventKind::Enter,
+            FenceEventKind::Exit,
+            FenceEventKind::Dwell,
+            FenceEventKind::Absent,
+        ] {
+            assert_eq!(
+                event_id("dev-1", seq, "depot:north", kind),
+                format!("dev-1:{seq}:depot:north:{}", kind.as_str())
+            );
+        }
+    }
+}
