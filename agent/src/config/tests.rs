@@ -159,6 +159,16 @@ fn ids() {
     assert!(!is_valid_id("a/b"));
     assert!(!is_valid_id("a+b"));
     assert!(!is_valid_id(&"x".repeat(65)));
+    assert!(is_valid_id(&"x".repeat(64)));
+    // Every character, alone and inside an id: only the rule's.
+    for c in (0..=0x7f_u8)
+        .map(char::from)
+        .chain(['é', '\u{ff}', '\u{2028}', '😀'])
+    {
+        let allowed = c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+        assert_eq!(is_valid_id(&c.to_string()), allowed, "{c:?}");
+        assert_eq!(is_valid_id(&format!("ab{c}cd")), allowed, "{c:?}");
+    }
 }
 
 #[test]
