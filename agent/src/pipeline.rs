@@ -16,7 +16,8 @@ use crate::outbox::{Item, Outbox, Raw, RejectedInput};
 use crate::signal::OutboxSignals;
 use crate::stats::Stats;
 use crate::transforms::validate::{
-    Rejection, TopicKind, decode_bin_reading, decode_reading, parse_topic, reading_from_frame,
+    Rejection, TopicKind, decode_bin_reading, decode_reading_reusing, parse_topic,
+    reading_from_frame,
 };
 
 /// An MQTT publish that must be acknowledged once durable.
@@ -143,6 +144,9 @@ pub struct BatchWriter {
     /// Stop instead of waiting when the outbox is full (import: no uplink
     /// runs in the same process to make room).
     pub stop_when_full: bool,
+    /// Device id strings of committed readings, reused by the next batch's
+    /// (at most a batch's worth).
+    spare_ids: Vec<String>,
 }
 
 pub fn now_ms() -> i64 {
@@ -174,6 +178,7 @@ impl BatchWriter {
             signals,
             acks,
             stop_when_full: false,
+            spare_ids: Vec::new(),
         }
     }
 
@@ -332,10 +337,13 @@ impl BatchWriter {
     ) -> bool {
         let now = now_ms();
         let mut items = Vec::with_capacity(records);
+        let mut spare = std::mem::take(&mut self.spare_ids);
         for env in batch.iter() {
             if let Envelope::Lines(chunk) = env {
                 for (line, payload) in chunk.lines() {
-                    items.push(match decode_reading(payload, None, now, &self.validation) {
+                    let decoded =
+                        decode_reading_reusing(payload, None, now, &self.validation, &mut spare);
+                    items.push(match decoded {
                         Ok(reading) => Item::Reading(
                             reading,
                             Raw::Line {
@@ -382,12 +390,13 @@ impl BatchWriter {
                     &delivery.publish.topic,
                     &delivery.publish.payload,
                     now,
+                    &mut spare,
                 ),
                 Envelope::Raw {
                     source,
                     topic,
                     payload,
-                } => self.decode(source, topic, payload, now),
+                } => self.decode(source, topic, payload, now, &mut spare),
                 Envelope::Lines(_) => continue,
             });
         }
@@ -434,7 +443,15 @@ impl BatchWriter {
                 s.count_reject(r.rejection.reason);
             }
         }
-        drop(items);
+        let keep = self.outbox_config.batch_max_records;
+        for item in items {
+            if let Item::Reading(reading, _) = item
+                && spare.len() < keep
+            {
+                spare.push(reading.device_id);
+            }
+        }
+        self.spare_ids = spare;
         s.set_plane(self.outbox.plane().counters());
         s.devices_known
             .store(self.outbox.known_devices() as u64, Relaxed);
@@ -508,6 +525,7 @@ impl BatchWriter {
         topic: &'a str,
         payload: &'a [u8],
         now: i64,
+        spare: &mut Vec<String>,
     ) -> Item<'a> {
         let reject = |rejection: Rejection| self.rejected(source, topic, payload, rejection);
         let raw = Raw::Bytes {
@@ -525,7 +543,7 @@ impl BatchWriter {
             }
             Err(rejection) => return reject(rejection),
         };
-        match decode_reading(payload, Some(device), now, &self.validation) {
+        match decode_reading_reusing(payload, Some(device), now, &self.validation, spare) {
             Ok(reading) => Item::Reading(reading, raw),
             Err(rejection) => reject(rejection),
         }

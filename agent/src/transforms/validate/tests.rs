@@ -607,7 +607,9 @@ fn first_stop_of_a_plain_string() {
     };
     for len in 0..40 {
         let text: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
-        let read = |id: &[u8]| scan::parts(payload(id).as_bytes()).map(|parts| parts.device_id);
+        let read = |id: &[u8]| {
+            scan::parts(payload(id).as_bytes()).map(|parts| parts.device_id.into_owned())
+        };
         assert_eq!(
             read(&text).as_deref(),
             Some(std::str::from_utf8(&text).unwrap())
@@ -653,4 +655,31 @@ fn digit_runs() {
             }
         }
     }
+}
+
+/// The device id of a decoded reading goes into a spare string when one is
+/// given; rejected readings and ids with escapes leave the spares alone.
+#[test]
+fn a_spare_id_string_is_reused() {
+    let text = good().to_string();
+    let mut spare = vec![String::with_capacity(32)];
+    let buffer = spare[0].as_ptr();
+    let reading =
+        decode_reading_reusing(text.as_bytes(), None, NOW, &limits(), &mut spare).unwrap();
+    assert!(spare.is_empty());
+    assert_eq!(reading.device_id.as_ptr(), buffer);
+    assert_eq!(
+        reading,
+        decode_reading(text.as_bytes(), None, NOW, &limits()).unwrap()
+    );
+
+    spare.push(String::from("old contents"));
+    let hot = text.replace("21.5", "1e9");
+    assert!(decode_reading_reusing(hot.as_bytes(), None, NOW, &limits(), &mut spare).is_err());
+    assert_eq!(spare, ["old contents"]);
+    let escaped = text.replace("\"dev-1\"", "\"dev\\u002d1\"");
+    let reading =
+        decode_reading_reusing(escaped.as_bytes(), None, NOW, &limits(), &mut spare).unwrap();
+    assert_eq!(reading.device_id, "dev-1");
+    assert_eq!(spare, ["old contents"]);
 }
