@@ -533,7 +533,7 @@ impl Outbox {
         let mut body = std::mem::take(&mut self.body);
         body.start(self.compression == crate::config::OutboxCompression::Lz4);
         let mut records = 0i64;
-        let mut new_marks: HashMap<&str, u64> = HashMap::new();
+        let mut new_marks: HashMap<&str, u64> = HashMap::with_capacity(items.len());
         // Readings the data plane refused: turned into rejected items once
         // the loop no longer borrows them.
         let mut late: Vec<(usize, RejectedInput)> = Vec::new();

@@ -477,6 +477,19 @@ mod scan {
             }
         }
 
+        /// Consumes `byte` if it comes next, after any whitespace. The
+        /// common case, no whitespace, tests one byte.
+        fn eat(&mut self, byte: u8) -> bool {
+            if self.bytes.get(self.at) != Some(&byte) {
+                self.skip_ws();
+                if self.bytes.get(self.at) != Some(&byte) {
+                    return false;
+                }
+            }
+            self.at += 1;
+            true
+        }
+
         /// The next byte after whitespace, consumed.
         fn next(&mut self) -> Option<u8> {
             self.skip_ws();
@@ -864,7 +877,7 @@ mod scan {
         // Which fields were seen: a repeated key goes to the serde paths.
         let mut seen = 0u16;
         loop {
-            if c.next()? != b'"' {
+            if !c.eat(b'"') {
                 return None;
             }
             let field = c.key()?;
@@ -872,12 +885,12 @@ mod scan {
                 return None;
             }
             seen |= 1 << field;
-            if c.next()? != b':' {
+            if !c.eat(b':') {
                 return None;
             }
             match field {
                 0 => {
-                    if c.next()? != b'"' {
+                    if !c.eat(b'"') {
                         return None;
                     }
                     device_id = c.plain_string()?;
@@ -893,11 +906,13 @@ mod scan {
                 3 => ts = c.signed()?,
                 slot => values[slot - 4] = c.float()?,
             }
-            match c.next()? {
-                b',' => {}
-                b'}' => break,
-                _ => return None,
+            if c.eat(b',') {
+                continue;
             }
+            if c.eat(b'}') {
+                break;
+            }
+            return None;
         }
         c.skip_ws();
         // Every field but the epoch, and nothing after the object.
