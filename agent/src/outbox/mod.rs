@@ -983,6 +983,11 @@ impl BodySink for BodyWriter {
             self.out.extend_from_slice(bytes);
             return;
         }
+        // The common case: the bytes fit in the chunk and do not fill it.
+        if bytes.len() < CHUNK_BYTES - self.chunk.len() {
+            self.chunk.extend_from_slice(bytes);
+            return;
+        }
         while !bytes.is_empty() {
             let room = CHUNK_BYTES - self.chunk.len();
             let (now, rest) = bytes.split_at(bytes.len().min(room));
@@ -1000,12 +1005,23 @@ fn encode_record(out: &mut impl BodySink, topic: TopicId, key: &[u8], value: &[u
 }
 
 fn encode_tagged(out: &mut impl BodySink, tag: u8, key: &[u8], value: &[u8]) {
-    let mut head = [0u8; 5];
-    head[0] = tag;
-    head[1..].copy_from_slice(&(key.len() as u32).to_le_bytes());
-    out.put(&head);
-    out.put(key);
-    out.put(&(value.len() as u32).to_le_bytes());
+    let key_len = (key.len() as u32).to_le_bytes();
+    let value_len = (value.len() as u32).to_le_bytes();
+    // Tag, key and value length in one piece when the key is short (device
+    // ids are at most 64 bytes).
+    let mut head = [0u8; 1 + 4 + 64 + 4];
+    if key.len() <= 64 {
+        head[5..5 + key.len()].copy_from_slice(key);
+        head[0] = tag;
+        head[1..5].copy_from_slice(&key_len);
+        head[5 + key.len()..9 + key.len()].copy_from_slice(&value_len);
+        out.put(&head[..9 + key.len()]);
+    } else {
+        out.put(&[tag]);
+        out.put(&key_len);
+        out.put(key);
+        out.put(&value_len);
+    }
     out.put(value);
 }
 
