@@ -2,6 +2,16 @@ use super::*;
 
 const NOW: i64 = 1_790_000_000_000;
 
+/// A reproducible stream of pseudo-random words (xorshift64).
+fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    }
+}
+
 fn limits() -> ValidationConfig {
     ValidationConfig::default()
 }
@@ -429,13 +439,7 @@ fn scanner_agrees_with_the_serde_paths() {
 /// numbers of every length and scale it takes.
 #[test]
 fn exact_floats_equal_the_full_parser() {
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
-    let mut next = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state
-    };
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     let mut taken = 0;
     for _ in 0..200_000 {
         let digits = 1 + next() % 19;
@@ -547,12 +551,9 @@ fn eight_digits_at_once() {
             );
         }
     }
-    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
     for _ in 0..100_000 {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let text = format!("{:08}", state % 100_000_000);
+        let text = format!("{:08}", next() % 100_000_000);
         let word = u64::from_le_bytes(text.as_bytes().try_into().unwrap());
         assert!(scan::eight_digits(word), "{text}");
         assert_eq!(
@@ -589,11 +590,9 @@ fn first_stop_of_a_plain_string() {
             }
         }
     }
-    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = xorshift(0x2545_f491_4f6c_dd1d);
     for _ in 0..200_000 {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
+        let state = next();
         let text = state.to_le_bytes();
         assert_eq!(first_stop(state), expected(&text), "{text:?}");
     }
