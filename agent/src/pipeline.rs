@@ -339,31 +339,11 @@ impl BatchWriter {
         let mut items = Vec::with_capacity(records);
         let mut spare = std::mem::take(&mut self.spare_ids);
         for env in batch.iter() {
-            if let Envelope::Lines(chunk) = env {
-                for (line, payload) in chunk.lines() {
-                    let decoded =
-                        decode_reading_reusing(payload, None, now, &self.validation, &mut spare);
-                    items.push(match decoded {
-                        Ok(reading) => Item::Reading(
-                            reading,
-                            Raw::Line {
-                                source: chunk.source,
-                                file: &chunk.file,
-                                line,
-                                payload,
-                            },
-                        ),
-                        Err(rejection) => self.rejected(
-                            chunk.source,
-                            &crate::outbox::line_origin(chunk.source, &chunk.file, line),
-                            payload,
-                            rejection,
-                        ),
-                    });
+            let item = match env {
+                Envelope::Lines(chunk) => {
+                    self.decode_lines(chunk, now, &mut spare, &mut items);
+                    continue;
                 }
-                continue;
-            }
-            items.push(match env {
                 Envelope::Serial {
                     port,
                     address,
@@ -397,8 +377,8 @@ impl BatchWriter {
                     topic,
                     payload,
                 } => self.decode(source, topic, payload, now, &mut spare),
-                Envelope::Lines(_) => continue,
-            });
+            };
+            items.push(item);
         }
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
@@ -517,6 +497,37 @@ impl BatchWriter {
             payload: payload[..keep].to_vec(),
             rejection,
         })
+    }
+
+    /// Decodes the lines of an imported chunk into `items`.
+    fn decode_lines<'a>(
+        &self,
+        chunk: &'a LineChunk,
+        now: i64,
+        spare: &mut Vec<String>,
+        items: &mut Vec<Item<'a>>,
+    ) {
+        for (line, payload) in chunk.lines() {
+            items.push(
+                match decode_reading_reusing(payload, None, now, &self.validation, spare) {
+                    Ok(reading) => Item::Reading(
+                        reading,
+                        Raw::Line {
+                            source: chunk.source,
+                            file: &chunk.file,
+                            line,
+                            payload,
+                        },
+                    ),
+                    Err(rejection) => self.rejected(
+                        chunk.source,
+                        &crate::outbox::line_origin(chunk.source, &chunk.file, line),
+                        payload,
+                        rejection,
+                    ),
+                },
+            );
+        }
     }
 
     fn decode<'a>(
