@@ -353,6 +353,12 @@ pub fn metrics_text(state: &OpsState) -> String {
         "Kafka transactions committed.",
         s.kafka_transactions.load(Relaxed) as f64,
     );
+    metric(
+        "edge_uplink_failures_total",
+        "counter",
+        "Uplink sessions that failed and were retried (a stop is none).",
+        s.uplink_failures.load(Relaxed) as f64,
+    );
     for (name, help, micros) in [
         (
             "edge_uplink_load_seconds_total",

@@ -45,6 +45,9 @@ pub struct Stats {
     pub kafka_committed_batch: AtomicI64,
     pub kafka_records_committed: AtomicU64,
     pub kafka_transactions: AtomicU64,
+    /// Uplink sessions that failed and are retried (Kafka unreachable, a
+    /// transaction refused, ...). A stop is none.
+    pub uplink_failures: AtomicU64,
     /// Time spent loading batches, in Kafka transactions (begin to commit)
     /// and trimming the outbox after them, in microseconds.
     pub uplink_load_micros: AtomicU64,
@@ -147,6 +150,7 @@ impl Default for Stats {
             kafka_committed_batch: AtomicI64::new(0),
             kafka_records_committed: AtomicU64::new(0),
             kafka_transactions: AtomicU64::new(0),
+            uplink_failures: AtomicU64::new(0),
             uplink_load_micros: AtomicU64::new(0),
             kafka_transaction_micros: AtomicU64::new(0),
             outbox_trim_micros: AtomicU64::new(0),

@@ -44,6 +44,20 @@ impl Topics {
         delete_topics(&[&self.data, &self.dlq, &self.offsets]).await;
     }
 
+    /// Another gateway's transaction, left open, holding its marker on the
+    /// offsets topic: read_committed readers stop before it.
+    fn other_gateways_open_marker(
+        &self,
+    ) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+        let other_gateway = format!("gw-{}-other", self.sfx);
+        let other = transactional(&format!("edge-agent-{other_gateway}"))?;
+        other.begin_transaction()?;
+        let other_marker = serde_json::json!({"gateway_id": other_gateway, "batch_seq": 7, "committed_at": now_ms()})
+            .to_string();
+        send_all(&other, &[(&self.offsets, &other_gateway, &other_marker)])?;
+        Ok(other)
+    }
+
     /// The agent of gateway `gw-{sfx}{gateway_suffix}` on these topics,
     /// simulating devices named `{device_prefix}…`.
     fn agent(
@@ -314,12 +328,7 @@ async fn another_gateways_open_transaction_does_not_hide_the_newest_marker() -> 
 
         // The other gateway opens a transaction with its marker and keeps it
         // open while this gateway goes on committing markers after it.
-        let other_gateway = format!("gw-{}-other", t.sfx);
-        let other = transactional(&format!("edge-agent-{other_gateway}"))?;
-        other.begin_transaction()?;
-        let other_marker = serde_json::json!({"gateway_id": other_gateway, "batch_seq": 7, "committed_at": now_ms()})
-            .to_string();
-        send_all(&other, &[(&t.offsets, &other_gateway, &other_marker)])?;
+        let other = t.other_gateways_open_marker()?;
 
         let before = first.stats.kafka_records_committed.load(Relaxed);
         first.until_committed(before + 1_000).await?;
@@ -355,6 +364,48 @@ async fn another_gateways_open_transaction_does_not_hide_the_newest_marker() -> 
             "hidden marker: markers {marker_1} -> {marker_2}, {} readings in Kafka, all unique",
             readings.len()
         );
+        Ok(())
+    })
+    .await
+}
+
+/// Stopped while its start waits for another gateway's open transaction on
+/// the offsets topic, the uplink stops quietly: no failure counted, and no
+/// "uplink down" warning that blames a marker it never failed to read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_while_the_marker_read_waits_is_no_uplink_failure() -> anyhow::Result<()> {
+    with_topics("stopwait", async |t| {
+        let other = t.other_gateways_open_marker()?;
+
+        let dir = tempfile::tempdir()?;
+        let agent = start(t.agent("", "demo-", dir.path())?);
+        // The demo devices' readings are durable while the uplink waits.
+        let s = agent.stats.clone();
+        wait_for(
+            "readings in the outbox while the uplink waits",
+            Duration::from_secs(60),
+            || {
+                let s = s.clone();
+                async move { Ok((s.valid.load(Relaxed) >= 1_000).then_some(())) }
+            },
+        )
+        .await?;
+        assert_eq!(
+            agent.stats.uplink_state(),
+            edge_agent::stats::UplinkState::Connecting,
+            "the uplink got going although the open transaction hides the marker"
+        );
+        let stats = agent.stop().await?;
+        assert_eq!(
+            stats.uplink_state(),
+            edge_agent::stats::UplinkState::Stopped
+        );
+        assert_eq!(
+            stats.uplink_failures.load(Relaxed),
+            0,
+            "stopping was counted (and logged) as an uplink failure"
+        );
+        other.abort_transaction(Duration::from_secs(30))?;
         Ok(())
     })
     .await

@@ -85,6 +85,9 @@ pub enum UplinkError {
     },
     #[error("reading the offsets marker from {topic}: {what}")]
     Marker { topic: String, what: String },
+    /// The agent is stopping: the session ends without being done.
+    #[error("the agent is stopping")]
+    Stopping,
     #[error(transparent)]
     Outbox(#[from] OutboxError),
 }
@@ -153,7 +156,11 @@ impl KafkaUplink {
                         });
                     return Err(e);
                 }
+                // Asked to stop before the session got going: not a
+                // failure, nothing to report or retry.
+                Err(UplinkError::Stopping) => break,
                 Err(e) => {
+                    self.stats.uplink_failures.fetch_add(1, Relaxed);
                     let summary = short_error(&e);
                     self.stats.set_uplink(UplinkState::Down(summary));
                     warn!(error = %e, "Kafka uplink down; the outbox keeps the data, retrying in {backoff:?}");
@@ -601,7 +608,10 @@ impl KafkaUplink {
                 );
                 told = true;
             }
-            if Instant::now() > deadline || self.stopping() {
+            if self.stopping() {
+                return Err(UplinkError::Stopping);
+            }
+            if Instant::now() > deadline {
                 return Err(UplinkError::Marker {
                     topic,
                     what: format!(

@@ -521,7 +521,7 @@ impl DeviceFences {
                     emit(FenceEventKind::Enter, &fence.id);
                 }
             }
-            self.inside.sort_by(|a, b| a.fence.cmp(&b.fence));
+            self.inside.sort_by_key(|a| a.fence);
         }
         for inside in self.inside.iter_mut() {
             if !inside.dwell_reported
