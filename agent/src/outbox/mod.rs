@@ -32,13 +32,25 @@ use crate::transforms::validate::{
 /// of batches that left (an older build would lose the rest: it must refuse).
 /// 4: bodies compressed in chunks (`CODEC_LZ4_CHUNKS`), and accepted
 /// readings stored in binary (`TAG_READING`): an older build reads neither.
-const SCHEMA_VERSION: i64 = 4;
+/// 5: readings stored compact (`TAG_CONTEXT`, `TAG_COMPACT`).
+const SCHEMA_VERSION: i64 = 5;
 
-/// Body tag of an accepted reading stored in binary ([`encode_reading`]).
-/// Read back, it becomes a [`TopicId::Data`] record in JSON: the uplink
-/// writes the JSON, not the batch writer, and the disk holds a third of
-/// the bytes before compression.
+/// Body tag of an accepted reading stored in binary, fixed-width
+/// ([`encode_reading`]). Read back, it becomes a [`TopicId::Data`] record
+/// in JSON: the uplink writes the JSON, not the batch writer. Written by
+/// schema 4, read by later builds; written now only for a reading the
+/// compact form cannot hold.
 const TAG_READING: u8 = 3;
+
+/// Body tag of what the compact readings after it share: the gateway id as
+/// the key, `received_at` (i64 LE) as the value. Once per batch, before its
+/// first compact reading.
+const TAG_CONTEXT: u8 = 4;
+
+/// Body tag of an accepted reading in the compact form
+/// ([`encode_compact`]), framed shorter than the other records:
+/// `tag | key length u8 | key | value length varint | value`.
+const TAG_COMPACT: u8 = 5;
 
 /// Largest decompressed batch body accepted when reading one back.
 const MAX_BODY_BYTES: usize = 512 * 1024 * 1024;
@@ -539,6 +551,7 @@ impl Outbox {
         let mut late: Vec<(usize, RejectedInput)> = Vec::new();
         let mut alerts: Vec<Alert> = Vec::new();
         let mut value = Vec::with_capacity(512);
+        let mut context_written = false;
         let tx = write_transaction(&self.conn)?;
         self.plane.begin(&tx)?;
         {
@@ -566,24 +579,35 @@ impl Outbox {
                                 alerts.clear();
                                 self.plane.events(reading, meta.as_deref(), &mut alerts);
                                 value.clear();
-                                encode_reading(
-                                    &mut value,
-                                    reading,
-                                    &Enrichment {
-                                        gateway_id: &self.gateway_id,
-                                        received_at: now_ms,
-                                        registered: meta.is_some(),
-                                        fragment: meta
-                                            .as_ref()
-                                            .map_or(&b""[..], |m| m.enrichment_json.as_bytes()),
-                                    },
-                                );
-                                encode_tagged(
-                                    &mut body,
-                                    TAG_READING,
-                                    reading.device_id.as_bytes(),
-                                    &value,
-                                );
+                                let enrichment = Enrichment {
+                                    gateway_id: &self.gateway_id,
+                                    received_at: now_ms,
+                                    registered: meta.is_some(),
+                                    fragment: meta
+                                        .as_ref()
+                                        .map_or(&b""[..], |m| m.enrichment_json.as_bytes()),
+                                };
+                                if encode_compact(&mut value, reading, &enrichment) {
+                                    if !context_written {
+                                        encode_tagged(
+                                            &mut body,
+                                            TAG_CONTEXT,
+                                            self.gateway_id.as_bytes(),
+                                            &now_ms.to_le_bytes(),
+                                        );
+                                        context_written = true;
+                                    }
+                                    put_compact(&mut body, reading.device_id.as_bytes(), &value);
+                                } else {
+                                    value.clear();
+                                    encode_reading(&mut value, reading, &enrichment);
+                                    encode_tagged(
+                                        &mut body,
+                                        TAG_READING,
+                                        reading.device_id.as_bytes(),
+                                        &value,
+                                    );
+                                }
                                 records += 1;
                                 outcome.valid += 1;
                                 for alert in &alerts {
@@ -1025,6 +1049,26 @@ fn encode_tagged(out: &mut impl BodySink, tag: u8, key: &[u8], value: &[u8]) {
     out.put(value);
 }
 
+/// Frames a compact reading: `tag | key length u8 | key | value length
+/// varint | value`, the head in one piece. Keys are at most 255 bytes
+/// ([`encode_compact`] refuses longer ones).
+fn put_compact(out: &mut impl BodySink, key: &[u8], value: &[u8]) {
+    let mut head = [0u8; 2 + 255 + 10];
+    head[0] = TAG_COMPACT;
+    head[1] = key.len() as u8;
+    head[2..2 + key.len()].copy_from_slice(key);
+    let mut at = 2 + key.len();
+    let mut len = value.len() as u64;
+    while len >= 0x80 {
+        head[at] = len as u8 | 0x80;
+        len >>= 7;
+        at += 1;
+    }
+    head[at] = len as u8;
+    out.put(&head[..at + 1]);
+    out.put(value);
+}
+
 /// The `seq` of an enriched record (the only field needed back).
 #[derive(serde::Deserialize)]
 struct SeqOnly {
@@ -1058,6 +1102,7 @@ fn marks_of_batches(
             let mut found = Vec::new();
             each_record(&body, |tag, key, value| {
                 let seq = match tag {
+                    TAG_COMPACT => compact_seq(value),
                     TAG_READING => reading_seq(value),
                     t if t == TopicId::Data as u8 => {
                         serde_json::from_slice::<SeqOnly>(value).ok().map(|s| s.seq)
@@ -1195,10 +1240,17 @@ fn each_record<'a>(
     let mut cursor = Cursor(body);
     while !cursor.0.is_empty() {
         let tag = cursor.u8()?;
-        let key_len = cursor.u32()? as usize;
-        let key = cursor.take(key_len)?;
-        let value_len = cursor.u32()? as usize;
-        let value = cursor.take(value_len)?;
+        let (key, value) = if tag == TAG_COMPACT {
+            let key_len = cursor.u8()? as usize;
+            let key = cursor.take(key_len)?;
+            let value_len = usize::try_from(cursor.varint()?).map_err(|_| "truncated record")?;
+            (key, cursor.take(value_len)?)
+        } else {
+            let key_len = cursor.u32()? as usize;
+            let key = cursor.take(key_len)?;
+            let value_len = cursor.u32()? as usize;
+            (key, cursor.take(value_len)?)
+        };
         f(tag, key, value)?;
     }
     Ok(())
@@ -1206,7 +1258,23 @@ fn each_record<'a>(
 
 fn decode_body(body: &[u8]) -> Result<Vec<OutRecord>, &'static str> {
     let mut out = Vec::new();
+    let mut context: Option<Context<'_>> = None;
     each_record(body, |tag, key, value| {
+        if tag == TAG_CONTEXT {
+            context = Some(Context::read(key, value)?);
+            return Ok(());
+        }
+        if tag == TAG_COMPACT {
+            let context = context.ok_or("a compact reading before its context")?;
+            let mut json = Vec::with_capacity(value.len() * 6);
+            render_compact(key, value, &context, &mut json)?;
+            out.push(OutRecord {
+                topic: TopicId::Data,
+                key: key.to_vec(),
+                value: json,
+            });
+            return Ok(());
+        }
         if tag == TAG_READING {
             let mut json = Vec::with_capacity(value.len() * 3);
             render_reading(key, value, &mut json)?;
@@ -1262,6 +1330,49 @@ impl<'a> Cursor<'a> {
     fn i64(&mut self) -> Result<i64, &'static str> {
         Ok(i64::from_le_bytes(self.array()?))
     }
+
+    /// Bytes with their varint length in front when `present`, else none.
+    fn optional(&mut self, present: bool) -> Result<&'a [u8], &'static str> {
+        if !present {
+            return Ok(b"");
+        }
+        let len = usize::try_from(self.varint()?).map_err(|_| "truncated record")?;
+        self.take(len)
+    }
+
+    /// An unsigned LEB128 number of at most ten bytes that fits a u64.
+    fn varint(&mut self) -> Result<u64, &'static str> {
+        let mut value = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err("a varint that does not fit 64 bits");
+            }
+            value |= bits << shift;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err("a varint longer than ten bytes")
+    }
+}
+
+/// Appends `value` as unsigned LEB128: seven bits a byte, low first.
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push(value as u8 | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    (v >> 1) as i64 ^ -((v & 1) as i64)
 }
 
 const READING_HAS_EPOCH: u8 = 1;
@@ -1306,6 +1417,199 @@ fn encode_reading(out: &mut Vec<u8>, r: &Reading, e: &Enrichment<'_>) {
     }
     out.extend_from_slice(&(e.fragment.len() as u32).to_le_bytes());
     out.extend_from_slice(e.fragment);
+}
+
+/// What the compact readings of a batch share ([`TAG_CONTEXT`]).
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    gateway_id: &'a str,
+    received_at: i64,
+}
+
+impl<'a> Context<'a> {
+    fn read(key: &'a [u8], value: &[u8]) -> Result<Self, &'static str> {
+        let gateway_id = std::str::from_utf8(key).map_err(|_| "gateway id is not UTF-8")?;
+        let received_at = i64::from_le_bytes(
+            value
+                .try_into()
+                .map_err(|_| "a batch context of the wrong size")?,
+        );
+        Ok(Self {
+            gateway_id,
+            received_at,
+        })
+    }
+}
+
+const COMPACT_EPOCH: u8 = 1;
+const COMPACT_REGISTERED: u8 = 2;
+const COMPACT_ATTRIBUTES: u8 = 4;
+const COMPACT_FRAGMENT: u8 = 8;
+
+/// Appends an accepted reading in the compact form, or returns `false`
+/// (and appends nothing) when it cannot hold it: `seq` not derived from
+/// `device_seq` and `epoch`, or a device id longer than 255 bytes.
+///
+/// `flags u8 (1: epoch, 2: registered, 4: attributes, 8: fragment) |
+/// device_seq varint | [epoch varint] | ts - received_at (zigzag varint) |
+/// six values (temperature, humidity, battery, lat, lon, speed),
+/// [`put_values`] | [attributes: varint length, JSON object] | [enrichment
+/// fragment: varint length, bytes]`. The key is the device id; the gateway
+/// id and `received_at` are in the batch's [`TAG_CONTEXT`] record.
+fn encode_compact(out: &mut Vec<u8>, r: &Reading, e: &Enrichment<'_>) -> bool {
+    let folded = match r.epoch {
+        Some(epoch) => epoch
+            .checked_shl(32)
+            .filter(|_| epoch <= u64::from(u32::MAX) && r.device_seq <= u64::from(u32::MAX))
+            .map(|high| high | r.device_seq),
+        None => Some(r.device_seq),
+    };
+    if folded != Some(r.seq) || r.device_id.len() > 255 {
+        return false;
+    }
+    let mut flags = 0;
+    if r.epoch.is_some() {
+        flags |= COMPACT_EPOCH;
+    }
+    if e.registered {
+        flags |= COMPACT_REGISTERED;
+    }
+    if !r.attributes.is_empty() {
+        flags |= COMPACT_ATTRIBUTES;
+    }
+    if !e.fragment.is_empty() {
+        flags |= COMPACT_FRAGMENT;
+    }
+    out.push(flags);
+    put_varint(out, r.device_seq);
+    if let Some(epoch) = r.epoch {
+        put_varint(out, epoch);
+    }
+    put_varint(out, zigzag(r.ts.wrapping_sub(e.received_at)));
+    put_values(
+        out,
+        [r.temperature, r.humidity, r.battery, r.lat, r.lon, r.speed],
+    );
+    if !r.attributes.is_empty() {
+        let mut json = Vec::with_capacity(64);
+        // A map of JSON values always serializes.
+        let _ = serde_json::to_writer(&mut json, &r.attributes);
+        put_varint(out, json.len() as u64);
+        out.extend_from_slice(&json);
+    }
+    if !e.fragment.is_empty() {
+        put_varint(out, e.fragment.len() as u64);
+        out.extend_from_slice(e.fragment);
+    }
+    true
+}
+
+/// Appends the six values of a reading, each its f64 bits (LE).
+fn put_values(out: &mut Vec<u8>, values: [f64; 6]) {
+    let mut bytes = [0u8; 48];
+    for (slot, v) in bytes.chunks_exact_mut(8).zip(values) {
+        slot.copy_from_slice(&v.to_bits().to_le_bytes());
+    }
+    out.extend_from_slice(&bytes);
+}
+
+/// Reads the values written by [`put_values`]: always finite.
+fn read_values(c: &mut Cursor<'_>) -> Result<[f64; 6], &'static str> {
+    let mut values = [0f64; 6];
+    for v in &mut values {
+        *v = f64::from_bits(c.u64()?);
+        if !v.is_finite() {
+            return Err("a stored value is not a finite number");
+        }
+    }
+    Ok(values)
+}
+
+/// A compact reading's fields up to its values.
+struct CompactHead {
+    flags: u8,
+    device_seq: u64,
+    epoch: Option<u64>,
+}
+
+impl CompactHead {
+    fn read(c: &mut Cursor<'_>) -> Result<Self, &'static str> {
+        let flags = c.u8()?;
+        if flags & !(COMPACT_EPOCH | COMPACT_REGISTERED | COMPACT_ATTRIBUTES | COMPACT_FRAGMENT)
+            != 0
+        {
+            return Err("a stored reading with unknown flags");
+        }
+        let device_seq = c.varint()?;
+        let epoch = if flags & COMPACT_EPOCH != 0 {
+            Some(c.varint()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            flags,
+            device_seq,
+            epoch,
+        })
+    }
+
+    /// The dedupe key, as the validator folds it.
+    fn seq(&self) -> Result<u64, &'static str> {
+        match self.epoch {
+            None => Ok(self.device_seq),
+            Some(epoch)
+                if epoch <= u64::from(u32::MAX) && self.device_seq <= u64::from(u32::MAX) =>
+            {
+                Ok(epoch << 32 | self.device_seq)
+            }
+            Some(_) => Err("a stored epoch or seq out of range"),
+        }
+    }
+}
+
+/// The dedupe key of a compact reading.
+fn compact_seq(value: &[u8]) -> Option<u64> {
+    CompactHead::read(&mut Cursor(value)).ok()?.seq().ok()
+}
+
+/// Appends the JSON record of a reading stored by [`encode_compact`]:
+/// byte for byte what [`render_reading`] gives for the same reading.
+fn render_compact(
+    key: &[u8],
+    value: &[u8],
+    context: &Context<'_>,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    let device_id = std::str::from_utf8(key).map_err(|_| "device id is not UTF-8")?;
+    let mut c = Cursor(value);
+    let head = CompactHead::read(&mut c)?;
+    let seq = head.seq()?;
+    let ts = context.received_at.wrapping_add(unzigzag(c.varint()?));
+    let values = read_values(&mut c)?;
+    let attributes = c.optional(head.flags & COMPACT_ATTRIBUTES != 0)?;
+    let fragment = c.optional(head.flags & COMPACT_FRAGMENT != 0)?;
+    if !c.0.is_empty() {
+        return Err("trailing bytes after a stored reading");
+    }
+    write_record_json(
+        out,
+        &RecordFields {
+            device_id,
+            seq,
+            device_seq: head.device_seq,
+            epoch: head.epoch,
+            ts,
+            values,
+            attributes,
+        },
+        &Enrichment {
+            gateway_id: context.gateway_id,
+            received_at: context.received_at,
+            registered: head.flags & COMPACT_REGISTERED != 0,
+            fragment,
+        },
+    );
+    Ok(())
 }
 
 /// The dedupe key of a reading stored in binary: its first field.

@@ -894,15 +894,21 @@ fn marks_are_rebuilt_from_unsent_batches_after_a_crash() {
 }
 
 /// A reading stored in binary renders to the JSON the batch writer used to
-/// store: with and without epoch, attributes, registration, enrichment.
+/// store: with and without epoch, attributes, registration, enrichment; in
+/// the compact form the batch writer uses now and in the fixed-width form
+/// of schema 4, which later builds still read.
 #[test]
 fn stored_readings_render_the_json_of_the_reading() {
     let limits = ValidationConfig::default();
     let payloads = [
         r#"{"device_id":"dev-1","seq":7,"ts":1789999999000,"temperature":21.5,"humidity":40.0,"battery":88.25,"lat":48.13908938715199,"lon":-11.5,"speed":0}"#,
         r#"{"device_id":"dev-2","seq":9,"epoch":1790000000,"ts":1789999999001,"temperature":-0.0,"humidity":0.1,"battery":100,"lat":-90,"lon":180,"speed":999.999,"firmware":"1.2","attributes":{"rssi":-70,"note":"a \"quoted\" é"}}"#,
+        // A timestamp far from the gateway's clock, either way.
+        r#"{"device_id":"dev-3","seq":18446744073709551,"ts":0,"temperature":1e-300,"humidity":0,"battery":0,"lat":0,"lon":0,"speed":0}"#,
     ];
     let fragments: [&[u8]; 2] = [b"", br#","device_type":"tracker","tags":{"fleet":"a"}"#];
+    let mut limits = limits;
+    limits.max_age_seconds = u64::MAX / 4000;
     for payload in payloads {
         let r = decode_reading(payload.as_bytes(), None, NOW, &limits).unwrap();
         for (registered, fragment) in [(false, fragments[0]), (true, fragments[1])] {
@@ -919,13 +925,14 @@ fn stored_readings_render_the_json_of_the_reading() {
                     registered,
                     fragment,
                 );
-                let mut stored = Vec::new();
                 let e = Enrichment {
                     gateway_id,
                     received_at: NOW + 5,
                     registered,
                     fragment,
                 };
+
+                let mut stored = Vec::new();
                 encode_reading(&mut stored, &r, &e);
                 let mut rendered = Vec::new();
                 render_reading(r.device_id.as_bytes(), &stored, &mut rendered).unwrap();
@@ -947,9 +954,162 @@ fn stored_readings_render_the_json_of_the_reading() {
                 let at = 17 + if r.epoch.is_some() { 8 } else { 0 } + 8;
                 nan[at..at + 8].copy_from_slice(&f64::NAN.to_bits().to_le_bytes());
                 assert!(render_reading(b"dev", &nan, &mut Vec::new()).is_err());
+
+                let mut compact = Vec::new();
+                assert!(encode_compact(&mut compact, &r, &e));
+                let context = Context {
+                    gateway_id,
+                    received_at: NOW + 5,
+                };
+                let mut rendered = Vec::new();
+                render_compact(r.device_id.as_bytes(), &compact, &context, &mut rendered).unwrap();
+                assert_eq!(
+                    String::from_utf8(rendered).unwrap(),
+                    String::from_utf8(expected.clone()).unwrap()
+                );
+                assert_eq!(compact_seq(&compact), Some(r.seq));
+                // Smaller than the fixed-width form.
+                assert!(
+                    compact.len() < stored.len(),
+                    "{} {}",
+                    compact.len(),
+                    stored.len()
+                );
+                for cut in 0..compact.len() {
+                    assert!(
+                        render_compact(b"dev", &compact[..cut], &context, &mut Vec::new()).is_err()
+                    );
+                }
+                let mut longer = compact.clone();
+                longer.push(0);
+                assert!(render_compact(b"dev", &longer, &context, &mut Vec::new()).is_err());
+                let mut flags = compact.clone();
+                flags[0] |= 0x80;
+                assert!(render_compact(b"dev", &flags, &context, &mut Vec::new()).is_err());
             }
         }
     }
+}
+
+/// A compact reading's values are the f64 bits after the head: a value
+/// that is not finite there is refused, like in the fixed-width form.
+#[test]
+fn a_compact_reading_with_a_value_that_is_not_finite_is_refused() {
+    let limits = ValidationConfig::default();
+    let r = decode_reading(
+        br#"{"device_id":"d","seq":3,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
+        None,
+        NOW,
+        &limits,
+    )
+    .unwrap();
+    let e = Enrichment {
+        gateway_id: "gw",
+        received_at: NOW,
+        registered: false,
+        fragment: b"",
+    };
+    let mut compact = Vec::new();
+    assert!(encode_compact(&mut compact, &r, &e));
+    let context = Context {
+        gateway_id: "gw",
+        received_at: NOW,
+    };
+    // flags, seq (one byte), ts delta (varint), then the six values.
+    let head = compact.len() - 48;
+    for i in 0..6 {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut damaged = compact.clone();
+            damaged[head + 8 * i..head + 8 * i + 8].copy_from_slice(&bad.to_bits().to_le_bytes());
+            assert!(render_compact(b"d", &damaged, &context, &mut Vec::new()).is_err());
+        }
+    }
+}
+
+/// What the compact form cannot hold is left to the fixed-width form: a
+/// `seq` that is not `device_seq` with the epoch folded in, a device id
+/// longer than its one-byte length.
+#[test]
+fn the_compact_form_declines_what_it_cannot_hold() {
+    let limits = ValidationConfig::default();
+    let r = decode_reading(
+        br#"{"device_id":"d","seq":3,"epoch":9,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
+        None,
+        NOW,
+        &limits,
+    )
+    .unwrap();
+    let e = Enrichment {
+        gateway_id: "gw",
+        received_at: NOW,
+        registered: false,
+        fragment: b"",
+    };
+    let mut out = Vec::new();
+    assert!(encode_compact(&mut out, &r, &e));
+    let mut unfolded = r.clone();
+    unfolded.seq = 3;
+    out.clear();
+    assert!(!encode_compact(&mut out, &unfolded, &e));
+    assert!(out.is_empty());
+    let mut long = r.clone();
+    long.device_id = "x".repeat(256);
+    assert!(!encode_compact(&mut out, &long, &e));
+    assert!(out.is_empty());
+}
+
+/// A body decodes its compact readings with the context before them, and
+/// refuses one without: a body cut or spliced wrongly is corrupt.
+#[test]
+fn compact_readings_need_their_context() {
+    let limits = ValidationConfig::default();
+    let r = decode_reading(
+        br#"{"device_id":"dev-9","seq":3,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
+        None,
+        NOW,
+        &limits,
+    )
+    .unwrap();
+    let e = Enrichment {
+        gateway_id: "gw-7",
+        received_at: NOW,
+        registered: false,
+        fragment: b"",
+    };
+    let mut value = Vec::new();
+    assert!(encode_compact(&mut value, &r, &e));
+    let mut reading_only = Vec::new();
+    put_compact(&mut reading_only, r.device_id.as_bytes(), &value);
+    assert!(decode_body(&reading_only).is_err());
+
+    let mut body = Vec::new();
+    encode_tagged(&mut body, TAG_CONTEXT, b"gw-7", &NOW.to_le_bytes());
+    body.extend_from_slice(&reading_only);
+    let records = decode_body(&body).unwrap();
+    let mut expected = Vec::new();
+    crate::transforms::validate::write_reading_json(&mut expected, &r, "gw-7", NOW, false, b"");
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].key, b"dev-9");
+    assert_eq!(records[0].value, expected);
+
+    // Readings in the fixed-width form of schema 4 read alike, with or
+    // without a context.
+    let mut old = Vec::new();
+    encode_reading(&mut old, &r, &e);
+    let mut schema_4 = Vec::new();
+    encode_tagged(&mut schema_4, TAG_READING, r.device_id.as_bytes(), &old);
+    let records = decode_body(&schema_4).unwrap();
+    assert_eq!(records[0].value, expected);
+    body.extend_from_slice(&schema_4);
+    let records = decode_body(&body).unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[1].value, expected);
+
+    // A context of the wrong size.
+    let mut bad = Vec::new();
+    encode_tagged(&mut bad, TAG_CONTEXT, b"gw-7", &[0u8; 7]);
+    bad.extend_from_slice(&reading_only);
+    assert!(decode_body(&bad).is_err());
 }
 
 /// What the uplink reads is the JSON of each reading, and the marks come
@@ -1058,8 +1218,13 @@ fn records_of_every_key_length_round_trip() {
                 key_len * 3
             };
             let value: Vec<u8> = (0..value_len).map(|i| (i * 7 + key_len) as u8).collect();
-            encode_record(&mut body, TopicId::DeadLetter, &key, &value);
-            written.push((key, value));
+            if key_len <= 255 && key_len % 2 == 1 {
+                put_compact(&mut body, &key, &value);
+                written.push((TAG_COMPACT, key, value));
+            } else {
+                encode_record(&mut body, TopicId::DeadLetter, &key, &value);
+                written.push((TopicId::DeadLetter as u8, key, value));
+            }
         }
         let (stored, codec) = body.finish();
         let plain = if codec == CODEC_LZ4_CHUNKS {
@@ -1069,8 +1234,7 @@ fn records_of_every_key_length_round_trip() {
         };
         let mut read = Vec::new();
         each_record(&plain, |tag, key, value| {
-            assert_eq!(tag, TopicId::DeadLetter as u8);
-            read.push((key.to_vec(), value.to_vec()));
+            read.push((tag, key.to_vec(), value.to_vec()));
             Ok(())
         })
         .unwrap();
