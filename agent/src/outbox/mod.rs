@@ -1331,6 +1331,15 @@ impl<'a> Cursor<'a> {
         Ok(i64::from_le_bytes(self.array()?))
     }
 
+    /// Nothing may follow a stored reading's last field.
+    fn end(&self) -> Result<(), &'static str> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err("trailing bytes after a stored reading")
+        }
+    }
+
     /// Bytes with their varint length in front when `present`, else none.
     fn optional(&mut self, present: bool) -> Result<&'a [u8], &'static str> {
         if !present {
@@ -1588,9 +1597,7 @@ fn render_compact(
     let values = read_values(&mut c)?;
     let attributes = c.optional(head.flags & COMPACT_ATTRIBUTES != 0)?;
     let fragment = c.optional(head.flags & COMPACT_FRAGMENT != 0)?;
-    if !c.0.is_empty() {
-        return Err("trailing bytes after a stored reading");
-    }
+    c.end()?;
     write_record_json(
         out,
         &RecordFields {
@@ -1645,9 +1652,7 @@ fn render_reading(key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<(), &'s
     let attributes = c.take(attributes_len)?;
     let fragment_len = c.u32()? as usize;
     let fragment = c.take(fragment_len)?;
-    if !c.0.is_empty() {
-        return Err("trailing bytes after a stored reading");
-    }
+    c.end()?;
     write_record_json(
         out,
         &RecordFields {

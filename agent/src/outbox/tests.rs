@@ -991,24 +991,27 @@ fn stored_readings_render_the_json_of_the_reading() {
     }
 }
 
-/// A compact reading's values are the f64 bits after the head: a value
-/// that is not finite there is refused, like in the fixed-width form.
-#[test]
-fn a_compact_reading_with_a_value_that_is_not_finite_is_refused() {
-    let limits = ValidationConfig::default();
-    let r = decode_reading(
-        br#"{"device_id":"d","seq":3,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
-        None,
-        NOW,
-        &limits,
-    )
-    .unwrap();
+/// A reading of `payload` (valid at [`NOW`]) and the enrichment of an
+/// unregistered device on gateway `gateway_id`, received at [`NOW`].
+fn reading_and_enrichment<'a>(payload: &[u8], gateway_id: &'a str) -> (Reading, Enrichment<'a>) {
+    let r = decode_reading(payload, None, NOW, &ValidationConfig::default()).unwrap();
     let e = Enrichment {
-        gateway_id: "gw",
+        gateway_id,
         received_at: NOW,
         registered: false,
         fragment: b"",
     };
+    (r, e)
+}
+
+/// A compact reading's values are the f64 bits after the head: a value
+/// that is not finite there is refused, like in the fixed-width form.
+#[test]
+fn a_compact_reading_with_a_value_that_is_not_finite_is_refused() {
+    let (r, e) = reading_and_enrichment(
+        br#"{"device_id":"d","seq":3,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
+        "gw",
+    );
     let mut compact = Vec::new();
     assert!(encode_compact(&mut compact, &r, &e));
     let context = Context {
@@ -1031,20 +1034,10 @@ fn a_compact_reading_with_a_value_that_is_not_finite_is_refused() {
 /// longer than its one-byte length.
 #[test]
 fn the_compact_form_declines_what_it_cannot_hold() {
-    let limits = ValidationConfig::default();
-    let r = decode_reading(
+    let (r, e) = reading_and_enrichment(
         br#"{"device_id":"d","seq":3,"epoch":9,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
-        None,
-        NOW,
-        &limits,
-    )
-    .unwrap();
-    let e = Enrichment {
-        gateway_id: "gw",
-        received_at: NOW,
-        registered: false,
-        fragment: b"",
-    };
+        "gw",
+    );
     let mut out = Vec::new();
     assert!(encode_compact(&mut out, &r, &e));
     let mut unfolded = r.clone();
@@ -1062,20 +1055,10 @@ fn the_compact_form_declines_what_it_cannot_hold() {
 /// refuses one without: a body cut or spliced wrongly is corrupt.
 #[test]
 fn compact_readings_need_their_context() {
-    let limits = ValidationConfig::default();
-    let r = decode_reading(
+    let (r, e) = reading_and_enrichment(
         br#"{"device_id":"dev-9","seq":3,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
-        None,
-        NOW,
-        &limits,
-    )
-    .unwrap();
-    let e = Enrichment {
-        gateway_id: "gw-7",
-        received_at: NOW,
-        registered: false,
-        fragment: b"",
-    };
+        "gw-7",
+    );
     let mut value = Vec::new();
     assert!(encode_compact(&mut value, &r, &e));
     let mut reading_only = Vec::new();
