@@ -138,6 +138,13 @@ interval_seconds = 0
         },
     )
     .await?;
+    // Nothing listens at the configured broker: the uplink fails, counts
+    // it, and keeps retrying while the outbox holds the readings.
+    wait_for("an uplink failure counted", Duration::from_secs(60), || {
+        let stats = stats.clone();
+        async move { Ok((stats.uplink_failures.load(Relaxed) >= 1).then_some(())) }
+    })
+    .await?;
     let _ = stop_agent.send(());
     tokio::time::timeout(Duration::from_secs(30), agent)
         .await

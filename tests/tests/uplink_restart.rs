@@ -405,6 +405,12 @@ async fn stopping_while_the_marker_read_waits_is_no_uplink_failure() -> anyhow::
             0,
             "stopping was counted (and logged) as an uplink failure"
         );
+        let metrics =
+            edge_agent::ops::metrics_text(&edge_agent::ops::OpsState::new(stats.clone(), "gw"));
+        assert!(
+            metrics.contains("\nedge_uplink_failures_total 0\n"),
+            "{metrics}"
+        );
         other.abort_transaction(Duration::from_secs(30))?;
         Ok(())
     })
