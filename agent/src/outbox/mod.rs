@@ -1408,9 +1408,10 @@ fn encode_reading(out: &mut Vec<u8>, r: &Reading, e: &Enrichment<'_>) {
         out.extend_from_slice(&epoch.to_le_bytes());
     }
     out.extend_from_slice(&r.ts.to_le_bytes());
-    for v in [r.temperature, r.humidity, r.battery, r.lat, r.lon, r.speed] {
-        out.extend_from_slice(&v.to_bits().to_le_bytes());
-    }
+    put_values(
+        out,
+        [r.temperature, r.humidity, r.battery, r.lat, r.lon, r.speed],
+    );
     out.extend_from_slice(&e.received_at.to_le_bytes());
     // Gateway ids are validated to at most 64 characters.
     let gateway = &e.gateway_id.as_bytes()[..e.gateway_id.len().min(255)];
@@ -1513,7 +1514,8 @@ fn encode_compact(out: &mut Vec<u8>, r: &Reading, e: &Enrichment<'_>) -> bool {
     true
 }
 
-/// Appends the six values of a reading, each its f64 bits (LE).
+/// Appends the six values of a reading, each its f64 bits (LE): the same
+/// layout in both stored forms.
 fn put_values(out: &mut Vec<u8>, values: [f64; 6]) {
     let mut bytes = [0u8; 48];
     for (slot, v) in bytes.chunks_exact_mut(8).zip(values) {
@@ -1637,13 +1639,7 @@ fn render_reading(key: &[u8], value: &[u8], out: &mut Vec<u8>) -> Result<(), &'s
         None
     };
     let ts = c.i64()?;
-    let mut values = [0f64; 6];
-    for v in &mut values {
-        *v = f64::from_bits(c.u64()?);
-        if !v.is_finite() {
-            return Err("a stored value is not a finite number");
-        }
-    }
+    let values = read_values(&mut c)?;
     let received_at = c.i64()?;
     let gateway_len = c.u8()? as usize;
     let gateway_id =
