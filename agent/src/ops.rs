@@ -362,12 +362,12 @@ pub fn metrics_text(state: &OpsState) -> String {
     for (name, help, micros) in [
         (
             "edge_uplink_load_seconds_total",
-            "Time the uplink spent reading batches from the outbox.",
+            "Time the uplink spent reading batches from the outbox, rendering their records and queueing them to the Kafka producer.",
             &s.uplink_load_micros,
         ),
         (
             "edge_kafka_transaction_seconds_total",
-            "Time spent in Kafka transactions, begin to commit.",
+            "Time spent committing Kafka transactions of outbox batches: the marker, the wait for deliveries and the commit.",
             &s.kafka_transaction_micros,
         ),
         (

@@ -48,8 +48,10 @@ pub struct Stats {
     /// Uplink sessions that failed and are retried (Kafka unreachable, a
     /// transaction refused, ...). A stop is none.
     pub uplink_failures: AtomicU64,
-    /// Time spent loading batches, in Kafka transactions (begin to commit)
-    /// and trimming the outbox after them, in microseconds.
+    /// Time the uplink spent, in microseconds: reading batches from the
+    /// outbox, rendering their records and queueing them to the producer
+    /// (load); committing the transaction, from its marker to the commit's
+    /// answer (transaction); trimming the outbox after it (trim).
     pub uplink_load_micros: AtomicU64,
     pub kafka_transaction_micros: AtomicU64,
     pub outbox_trim_micros: AtomicU64,

@@ -121,8 +121,9 @@ pub struct RunResult {
     pub cpu_mean_percent: f64,
     pub backlog_max_bytes: f64,
     /// Where the uplink's time went: transactions, and per transaction the
-    /// mean milliseconds loading batches, in the Kafka transaction and
-    /// trimming the outbox; records per transaction.
+    /// mean milliseconds reading, rendering and queueing batches, committing
+    /// the Kafka transaction and trimming the outbox; records per
+    /// transaction.
     pub uplink: UplinkBreakdown,
     pub samples: Vec<Sample>,
 }
@@ -595,8 +596,8 @@ async fn run_inner(
     let end_metrics = scrape(&listen);
     let uplink = UplinkBreakdown::from_metrics(&end_metrics);
     eprintln!(
-        "uplink: {:.0} transactions, {:.0} records each; per transaction {:.1} ms loading batches, \
-         {:.1} ms in the Kafka transaction, {:.1} ms trimming",
+        "uplink: {:.0} transactions, {:.0} records each; per transaction {:.1} ms reading and queueing batches, \
+         {:.1} ms committing, {:.1} ms trimming",
         uplink.transactions,
         uplink.records_per_transaction,
         uplink.load_ms,

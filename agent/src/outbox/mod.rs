@@ -164,7 +164,8 @@ impl TopicId {
     }
 }
 
-/// One record of a batch, ready for Kafka.
+/// One record of a batch as Kafka gets it (tests read bodies back whole).
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutRecord {
     pub topic: TopicId,
@@ -288,12 +289,30 @@ pub struct BatchOutcome {
     pub bytes: u64,
 }
 
-/// A batch read back for the uplink.
-#[derive(Debug, Clone)]
-pub struct StoredBatch {
-    pub batch_seq: i64,
+/// The outcome of [`send_pending`]: what went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentBatches {
+    /// The last batch sent whole.
+    pub last_batch: i64,
+    pub batches: u64,
+    pub records: u64,
+    /// Keys and values as Kafka got them.
     pub bytes: u64,
-    pub records: Vec<OutRecord>,
+}
+
+/// Why [`send_pending`] stopped early.
+#[derive(Debug)]
+pub enum SendError<E> {
+    /// A batch could not be read back: nothing of it may count as sent.
+    Outbox(OutboxError),
+    /// The sink refused a record.
+    Sink(E),
+}
+
+impl<E> From<OutboxError> for SendError<E> {
+    fn from(e: OutboxError) -> Self {
+        Self::Outbox(e)
+    }
 }
 
 pub struct Outbox {
@@ -814,49 +833,94 @@ pub fn backlog(conn: &Connection) -> Result<(u64, u64), OutboxError> {
     )?)
 }
 
-/// Reads batches after `after`, at most `max_batches` and `max_bytes` of
-/// decompressed bodies (always at least one batch).
-pub fn load_batches(
+/// Sends the batches after `after` to `send`, in order and whole: at most
+/// `max_batches`, stopping after the batch that brings the bytes sent to
+/// `max_bytes` or beyond (always at least one batch). `begin` is called
+/// once, before the first record, only when a batch waits; `None` means
+/// none did.
+///
+/// Batches are read one at a time and their readings rendered to JSON one
+/// at a time as they go out, so the uplink holds one decompressed batch
+/// and one rendered record, however large the transaction: rendered JSON
+/// is several times its stored size, and a transaction of rendered records
+/// held at once (plus the producer's copy of them) was the agent's memory
+/// peak whenever a backlog built up.
+///
+/// On an error, some records may have gone to `send`: the caller must
+/// discard them (abort the Kafka transaction).
+pub fn send_pending<E>(
     conn: &Connection,
     after: i64,
     max_batches: usize,
     max_bytes: u64,
-) -> Result<Vec<StoredBatch>, OutboxError> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT batch_seq, bytes, body, codec FROM outbox_batch WHERE batch_seq > ?1 ORDER BY batch_seq LIMIT ?2",
-    )?;
-    let mut rows = stmt.query(params![after, max_batches as i64])?;
-    let mut out = Vec::new();
-    let mut total = 0u64;
-    while let Some(row) = rows.next()? {
-        let batch_seq: i64 = row.get(0)?;
-        let bytes = row.get::<_, i64>(1)? as u64;
-        let body: Vec<u8> = row.get(2)?;
-        let codec: i64 = row.get(3)?;
-        let corrupt = |what| OutboxError::Corrupt { batch_seq, what };
-        let body = match codec {
-            CODEC_NONE => body,
-            CODEC_LZ4 => decompress(&body).map_err(corrupt)?,
-            CODEC_LZ4_CHUNKS => decompress_chunks(&body).map_err(corrupt)?,
-            _ => return Err(corrupt("unknown body codec")),
-        };
-        let records = decode_body(&body).map_err(corrupt)?;
-        // The budget counts bytes as they go to Kafka, not as stored.
-        let sent: u64 = records
-            .iter()
-            .map(|r| (r.key.len() + r.value.len()) as u64)
-            .sum();
-        if !out.is_empty() && total + sent > max_bytes {
+    mut begin: impl FnMut() -> Result<(), E>,
+    mut send: impl FnMut(TopicId, &[u8], &[u8]) -> Result<(), E>,
+) -> Result<Option<SentBatches>, SendError<E>> {
+    let mut sent: Option<SentBatches> = None;
+    let mut body = Vec::new();
+    let mut scratch = Vec::new();
+    while sent.is_none_or(|s| s.batches < max_batches as u64 && s.bytes < max_bytes) {
+        let from = sent.map_or(after, |s| s.last_batch);
+        let Some(batch_seq) = next_batch(conn, from, &mut body)? else {
             break;
-        }
-        total += sent;
-        out.push(StoredBatch {
-            batch_seq,
-            bytes,
-            records,
-        });
+        };
+        let totals = match &mut sent {
+            Some(totals) => totals,
+            None => {
+                begin().map_err(SendError::Sink)?;
+                sent.insert(SentBatches {
+                    last_batch: batch_seq,
+                    batches: 0,
+                    records: 0,
+                    bytes: 0,
+                })
+            }
+        };
+        render_body(&body, &mut scratch, |topic, key, value| {
+            totals.records += 1;
+            totals.bytes += (key.len() + value.len()) as u64;
+            send(topic, key, value).map_err(Rendered::Sink)
+        })
+        .map_err(|e| match e {
+            Rendered::Corrupt(what) => SendError::Outbox(OutboxError::Corrupt { batch_seq, what }),
+            Rendered::Sink(e) => SendError::Sink(e),
+        })?;
+        totals.batches += 1;
+        totals.last_batch = batch_seq;
     }
-    Ok(out)
+    Ok(sent)
+}
+
+/// Reads the first batch after `after` into `body`, decompressed, and
+/// returns its number; `None` when no batch follows.
+fn next_batch(
+    conn: &Connection,
+    after: i64,
+    body: &mut Vec<u8>,
+) -> Result<Option<i64>, OutboxError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT batch_seq, body, codec FROM outbox_batch WHERE batch_seq > ?1 ORDER BY batch_seq LIMIT 1",
+    )?;
+    let mut rows = stmt.query(params![after])?;
+    let Some(row) = rows.next()? else {
+        return Ok(None);
+    };
+    let batch_seq: i64 = row.get(0)?;
+    let codec: i64 = row.get(2)?;
+    let stored = row.get_ref(1)?.as_blob().map_err(rusqlite::Error::from)?;
+    let corrupt = |what| OutboxError::Corrupt { batch_seq, what };
+    let decoded = match codec {
+        CODEC_NONE => {
+            body.clear();
+            body.extend_from_slice(stored);
+            return Ok(Some(batch_seq));
+        }
+        CODEC_LZ4 => decompress(stored),
+        CODEC_LZ4_CHUNKS => decompress_chunks(stored),
+        _ => return Err(corrupt("unknown body codec")),
+    };
+    *body = decoded.map_err(corrupt)?;
+    Ok(Some(batch_seq))
 }
 
 /// Starts a write transaction that takes the lock up front. A deferred
@@ -1100,7 +1164,7 @@ fn marks_of_batches(
         }
         .and_then(|body| {
             let mut found = Vec::new();
-            each_record(&body, |tag, key, value| {
+            each_record::<&'static str>(&body, |tag, key, value| {
                 let seq = match tag {
                     TAG_COMPACT => compact_seq(value),
                     TAG_READING => reading_seq(value),
@@ -1233,10 +1297,10 @@ fn decompress_chunks(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
 }
 
 /// Calls `f` with each record of a body: its tag, key and value.
-fn each_record<'a>(
+fn each_record<'a, E: From<&'static str>>(
     body: &'a [u8],
-    mut f: impl FnMut(u8, &'a [u8], &'a [u8]) -> Result<(), &'static str>,
-) -> Result<(), &'static str> {
+    mut f: impl FnMut(u8, &'a [u8], &'a [u8]) -> Result<(), E>,
+) -> Result<(), E> {
     let mut cursor = Cursor(body);
     while !cursor.0.is_empty() {
         let tag = cursor.u8()?;
@@ -1256,42 +1320,66 @@ fn each_record<'a>(
     Ok(())
 }
 
+/// Why a body could not be rendered: it is corrupt, or the sink refused
+/// a record.
+enum Rendered<E> {
+    Corrupt(&'static str),
+    Sink(E),
+}
+
+impl<E> From<&'static str> for Rendered<E> {
+    fn from(what: &'static str) -> Self {
+        Self::Corrupt(what)
+    }
+}
+
+/// Calls `f` with each record of a decompressed body as Kafka gets it: its
+/// topic, key and value. Stored readings are rendered to JSON in `scratch`,
+/// one at a time.
+fn render_body<E>(
+    body: &[u8],
+    scratch: &mut Vec<u8>,
+    mut f: impl FnMut(TopicId, &[u8], &[u8]) -> Result<(), Rendered<E>>,
+) -> Result<(), Rendered<E>> {
+    let mut context: Option<Context<'_>> = None;
+    each_record(body, |tag, key, value| match tag {
+        TAG_CONTEXT => {
+            context = Some(Context::read(key, value)?);
+            Ok(())
+        }
+        TAG_COMPACT => {
+            let context = context.ok_or("a compact reading before its context")?;
+            scratch.clear();
+            render_compact(key, value, &context, scratch)?;
+            f(TopicId::Data, key, scratch)
+        }
+        TAG_READING => {
+            scratch.clear();
+            render_reading(key, value, scratch)?;
+            f(TopicId::Data, key, scratch)
+        }
+        _ => {
+            let topic = TopicId::from_u8(tag).ok_or("unknown topic id")?;
+            f(topic, key, value)
+        }
+    })
+}
+
+/// Every record of a decompressed body, rendered.
+#[cfg(test)]
 fn decode_body(body: &[u8]) -> Result<Vec<OutRecord>, &'static str> {
     let mut out = Vec::new();
-    let mut context: Option<Context<'_>> = None;
-    each_record(body, |tag, key, value| {
-        if tag == TAG_CONTEXT {
-            context = Some(Context::read(key, value)?);
-            return Ok(());
-        }
-        if tag == TAG_COMPACT {
-            let context = context.ok_or("a compact reading before its context")?;
-            let mut json = Vec::with_capacity(value.len() * 6);
-            render_compact(key, value, &context, &mut json)?;
-            out.push(OutRecord {
-                topic: TopicId::Data,
-                key: key.to_vec(),
-                value: json,
-            });
-            return Ok(());
-        }
-        if tag == TAG_READING {
-            let mut json = Vec::with_capacity(value.len() * 3);
-            render_reading(key, value, &mut json)?;
-            out.push(OutRecord {
-                topic: TopicId::Data,
-                key: key.to_vec(),
-                value: json,
-            });
-            return Ok(());
-        }
-        let topic = TopicId::from_u8(tag).ok_or("unknown topic id")?;
+    render_body::<()>(body, &mut Vec::new(), |topic, key, value| {
         out.push(OutRecord {
             topic,
             key: key.to_vec(),
             value: value.to_vec(),
         });
         Ok(())
+    })
+    .map_err(|e| match e {
+        Rendered::Corrupt(what) => what,
+        Rendered::Sink(()) => unreachable!("the sink above never fails"),
     })?;
     Ok(out)
 }

@@ -4,6 +4,62 @@ use crate::transforms::validate::{RejectReason, decode_reading};
 
 const NOW: i64 = 1_790_000_000_000;
 
+/// A batch as the uplink gets it through [`send_pending`], one call per
+/// batch; `bytes` is its stored size.
+#[derive(Debug, Clone)]
+struct Loaded {
+    batch_seq: i64,
+    bytes: u64,
+    records: Vec<OutRecord>,
+}
+
+/// Up to `max_batches` batches after `after`, each read back whole.
+fn load_batches(
+    conn: &Connection,
+    mut after: i64,
+    max_batches: usize,
+) -> Result<Vec<Loaded>, OutboxError> {
+    let mut out = Vec::new();
+    while out.len() < max_batches {
+        let mut records = Vec::new();
+        let sent = send_pending::<()>(
+            conn,
+            after,
+            1,
+            u64::MAX,
+            || Ok(()),
+            |topic, key, value| {
+                records.push(OutRecord {
+                    topic,
+                    key: key.to_vec(),
+                    value: value.to_vec(),
+                });
+                Ok(())
+            },
+        );
+        let sent = match sent {
+            Ok(Some(sent)) => sent,
+            Ok(None) => break,
+            Err(SendError::Outbox(e)) => return Err(e),
+            Err(SendError::Sink(())) => unreachable!("the sink above never fails"),
+        };
+        assert_eq!(sent.batches, 1);
+        assert_eq!(sent.records, records.len() as u64);
+        let bytes: i64 = conn.query_row(
+            "SELECT bytes FROM outbox_batch WHERE batch_seq = ?1",
+            params![sent.last_batch],
+            |r| r.get(0),
+        )?;
+        out.push(Loaded {
+            batch_seq: sent.last_batch,
+            bytes: bytes as u64,
+            records,
+        });
+        after = sent.last_batch;
+    }
+    Ok(out)
+}
+
 fn reading(device: &str, seq: u64) -> Item<'static> {
     let json = serde_json::json!({
         "device_id": device, "seq": seq, "ts": NOW,
@@ -47,7 +103,7 @@ fn batch_is_written_and_read_back() {
         .unwrap();
     assert_eq!((out.valid, out.rejected, out.duplicates), (2, 1, 0));
     assert_eq!(out.batch_seq, Some(1));
-    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10).unwrap();
     assert_eq!(batches.len(), 1);
     let records = &batches[0].records;
     assert_eq!(records.len(), 3);
@@ -120,7 +176,7 @@ fn non_utf8_payload_goes_out_as_hex() {
     outbox
         .write_batch(&mut [rejected(&[0xff, 0x00, 0x10])], NOW)
         .unwrap();
-    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10).unwrap();
     let dlq: serde_json::Value = serde_json::from_slice(&batches[0].records[0].value).unwrap();
     assert_eq!(dlq["payload_hex"], "ff0010");
     assert!(dlq.get("payload").is_none());
@@ -147,7 +203,7 @@ fn trim_and_sequence_never_reuse_numbers() {
     assert_eq!(ensure_sequence_after(&outbox.conn, 50).unwrap(), None);
     let out = outbox.write_batch(&mut [reading("a", 4)], NOW).unwrap();
     assert_eq!(out.batch_seq, Some(104));
-    let seqs: Vec<i64> = load_batches(&outbox.conn, 100, 10, u64::MAX)
+    let seqs: Vec<i64> = load_batches(&outbox.conn, 100, 10)
         .unwrap()
         .iter()
         .map(|b| b.batch_seq)
@@ -178,7 +234,7 @@ fn batches_written_before_the_marker_was_read_survive_a_lost_data_folder() {
     outbox.write_batch(&mut [reading("b", 1)], NOW).unwrap();
     assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(2));
     trim(&outbox.conn, 100).unwrap();
-    let batches = load_batches(&outbox.conn, 100, 10, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 100, 10).unwrap();
     let keys: Vec<&[u8]> = batches
         .iter()
         .map(|b| b.records[0].key.as_slice())
@@ -206,19 +262,132 @@ fn trim_waits_for_the_writer_instead_of_failing() {
     holder.join().unwrap();
 }
 
+/// `send_pending` with a sink that keeps the records and counts `begin`.
+fn send_all(
+    conn: &Connection,
+    after: i64,
+    max_batches: usize,
+    max_bytes: u64,
+) -> (Option<SentBatches>, Vec<OutRecord>, u32) {
+    let mut begun = 0;
+    let mut records = Vec::new();
+    let sent = send_pending::<()>(
+        conn,
+        after,
+        max_batches,
+        max_bytes,
+        || {
+            begun += 1;
+            Ok(())
+        },
+        |topic, key, value| {
+            records.push(OutRecord {
+                topic,
+                key: key.to_vec(),
+                value: value.to_vec(),
+            });
+            Ok(())
+        },
+    )
+    .unwrap();
+    (sent, records, begun)
+}
+
 #[test]
-fn load_respects_byte_budget_but_returns_at_least_one() {
+fn sending_respects_the_budgets_and_sends_whole_batches() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
     for seq in 1..=3 {
-        outbox.write_batch(&mut [reading("a", seq)], NOW).unwrap();
+        outbox
+            .write_batch(&mut [reading("a", seq * 10), reading("b", seq * 10)], NOW)
+            .unwrap();
     }
-    assert_eq!(load_batches(&outbox.conn, 0, 10, 1).unwrap().len(), 1);
+    let one_record = {
+        let (_, records, _) = send_all(&outbox.conn, 0, 1, u64::MAX);
+        (records[0].key.len() + records[0].value.len()) as u64
+    };
+    // A budget of one byte still sends one batch, whole.
+    let (sent, records, begun) = send_all(&outbox.conn, 0, 10, 1);
+    let sent = sent.unwrap();
+    assert_eq!((sent.last_batch, sent.batches, sent.records), (1, 1, 2));
+    assert_eq!((records.len(), begun), (2, 1));
     assert_eq!(
-        load_batches(&outbox.conn, 1, 10, u64::MAX).unwrap().len(),
-        2
+        sent.bytes,
+        records
+            .iter()
+            .map(|r| (r.key.len() + r.value.len()) as u64)
+            .sum::<u64>()
     );
-    assert_eq!(load_batches(&outbox.conn, 0, 2, u64::MAX).unwrap().len(), 2);
+    // The batch that reaches the budget is the last one.
+    let (sent, _, _) = send_all(&outbox.conn, 0, 10, 2 * one_record + 1);
+    assert_eq!(sent.unwrap().last_batch, 2);
+    // The batch count bounds it too, and it starts after `after`.
+    let (sent, records, _) = send_all(&outbox.conn, 1, 1, u64::MAX);
+    assert_eq!(sent.unwrap().last_batch, 2);
+    assert_eq!(
+        records.iter().map(|r| r.key.as_slice()).collect::<Vec<_>>(),
+        [b"a".as_slice(), b"b".as_slice()]
+    );
+    let (sent, _, _) = send_all(&outbox.conn, 0, 10, u64::MAX);
+    assert_eq!(sent.unwrap().last_batch, 3);
+    // Nothing waits: no transaction begins.
+    assert_eq!(send_all(&outbox.conn, 3, 10, u64::MAX), (None, vec![], 0));
+}
+
+#[test]
+fn a_corrupt_batch_stops_sending_with_its_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
+    // Batch 2: a data record of a topic id that does not exist.
+    let mut body = Vec::new();
+    encode_record(&mut body, TopicId::Data, b"k", b"{}");
+    body[0] = 9;
+    outbox
+        .conn
+        .execute(
+            "INSERT INTO outbox_batch (created_ms, records, bytes, body, codec) VALUES (1, 1, ?1, ?2, ?3)",
+            params![body.len() as i64, body, CODEC_NONE],
+        )
+        .unwrap();
+    let mut sent = 0;
+    let err = send_pending::<()>(
+        &outbox.conn,
+        0,
+        10,
+        u64::MAX,
+        || Ok(()),
+        |_, _, _| {
+            sent += 1;
+            Ok(())
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            SendError::Outbox(OutboxError::Corrupt { batch_seq: 2, .. })
+        ),
+        "{err:?}"
+    );
+    // Batch 1 went to the sink before: the caller aborts the transaction.
+    assert_eq!(sent, 1);
+    // The sink's own error comes back as such, and stops at once.
+    let mut calls = 0;
+    let err = send_pending(
+        &outbox.conn,
+        0,
+        10,
+        u64::MAX,
+        || Ok(()),
+        |_, _, _| {
+            calls += 1;
+            Err("queue refused")
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, SendError::Sink("queue refused")), "{err:?}");
+    assert_eq!(calls, 1);
 }
 
 #[test]
@@ -281,7 +450,7 @@ fn drop_oldest_deletes_the_oldest_batches_and_counts_them() {
             bytes: sizes[0] + sizes[1] + sizes[2]
         }
     );
-    let left: Vec<i64> = load_batches(&outbox.conn, 0, 10, u64::MAX)
+    let left: Vec<i64> = load_batches(&outbox.conn, 0, 10)
         .unwrap()
         .iter()
         .map(|b| b.batch_seq)
@@ -364,7 +533,7 @@ fn write(outbox: &mut Outbox, device: &str, at: &[At]) -> Vec<OutRecord> {
         .collect();
     let before = backlog(&outbox.conn).unwrap().0;
     outbox.write_batch(&mut items, NOW).unwrap();
-    let batches = load_batches(&outbox.conn, 0, 1_000_000, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 1_000_000).unwrap();
     assert!(batches.len() as u64 <= before + 1);
     batches
         .last()
@@ -610,7 +779,7 @@ fn bodies_are_stored_compressed_or_raw_and_read_back_alike() {
         lz4.bytes,
         raw.bytes
     );
-    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10).unwrap();
     assert_eq!(batches.len(), 2);
     assert_eq!(batches[0].bytes, lz4.bytes);
     assert_eq!(batches[1].bytes, raw.bytes);
@@ -684,7 +853,7 @@ fn single_block_lz4_bodies_still_read() {
             params![stored.len() as i64, stored, CODEC_LZ4],
         )
         .unwrap();
-    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10).unwrap();
     assert_eq!(batches[0].records[0].key, b"k");
     assert_eq!(load_marks(&outbox.conn).unwrap().get("k"), Some(&3));
 }
@@ -713,7 +882,7 @@ fn a_version_1_outbox_is_upgraded_and_its_batches_still_read() {
     }
     let mut outbox = open(&dir);
     outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
-    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10).unwrap();
     assert_eq!(batches.len(), 2);
     assert_eq!(batches[0].records[0].key, b"k");
     assert_eq!(batches[1].records[0].key, b"a");
@@ -729,24 +898,26 @@ fn a_version_1_outbox_is_upgraded_and_its_batches_still_read() {
 }
 
 #[test]
-fn the_transaction_budget_counts_decompressed_bytes() {
+fn the_transaction_budget_counts_bytes_as_sent() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
     for round in 0..2u64 {
         let mut items: Vec<Item> = (1..=200).map(|s| reading("a", round * 1000 + s)).collect();
         outbox.write_batch(&mut items, NOW).unwrap();
     }
-    let all = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let all = load_batches(&outbox.conn, 0, 10).unwrap();
     let stored: u64 = all.iter().map(|b| b.bytes).sum();
-    let raw_first: usize = all[0]
+    let sent_first: u64 = all[0]
         .records
         .iter()
-        .map(|r| r.key.len() + r.value.len())
+        .map(|r| (r.key.len() + r.value.len()) as u64)
         .sum();
     // Both batches fit the budget as stored (compressed), not as sent.
-    assert!(stored < raw_first as u64);
-    let limited = load_batches(&outbox.conn, 0, 10, raw_first as u64 + 100).unwrap();
-    assert_eq!(limited.len(), 1);
+    assert!(stored < sent_first);
+    let (sent, _, _) = send_all(&outbox.conn, 0, 10, sent_first);
+    assert_eq!(sent.unwrap().batches, 1);
+    let (sent, _, _) = send_all(&outbox.conn, 0, 10, sent_first + 1);
+    assert_eq!(sent.unwrap().batches, 2);
 }
 
 #[test]
@@ -846,10 +1017,7 @@ fn marks_survive_trim_drop_and_restart_and_never_go_back() {
     drop(outbox);
     // After a restart, everything ever accepted is still a duplicate.
     let mut outbox = open(&dir);
-    assert_eq!(
-        load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap().len(),
-        0
-    );
+    assert_eq!(load_batches(&outbox.conn, 0, 10).unwrap().len(), 0);
     let out = outbox
         .write_batch(
             &mut [
@@ -1104,7 +1272,7 @@ fn batches_of_binary_readings_send_json_and_keep_their_marks() {
     let mut items: Vec<Item> = (1..=300).map(|s| reading("a", s)).collect();
     items.push(reading("b", 42));
     outbox.write_batch(&mut items, NOW).unwrap();
-    let batches = load_batches(&outbox.conn, 0, 10, u64::MAX).unwrap();
+    let batches = load_batches(&outbox.conn, 0, 10).unwrap();
     let records = &batches[0].records;
     assert_eq!(records.len(), 301);
     for (record, item) in records.iter().zip(&items) {
@@ -1216,7 +1384,7 @@ fn records_of_every_key_length_round_trip() {
             stored.to_vec()
         };
         let mut read = Vec::new();
-        each_record(&plain, |tag, key, value| {
+        each_record::<&str>(&plain, |tag, key, value| {
             read.push((tag, key.to_vec(), value.to_vec()));
             Ok(())
         })

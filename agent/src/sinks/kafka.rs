@@ -18,6 +18,7 @@
 //! initialises every lane, lane 0 first; whoever holds lane 0 owns the
 //! gateway, and losing another lane only starts the session over.
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -299,15 +300,9 @@ impl KafkaUplink {
                 return Ok(());
             }
             let seen = self.signals.new_batch.current();
-            let started = Instant::now();
-            let batches = outbox::load_batches(
-                &self.conn,
-                committed,
-                k.max_batches_per_transaction,
-                MAX_TRANSACTION_BYTES,
-            )?;
-            add_micros(&self.stats.uplink_load_micros, started);
-            let Some(last) = batches.last().map(|b| b.batch_seq) else {
+            let Some(sent) =
+                self.lane_transaction(next_lane, &producers[next_lane], committed, true)?
+            else {
                 if trimmed < committed {
                     self.timed_trim(committed)?;
                     trimmed = committed;
@@ -321,7 +316,7 @@ impl KafkaUplink {
                     );
                     // Every lane: another instance may hold any of them.
                     for (lane, producer) in producers.iter().enumerate() {
-                        self.lane_transaction(lane, producer, &[], committed)?;
+                        self.lane_transaction(lane, producer, committed, false)?;
                     }
                     last_commit = Instant::now();
                     continue;
@@ -331,18 +326,14 @@ impl KafkaUplink {
                     .wait_past(seen, Duration::from_millis(250));
                 continue;
             };
-            let records: u64 = batches.iter().map(|b| b.records.len() as u64).sum();
-            let started = Instant::now();
-            self.lane_transaction(next_lane, &producers[next_lane], &batches, last)?;
             next_lane = (next_lane + 1) % producers.len();
             last_commit = Instant::now();
-            add_micros(&self.stats.kafka_transaction_micros, started);
             crate::fault::point("kafka_committed");
-            committed = last;
+            committed = sent.last_batch;
             self.stats.kafka_committed_batch.store(committed, Relaxed);
             self.stats
                 .kafka_records_committed
-                .fetch_add(records, Relaxed);
+                .fetch_add(sent.records, Relaxed);
             self.stats.kafka_transactions.fetch_add(1, Relaxed);
             let more_waiting = self.signals.new_batch.current() != seen;
             if !more_waiting || last_trim.elapsed() >= TRIM_INTERVAL {
@@ -376,48 +367,86 @@ impl KafkaUplink {
         &self,
         lane: usize,
         producer: &ThreadedProducer<DefaultProducerContext>,
-        batches: &[outbox::StoredBatch],
-        last: i64,
-    ) -> Result<(), UplinkError> {
-        match self.send_transaction(producer, batches, last) {
+        committed: i64,
+        with_batches: bool,
+    ) -> Result<Option<outbox::SentBatches>, UplinkError> {
+        match self.send_transaction(producer, committed, with_batches) {
             Err(UplinkError::Fenced { .. }) if lane > 0 => Err(self.lane_taken(lane)),
             other => other,
         }
     }
 
+    /// One Kafka transaction: the batches after `committed` (with
+    /// `with_batches`; `None` and no transaction when none waits) and the
+    /// marker of the last one, or the unchanged marker alone.
     fn send_transaction(
         &self,
         producer: &ThreadedProducer<DefaultProducerContext>,
-        batches: &[outbox::StoredBatch],
-        last: i64,
-    ) -> Result<(), UplinkError> {
+        committed: i64,
+        with_batches: bool,
+    ) -> Result<Option<outbox::SentBatches>, UplinkError> {
         let k = &self.config.kafka;
         let commit_timeout = Duration::from_secs(k.transaction_timeout_seconds);
-        producer
-            .begin_transaction()
-            .map_err(self.kafka_err("beginning a transaction"))?;
-        let marker = serde_json::to_vec(&Marker {
-            gateway_id: self.config.gateway_id.clone(),
-            batch_seq: last,
-            committed_at: crate::pipeline::now_ms(),
-        })
-        .expect("serializing the marker cannot fail");
-        let result = (|| {
-            for batch in batches {
-                for r in &batch.records {
-                    let topic = match r.topic {
+        let begun = Cell::new(false);
+        let begin = || {
+            producer
+                .begin_transaction()
+                .map_err(self.kafka_err("beginning a transaction"))?;
+            begun.set(true);
+            Ok(())
+        };
+        let sent = if with_batches {
+            let started = Instant::now();
+            let sent = outbox::send_pending(
+                &self.conn,
+                committed,
+                k.max_batches_per_transaction,
+                MAX_TRANSACTION_BYTES,
+                begin,
+                |topic, key, value| {
+                    let topic = match topic {
                         TopicId::Data => &k.topic_data,
                         TopicId::DeadLetter => &k.topic_dlq,
                         TopicId::Alert => &k.topic_alerts,
                     };
-                    send(
-                        producer,
-                        BaseRecord::to(topic)
-                            .key(r.key.as_slice())
-                            .payload(r.value.as_slice()),
-                    )?;
+                    send(producer, BaseRecord::to(topic).key(key).payload(value))
+                        .map_err(self.kafka_err("queueing a record of the transaction"))
+                },
+            );
+            add_micros(&self.stats.uplink_load_micros, started);
+            match sent {
+                Ok(Some(sent)) => sent,
+                Ok(None) => return Ok(None),
+                Err(e) => {
+                    let e = match e {
+                        outbox::SendError::Outbox(e) => UplinkError::Outbox(e),
+                        outbox::SendError::Sink(e) => e,
+                    };
+                    // Not begun (the first batch did not read back, or
+                    // the begin failed): nothing to abort.
+                    if !begun.get() {
+                        return Err(e);
+                    }
+                    return Err(self.abort_after(producer, e, commit_timeout));
                 }
             }
+        } else {
+            begin()?;
+            outbox::SentBatches {
+                last_batch: committed,
+                batches: 0,
+                records: 0,
+                bytes: 0,
+            }
+        };
+        let marker = serde_json::to_vec(&Marker {
+            gateway_id: self.config.gateway_id.clone(),
+            batch_seq: sent.last_batch,
+            committed_at: crate::pipeline::now_ms(),
+        })
+        .expect("serializing the marker cannot fail");
+        let committing = Instant::now();
+        let result = (|| {
             send(
                 producer,
                 BaseRecord::to(&k.topic_offsets)
@@ -433,47 +462,60 @@ impl KafkaUplink {
             producer.commit_transaction(commit_timeout)
         })();
         match result {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                if with_batches {
+                    add_micros(&self.stats.kafka_transaction_micros, committing);
+                }
+                Ok(Some(sent))
+            }
             Err(e) => {
-                // Once fenced, librdkafka reports later calls as a generic
-                // fatal error; the fatal error itself says why.
-                if let Some((code, _)) = producer.client().fatal_error()
-                    && is_fenced_code(code)
-                {
-                    return Err(UplinkError::Fenced {
-                        gateway_id: self.config.gateway_id.clone(),
-                        transactional_id: self.config.transactional_id(),
-                    });
-                }
                 let err = self.kafka_err("committing a transaction")(e);
-                if !matches!(err, UplinkError::Fenced { .. }) {
-                    // Abort so the records of this attempt are never visible
-                    // to read_committed consumers; the batches stay in the
-                    // outbox and go out again in the next transaction.
-                    if let Err(abort) = producer.abort_transaction(commit_timeout) {
-                        // The abort is refused with a fencing error when
-                        // another instance took the transactional id over
-                        // while the commit failed for some other reason
-                        // (Kafka 4.1 answers a commit racing a newcomer's
-                        // init with UNKNOWN_SERVER_ERROR). Starting a new
-                        // session then would fence the newcomer in turn.
-                        let fenced_now = producer
-                            .client()
-                            .fatal_error()
-                            .is_some_and(|(code, _)| is_fenced_code(code));
-                        if is_fenced(&abort) || fenced_now {
-                            warn!(commit_error = %err, "the transaction's abort was refused: another instance took over");
-                            return Err(UplinkError::Fenced {
-                                gateway_id: self.config.gateway_id.clone(),
-                                transactional_id: self.config.transactional_id(),
-                            });
-                        }
-                        warn!(error = %abort, "aborting the failed transaction failed; a new producer session will fence it");
-                    }
-                }
-                Err(err)
+                Err(self.abort_after(producer, err, commit_timeout))
             }
         }
+    }
+
+    /// After a failure inside an open transaction: aborts it, so its
+    /// records are never visible to read_committed consumers (the batches
+    /// stay in the outbox and go out again in the next transaction), and
+    /// returns the error to report.
+    fn abort_after(
+        &self,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        err: UplinkError,
+        commit_timeout: Duration,
+    ) -> UplinkError {
+        let fenced = || UplinkError::Fenced {
+            gateway_id: self.config.gateway_id.clone(),
+            transactional_id: self.config.transactional_id(),
+        };
+        // Once fenced, librdkafka reports later calls as a generic fatal
+        // error; the fatal error itself says why.
+        if let Some((code, _)) = producer.client().fatal_error()
+            && is_fenced_code(code)
+        {
+            return fenced();
+        }
+        if matches!(err, UplinkError::Fenced { .. }) {
+            return err;
+        }
+        if let Err(abort) = producer.abort_transaction(commit_timeout) {
+            // The abort is refused with a fencing error when another
+            // instance took the transactional id over while the commit
+            // failed for some other reason (Kafka 4.1 answers a commit
+            // racing a newcomer's init with UNKNOWN_SERVER_ERROR). Starting
+            // a new session then would fence the newcomer in turn.
+            let fenced_now = producer
+                .client()
+                .fatal_error()
+                .is_some_and(|(code, _)| is_fenced_code(code));
+            if is_fenced(&abort) || fenced_now {
+                warn!(commit_error = %err, "the transaction's abort was refused: another instance took over");
+                return fenced();
+            }
+            warn!(error = %abort, "aborting the failed transaction failed; a new producer session will fence it");
+        }
+        err
     }
 
     fn trim(&self, upto: i64) -> Result<(), UplinkError> {
