@@ -856,6 +856,9 @@ pub fn send_pending<E>(
     mut begin: impl FnMut() -> Result<(), E>,
     mut send: impl FnMut(TopicId, &[u8], &[u8]) -> Result<(), E>,
 ) -> Result<Option<SentBatches>, SendError<E>> {
+    // One read transaction for the whole send: one snapshot, and one
+    // WAL read lock instead of one per batch.
+    let snapshot = conn.unchecked_transaction().map_err(OutboxError::from)?;
     let mut sent: Option<SentBatches> = None;
     let mut body = Vec::new();
     let mut scratch = Vec::new();
@@ -888,6 +891,7 @@ pub fn send_pending<E>(
         totals.batches += 1;
         totals.last_batch = batch_seq;
     }
+    snapshot.commit().map_err(OutboxError::from)?;
     Ok(sent)
 }
 
