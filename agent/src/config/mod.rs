@@ -673,8 +673,9 @@ pub struct KafkaConfig {
     /// Producer linger: how long librdkafka waits to fill a request.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
-    /// Most outbox batches carried by one Kafka transaction (also bounded
-    /// to 4 MiB of records, which bounds the memory the uplink holds). A transaction takes every batch waiting, so transactions
+    /// Most outbox batches carried by one Kafka transaction (it also takes
+    /// no further batch once its records reach 4 MiB, which bounds what the
+    /// producer holds). A transaction takes every batch waiting, so transactions
     /// stay small when idle and grow under load; a small bound caps the
     /// uplink at this many batches per transaction round trip.
     #[serde(default = "default_max_batches_per_transaction")]

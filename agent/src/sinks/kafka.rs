@@ -43,7 +43,10 @@ use crate::outbox::{self, OutboxError, TopicId};
 use crate::signal::OutboxSignals;
 use crate::stats::{Stats, UplinkState};
 
-/// Bytes of outbox batches carried by one transaction, at most.
+/// A transaction takes no further outbox batch once its records (keys and
+/// values as sent) reach this many bytes; batches go whole, so one batch
+/// may carry it past. The uplink holds one rendered record at a time, so
+/// this bounds what librdkafka holds for an open transaction.
 const MAX_TRANSACTION_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Under load, committed batches are trimmed from the outbox at most this
