@@ -222,11 +222,186 @@ impl RTreeObject for Indexed {
     }
 }
 
-/// Fences with an R-tree over their bounding boxes.
+/// Fences with an R-tree over their bounding boxes, and a grid built from
+/// it that answers most lookups without a point-in-polygon test.
 pub struct FenceIndex {
     fences: Vec<Fence>,
     by_key: foldhash::HashMap<FenceId, usize>,
     tree: RTree<Indexed>,
+    grid: Option<Grid>,
+}
+
+/// Cells of the grid per fence, and at most in all.
+const GRID_CELLS_PER_FENCE: usize = 16;
+const GRID_MAX_CELLS: usize = 1 << 16;
+/// Most (cell, fence) entries: past it the grid gets coarser.
+const GRID_MAX_ENTRIES: usize = 1 << 20;
+/// Fences with more vertices are not classified per cell (that costs a
+/// pass over their edges per cell): their cells always test the point.
+const GRID_CLASSIFY_MAX_VERTICES: usize = 512;
+
+/// How a grid cell lies against one fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cover {
+    /// The cell is inside the fence, clear of its boundary: every point in
+    /// it is inside.
+    Whole,
+    /// The fence's boundary may cross the cell: test the point.
+    Partial,
+}
+
+/// A uniform grid over the fences' bounding boxes. Each cell lists, by
+/// fence id, the fences that meet it (found with the R-tree) and whether
+/// it lies wholly inside each. Fences that do not meet a cell, although
+/// their bounding box does, are left out of it. Cells are classified as
+/// slightly larger rectangles than they are (by [`Grid::margin`]), so a
+/// point that rounding puts in a neighbouring cell is still covered by
+/// the classification.
+struct Grid {
+    min_x: f64,
+    min_y: f64,
+    /// Cells per degree.
+    scale_x: f64,
+    scale_y: f64,
+    cols: usize,
+    rows: usize,
+    /// Cell `i` holds `entries[starts[i]..starts[i + 1]]`.
+    starts: Vec<u32>,
+    entries: Vec<(u32, Cover)>,
+}
+
+impl Grid {
+    /// `None` when there is nothing to grid.
+    fn build(fences: &[Fence], tree: &RTree<Indexed>) -> Option<Self> {
+        let bounds = fences
+            .iter()
+            .filter_map(|f| geo::BoundingRect::bounding_rect(&f.area))
+            .reduce(|a, b| {
+                geo::Rect::new(
+                    Coord {
+                        x: a.min().x.min(b.min().x),
+                        y: a.min().y.min(b.min().y),
+                    },
+                    Coord {
+                        x: a.max().x.max(b.max().x),
+                        y: a.max().y.max(b.max().y),
+                    },
+                )
+            })?;
+        let (width, height) = (bounds.width(), bounds.height());
+        // Square cells where the extent allows it.
+        let cells = (fences.len() * GRID_CELLS_PER_FENCE).clamp(1, GRID_MAX_CELLS) as f64;
+        let side = ((width * height) / cells).sqrt();
+        let (mut cols, mut rows) = if side > 0.0 {
+            (
+                ((width / side).ceil() as usize).clamp(1, GRID_MAX_CELLS),
+                ((height / side).ceil() as usize).clamp(1, GRID_MAX_CELLS),
+            )
+        } else {
+            (1, 1)
+        };
+        while cols * rows > GRID_MAX_CELLS {
+            cols = cols.div_ceil(2);
+            rows = rows.div_ceil(2);
+        }
+        loop {
+            if let Some(grid) = Self::fill(fences, tree, bounds, cols, rows) {
+                return Some(grid);
+            }
+            if cols == 1 && rows == 1 {
+                // Even one cell holds every fence at most once.
+                return None;
+            }
+            cols = cols.div_ceil(2);
+            rows = rows.div_ceil(2);
+        }
+    }
+
+    /// The grid at this resolution, or `None` past [`GRID_MAX_ENTRIES`].
+    fn fill(
+        fences: &[Fence],
+        tree: &RTree<Indexed>,
+        bounds: geo::Rect<f64>,
+        cols: usize,
+        rows: usize,
+    ) -> Option<Self> {
+        let cell_w = bounds.width() / cols as f64;
+        let cell_h = bounds.height() / rows as f64;
+        let mut grid = Grid {
+            min_x: bounds.min().x,
+            min_y: bounds.min().y,
+            scale_x: if cell_w > 0.0 { 1.0 / cell_w } else { 0.0 },
+            scale_y: if cell_h > 0.0 { 1.0 / cell_h } else { 0.0 },
+            cols,
+            rows,
+            starts: Vec::with_capacity(cols * rows + 1),
+            entries: Vec::new(),
+        };
+        let margin = Self::margin(cell_w.max(cell_h));
+        let mut found: Vec<usize> = Vec::new();
+        for row in 0..rows {
+            for col in 0..cols {
+                grid.starts.push(u32::try_from(grid.entries.len()).ok()?);
+                let x0 = grid.min_x + col as f64 * cell_w - margin;
+                let y0 = grid.min_y + row as f64 * cell_h - margin;
+                let x1 = grid.min_x + (col + 1) as f64 * cell_w + margin;
+                let y1 = grid.min_y + (row + 1) as f64 * cell_h + margin;
+                found.clear();
+                found.extend(
+                    tree.locate_in_envelope_intersecting(&AABB::from_corners([x0, y0], [x1, y1]))
+                        .map(|i| i.fence),
+                );
+                found.sort_unstable_by(|&a, &b| fences[a].id.cmp(&fences[b].id));
+                let rect = geo::Rect::new(Coord { x: x0, y: y0 }, Coord { x: x1, y: y1 });
+                for &i in &found {
+                    if let Some(cover) = classify(&fences[i].area, &rect) {
+                        grid.entries.push((i as u32, cover));
+                    }
+                }
+                if grid.entries.len() > GRID_MAX_ENTRIES {
+                    return None;
+                }
+            }
+        }
+        grid.starts.push(u32::try_from(grid.entries.len()).ok()?);
+        Some(grid)
+    }
+
+    /// How much larger than a cell its classified rectangle is: far more
+    /// than the rounding of a point's cell, far less than a cell.
+    fn margin(cell: f64) -> f64 {
+        cell * 1e-6 + 1e-9
+    }
+
+    /// The entries of the cell holding the point; empty outside the grid.
+    fn cell(&self, x: f64, y: f64) -> &[(u32, Cover)] {
+        let col = (x - self.min_x) * self.scale_x;
+        let row = (y - self.min_y) * self.scale_y;
+        // Also false for NaN. A point on the far edge of the bounds (or a
+        // rounding past it) belongs to the last cell.
+        if !(col >= 0.0 && row >= 0.0 && col <= self.cols as f64 && row <= self.rows as f64) {
+            return &[];
+        }
+        let col = (col as usize).min(self.cols - 1);
+        let row = (row as usize).min(self.rows - 1);
+        let i = row * self.cols + col;
+        &self.entries[self.starts[i] as usize..self.starts[i + 1] as usize]
+    }
+}
+
+/// How `rect` lies against `area`; `None` when it is wholly outside.
+fn classify(area: &MultiPolygon<f64>, rect: &geo::Rect<f64>) -> Option<Cover> {
+    use geo::{CoordsIter, Intersects, LinesIter};
+    if area.coords_count() > GRID_CLASSIFY_MAX_VERTICES {
+        return Some(Cover::Partial);
+    }
+    if area.lines_iter().any(|line| line.intersects(rect)) {
+        return Some(Cover::Partial);
+    }
+    // No edge meets the rectangle, so it lies in one region of the plane
+    // the rings cut: all inside the area or all outside it.
+    area.contains(&Point::from(rect.min()))
+        .then_some(Cover::Whole)
 }
 
 impl FenceIndex {
@@ -246,10 +421,13 @@ impl FenceIndex {
             })
             .collect();
         let by_key = fences.iter().enumerate().map(|(i, f)| (f.key, i)).collect();
+        let tree = RTree::bulk_load(items);
+        let grid = Grid::build(&fences, &tree);
         Self {
             fences,
             by_key,
-            tree: RTree::bulk_load(items),
+            tree,
+            grid,
         }
     }
 
@@ -268,6 +446,20 @@ impl FenceIndex {
     /// Fences containing the position (boundary excluded), sorted by id.
     pub fn containing(&self, lat: f64, lon: f64) -> Vec<&Fence> {
         let point = Point::new(lon, lat);
+        let Some(grid) = &self.grid else {
+            return self.containing_by_tree(point);
+        };
+        grid.cell(lon, lat)
+            .iter()
+            .map(|&(i, cover)| (&self.fences[i as usize], cover))
+            .filter(|(f, cover)| *cover == Cover::Whole || f.area.contains(&point))
+            .map(|(f, _)| f)
+            .collect()
+    }
+
+    /// [`Self::containing`] with the R-tree alone.
+    fn containing_by_tree(&self, point: Point<f64>) -> Vec<&Fence> {
+        let (lon, lat) = (point.x(), point.y());
         let mut out: Vec<&Fence> = self
             .tree
             .locate_in_envelope_intersecting(&AABB::from_point([lon, lat]))

@@ -43,6 +43,195 @@ fn lookup_respects_holes_and_multipolygons() {
     assert!(idx.containing(0.0, 0.0).is_empty());
 }
 
+/// A small deterministic generator (xorshift64*), for the grid tests.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// Uniform in `[lo, hi)`.
+    fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+fn feature(id: &str, rings: &[Vec<(f64, f64)>]) -> String {
+    let rings: Vec<String> = rings
+        .iter()
+        .map(|r| {
+            let pts: Vec<String> = r.iter().map(|(x, y)| format!("[{x},{y}]")).collect();
+            format!("[{}]", pts.join(","))
+        })
+        .collect();
+    format!(
+        r#"{{"type":"Feature","properties":{{"id":"{id}"}},"geometry":{{"type":"Polygon","coordinates":[{}]}}}}"#,
+        rings.join(",")
+    )
+}
+
+fn closed(mut ring: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
+    ring.push(ring[0]);
+    ring
+}
+
+/// Squares scattered as edge-sim draws them, overlapping each other; an
+/// L-shaped fence; a circle of more vertices than cells are classified
+/// for; and the square with a hole and the two-part fence above.
+fn grid_test_fences() -> Vec<Fence> {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut features = Vec::new();
+    for i in 0..60 {
+        let (x, y) = (rng.range(11.0, 12.0), rng.range(48.0, 48.6));
+        let h = rng.range(0.01, 0.08);
+        features.push(feature(
+            &format!("sq{i:02}"),
+            &[closed(vec![
+                (x - h, y - h),
+                (x + h, y - h),
+                (x + h, y + h),
+                (x - h, y + h),
+            ])],
+        ));
+    }
+    features.push(feature(
+        "ell",
+        &[closed(vec![
+            (11.2, 48.2),
+            (11.5, 48.2),
+            (11.5, 48.25),
+            (11.25, 48.25),
+            (11.25, 48.5),
+            (11.2, 48.5),
+        ])],
+    ));
+    let circle: Vec<(f64, f64)> = (0..600)
+        .map(|k| {
+            let a = k as f64 * std::f64::consts::TAU / 600.0;
+            (11.6 + 0.2 * a.cos(), 48.3 + 0.15 * a.sin())
+        })
+        .collect();
+    features.push(feature("round", &[closed(circle)]));
+    let mut fences = fences_from_value(
+        &serde_json::from_str(&format!(
+            r#"{{"type":"FeatureCollection","features":[{}]}}"#,
+            features.join(",")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    fences.extend(parse_fences(FENCES).unwrap());
+    fences
+}
+
+/// The grid answers exactly as the R-tree with a point-in-polygon test
+/// does: at random points, at every vertex, on every edge, and on the
+/// grid's own cell lines.
+#[test]
+fn the_grid_answers_as_the_tree_does() {
+    let idx = FenceIndex::new(grid_test_fences());
+    let grid = idx.grid.as_ref().expect("fences make a grid");
+    assert!(grid.cols * grid.rows > 100, "{} x {}", grid.cols, grid.rows);
+    let whole = grid.entries.iter().filter(|e| e.1 == Cover::Whole).count();
+    assert!(whole > 0, "some cells are wholly inside a fence");
+    let check = |lon: f64, lat: f64| {
+        let by_grid: Vec<&str> = idx.containing(lat, lon).iter().map(|f| &*f.id).collect();
+        let by_tree: Vec<&str> = idx
+            .containing_by_tree(Point::new(lon, lat))
+            .iter()
+            .map(|f| &*f.id)
+            .collect();
+        assert_eq!(by_grid, by_tree, "at lon {lon}, lat {lat}");
+        !by_tree.is_empty()
+    };
+    let mut rng = Rng(7);
+    let mut inside = 0;
+    for _ in 0..200_000 {
+        inside += usize::from(check(rng.range(10.8, 12.2), rng.range(47.9, 48.7)));
+    }
+    assert!(inside > 10_000, "{inside} points inside a fence");
+    for fence in &idx.fences {
+        use geo::LinesIter;
+        for line in fence.area.lines_iter() {
+            check(line.start.x, line.start.y);
+            for t in [0.5, 0.25, 1e-9] {
+                check(
+                    line.start.x + (line.end.x - line.start.x) * t,
+                    line.start.y + (line.end.y - line.start.y) * t,
+                );
+            }
+        }
+    }
+    for col in 0..=grid.cols {
+        let x = grid.min_x + col as f64 / grid.scale_x;
+        for _ in 0..50 {
+            check(x, rng.range(47.9, 48.7));
+        }
+    }
+    for row in 0..=grid.rows {
+        let y = grid.min_y + row as f64 / grid.scale_y;
+        for _ in 0..50 {
+            check(rng.range(10.8, 12.2), y);
+        }
+    }
+    for (lon, lat) in [
+        (f64::NAN, 48.0),
+        (11.5, f64::NAN),
+        (-180.0, -90.0),
+        (180.0, 90.0),
+    ] {
+        check(lon, lat);
+    }
+}
+
+#[test]
+fn a_grid_too_fine_for_its_entries_gets_coarser() {
+    // Fences that all cover the whole extent: every cell lists every one.
+    let features: Vec<String> = (0..300)
+        .map(|i| {
+            let d = i as f64 * 1e-4;
+            feature(
+                &format!("big{i:03}"),
+                &[closed(vec![
+                    (10.0 - d, 40.0 - d),
+                    (12.0 + d, 40.0 - d),
+                    (12.0 + d, 50.0 + d),
+                    (10.0 - d, 50.0 + d),
+                ])],
+            )
+        })
+        .collect();
+    let fences = fences_from_value(
+        &serde_json::from_str(&format!(
+            r#"{{"type":"FeatureCollection","features":[{}]}}"#,
+            features.join(",")
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let idx = FenceIndex::new(fences);
+    let grid = idx.grid.as_ref().unwrap();
+    assert!(grid.entries.len() <= GRID_MAX_ENTRIES);
+    assert!(grid.cols * grid.rows < 300 * GRID_CELLS_PER_FENCE);
+    assert_eq!(idx.containing(45.0, 11.0).len(), 300);
+    // Below the southern edge of the first fence: all but that one.
+    assert_eq!(idx.containing(40.0 - 0.5e-4, 11.0).len(), 299);
+    assert_eq!(
+        idx.containing(40.0 - 0.5e-4, 11.0)
+            .iter()
+            .map(|f| &*f.id)
+            .collect::<Vec<_>>(),
+        idx.containing_by_tree(Point::new(11.0, 40.0 - 0.5e-4))
+            .iter()
+            .map(|f| &*f.id)
+            .collect::<Vec<_>>()
+    );
+}
+
 fn replace_geometry(geometry: &str) -> String {
     format!(
         r#"{{"type":"FeatureCollection","features":[{{"type":"Feature","properties":{{"id":"f"}},"geometry":{geometry}}}]}}"#
