@@ -735,16 +735,74 @@ impl Outbox {
 /// two fields are appended inside its braces: what a flattened wrapper
 /// gives, without serde's slow path for flattening.
 fn alert_json(out: &mut Vec<u8>, alert: &Alert, gateway_id: &str, raised_at: i64) {
+    use serde_json::ser::{CompactFormatter, Formatter};
+    let mut f = CompactFormatter;
+    // Written field by field, as serde would (a test holds it to that):
+    // geofence events are the most frequent records after readings.
+    let float = |out: &mut Vec<u8>, v: f64| {
+        if v.is_finite() {
+            let _ = CompactFormatter.write_f64(out, v);
+        } else {
+            out.extend_from_slice(b"null");
+        }
+    };
     out.clear();
-    // A struct of strings and numbers always serializes, and always as an
-    // object that ends with its closing brace.
-    let _ = serde_json::to_writer(&mut *out, alert);
-    out.pop();
+    out.extend_from_slice(b"{\"alert_id\":");
+    json_str(out, &alert.alert_id);
+    out.extend_from_slice(b",\"kind\":");
+    json_str(out, alert.kind);
+    out.extend_from_slice(b",\"event\":");
+    json_str(out, alert.event);
+    out.extend_from_slice(b",\"device_id\":");
+    json_str(out, &alert.device_id);
+    out.extend_from_slice(b",\"seq\":");
+    let _ = f.write_u64(out, alert.seq);
+    out.extend_from_slice(b",\"ts\":");
+    let _ = f.write_i64(out, alert.ts);
+    out.extend_from_slice(b",\"lat\":");
+    float(out, alert.lat);
+    out.extend_from_slice(b",\"lon\":");
+    float(out, alert.lon);
+    if let Some(fence_id) = &alert.fence_id {
+        out.extend_from_slice(b",\"fence_id\":");
+        json_str(out, fence_id);
+    }
+    if let Some(field) = alert.field {
+        out.extend_from_slice(b",\"field\":");
+        json_str(out, field);
+    }
+    if let Some(value) = alert.value {
+        out.extend_from_slice(b",\"value\":");
+        float(out, value);
+    }
+    if let Some([low, high]) = alert.threshold {
+        out.extend_from_slice(b",\"threshold\":[");
+        float(out, low);
+        out.push(b',');
+        float(out, high);
+        out.push(b']');
+    }
+    if let Some(consecutive) = alert.consecutive {
+        out.extend_from_slice(b",\"consecutive\":");
+        let _ = f.write_u32(out, consecutive);
+    }
     out.extend_from_slice(b",\"gateway_id\":");
-    let _ = serde_json::to_writer(&mut *out, gateway_id);
+    json_str(out, gateway_id);
     out.extend_from_slice(b",\"raised_at\":");
-    let _ = serde_json::to_writer(&mut *out, &raised_at);
+    let _ = f.write_i64(out, raised_at);
     out.push(b'}');
+}
+
+/// Appends `s` as a JSON string. Ids are validated to characters that
+/// need no escape; anything else goes through serde_json.
+fn json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
 }
 
 /// What [`Outbox::drop_oldest`] deleted.

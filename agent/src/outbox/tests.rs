@@ -1334,8 +1334,17 @@ fn alert_json_equals_the_flattened_record() {
         consecutive: Some(3),
         ..fence.clone()
     };
+    // Not produced by validated input, but written as serde would.
+    let odd = Alert {
+        alert_id: "a\u{1}b".into(),
+        device_id: "tab\there".into(),
+        value: Some(f64::INFINITY),
+        threshold: Some([f64::NEG_INFINITY, 1e300]),
+        lat: f64::NAN,
+        ..threshold.clone()
+    };
     let mut out = b"left over".to_vec();
-    for alert in [&fence, &threshold] {
+    for alert in [&fence, &threshold, &odd] {
         for (gateway_id, raised_at) in [("gw-1", 1_790_000_000_000), ("gw\\\u{7f}é", -1)] {
             alert_json(&mut out, alert, gateway_id, raised_at);
             let expected = serde_json::to_vec(&Flattened {
