@@ -1,6 +1,7 @@
 //! Geofences: polygons from GeoJSON, an R-tree prefilter over their
-//! bounding boxes, and the per-device state machine that turns positions
-//! into `enter`, `exit`, `dwell` and `absent` events.
+//! bounding boxes with a grid built from it (most lookups need no
+//! point-in-polygon test), and the per-device state machine that turns
+//! positions into `enter`, `exit`, `dwell` and `absent` events.
 //!
 //! The engine is pure: it takes readings (event time = the reading's `ts`)
 //! and returns events; the caller persists [`DeviceFences`] with the outbox
