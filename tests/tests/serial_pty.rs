@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use edge_agent::outbox::{TopicId, load_batches};
+use edge_agent::outbox::{SendError, TopicId, send_pending};
 use edge_tests::sim::{ByteFaults, SerialRunEnd, SerialSim, SerialSimConfig, Track};
 use edge_tests::wait_for;
 
@@ -153,16 +153,32 @@ interval_seconds = 0
 
     let conn = rusqlite::Connection::open(dir.path().join("data/edge-agent.db"))?;
     let mut stored = Vec::new();
-    for batch in load_batches(&conn, 0, usize::MAX >> 1, u64::MAX)? {
-        for record in batch.records {
-            assert_eq!(record.topic, TopicId::Data, "no reading may be rejected");
-            let v: serde_json::Value = serde_json::from_slice(&record.value)?;
+    // Every batch, read back as the uplink sends it.
+    let sent = send_pending(
+        &conn,
+        0,
+        usize::MAX >> 1,
+        u64::MAX,
+        || Ok(()),
+        |topic, _key, value| {
+            assert_eq!(topic, TopicId::Data, "no reading may be rejected");
+            let v: serde_json::Value = serde_json::from_slice(value)?;
             stored.push((
                 v["device_id"].as_str().unwrap_or_default().to_string(),
                 v["seq"].as_u64().unwrap_or_default(),
             ));
-        }
-    }
+            Ok::<(), anyhow::Error>(())
+        },
+    )
+    .map_err(|e| match e {
+        SendError::Outbox(e) => anyhow::Error::new(e),
+        SendError::Sink(e) => e,
+    })?;
+    assert_eq!(
+        sent.map_or(0, |s| s.records),
+        stored.len() as u64,
+        "every record counted"
+    );
     let unique: BTreeSet<(String, u64)> = stored.iter().cloned().collect();
     assert_eq!(stored.len(), unique.len(), "a reading was stored twice");
     let missing: Vec<_> = expected.difference(&unique).take(5).collect();
