@@ -731,14 +731,13 @@ impl Outbox {
 
 /// Writes an alert as sent to `iot-alerts` into `out` (cleared first): the
 /// alert's fields, then `gateway_id` and `raised_at` (the gateway clock
-/// when it was raised, epoch ms). The alert serializes as a struct and the
-/// two fields are appended inside its braces: what a flattened wrapper
-/// gives, without serde's slow path for flattening.
+/// when it was raised, epoch ms): byte for byte what serde gives for the
+/// alert flattened into a wrapper with those two fields, without serde's
+/// slow path for flattening or its per-field overhead.
 fn alert_json(out: &mut Vec<u8>, alert: &Alert, gateway_id: &str, raised_at: i64) {
     use serde_json::ser::{CompactFormatter, Formatter};
     let mut f = CompactFormatter;
-    // Written field by field, as serde would (a test holds it to that):
-    // geofence events are the most frequent records after readings.
+    // Geofence events are the most frequent records after readings.
     let float = |out: &mut Vec<u8>, v: f64| {
         if v.is_finite() {
             let _ = CompactFormatter.write_f64(out, v);
