@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use geo::{Contains, Coord, LineString, MultiPolygon, Point, Polygon, Validation};
-use rstar::{AABB, RTree, RTreeObject};
+use rstar::{AABB, Envelope, RTree, RTreeObject};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -230,6 +230,9 @@ pub struct FenceIndex {
     by_key: foldhash::HashMap<FenceId, usize>,
     tree: RTree<Indexed>,
     grid: Option<Grid>,
+    /// Each fence's bounding box, by index: a cell's fence whose boundary
+    /// crosses the cell is tested only if its box holds the point.
+    boxes: Vec<Option<AABB<[f64; 2]>>>,
 }
 
 /// Cells of the grid per fence, and at most in all.
@@ -237,9 +240,17 @@ const GRID_CELLS_PER_FENCE: usize = 16;
 const GRID_MAX_CELLS: usize = 1 << 16;
 /// Most (cell, fence) entries: past it the grid gets coarser.
 const GRID_MAX_ENTRIES: usize = 1 << 20;
+/// A cell whose area meets more fences' bounding boxes than this lists
+/// none: lookups there ask the R-tree, which narrows them to the boxes
+/// holding the point itself.
+const GRID_MAX_PER_CELL: usize = 32;
 /// Fences with more vertices are not classified per cell (that costs a
 /// pass over their edges per cell): their cells always test the point.
 const GRID_CLASSIFY_MAX_VERTICES: usize = 512;
+/// Edges tested against cells while a grid is built, at most (about a
+/// tenth of a second): past it, cells test the point (still correct), so
+/// no registry, however large, stalls the swap that builds the index.
+const GRID_CLASSIFY_MAX_EDGES: usize = 20_000_000;
 
 /// How a grid cell lies against one fence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,7 +268,8 @@ enum Cover {
 /// their bounding box does, are left out of it. Cells are classified as
 /// slightly larger rectangles than they are (by [`Grid::margin`]), so a
 /// point that rounding puts in a neighbouring cell is still covered by
-/// the classification.
+/// the classification. A cell that meets too many fences' boxes lists
+/// none, and its lookups go to the R-tree.
 struct Grid {
     min_x: f64,
     min_y: f64,
@@ -269,11 +281,33 @@ struct Grid {
     /// Cell `i` holds `entries[starts[i]..starts[i + 1]]`.
     starts: Vec<u32>,
     entries: Vec<(u32, Cover)>,
+    /// Cells that meet too many fences to list them (see
+    /// [`GRID_MAX_PER_CELL`]).
+    dense: Vec<bool>,
+}
+
+/// Where a lookup finds its candidates.
+enum Candidates<'a> {
+    /// The cell's list (empty outside the grid).
+    Cell(&'a [(u32, Cover)]),
+    /// A dense cell: the R-tree.
+    Tree,
 }
 
 impl Grid {
     /// `None` when there is nothing to grid.
     fn build(fences: &[Fence], tree: &RTree<Indexed>) -> Option<Self> {
+        Self::build_within(fences, tree, GRID_CLASSIFY_MAX_EDGES, GRID_MAX_ENTRIES)
+    }
+
+    /// [`Self::build`] with `budget` edges to classify cells with and at
+    /// most `max_entries` entries.
+    fn build_within(
+        fences: &[Fence],
+        tree: &RTree<Indexed>,
+        mut budget: usize,
+        max_entries: usize,
+    ) -> Option<Self> {
         let bounds = fences
             .iter()
             .filter_map(|f| geo::BoundingRect::bounding_rect(&f.area))
@@ -306,7 +340,9 @@ impl Grid {
             rows = rows.div_ceil(2);
         }
         loop {
-            if let Some(grid) = Self::fill(fences, tree, bounds, cols, rows) {
+            if let Some(grid) =
+                Self::fill(fences, tree, bounds, cols, rows, &mut budget, max_entries)
+            {
                 return Some(grid);
             }
             if cols == 1 && rows == 1 {
@@ -318,13 +354,15 @@ impl Grid {
         }
     }
 
-    /// The grid at this resolution, or `None` past [`GRID_MAX_ENTRIES`].
+    /// The grid at this resolution, or `None` past `max_entries`.
     fn fill(
         fences: &[Fence],
         tree: &RTree<Indexed>,
         bounds: geo::Rect<f64>,
         cols: usize,
         rows: usize,
+        budget: &mut usize,
+        max_entries: usize,
     ) -> Option<Self> {
         let cell_w = bounds.width() / cols as f64;
         let cell_h = bounds.height() / rows as f64;
@@ -337,6 +375,7 @@ impl Grid {
             rows,
             starts: Vec::with_capacity(cols * rows + 1),
             entries: Vec::new(),
+            dense: Vec::with_capacity(cols * rows),
         };
         let margin = Self::margin(cell_w.max(cell_h));
         let mut found: Vec<usize> = Vec::new();
@@ -352,14 +391,19 @@ impl Grid {
                     tree.locate_in_envelope_intersecting(&AABB::from_corners([x0, y0], [x1, y1]))
                         .map(|i| i.fence),
                 );
+                let dense = found.len() > GRID_MAX_PER_CELL;
+                grid.dense.push(dense);
+                if dense {
+                    continue;
+                }
                 found.sort_unstable_by(|&a, &b| fences[a].id.cmp(&fences[b].id));
                 let rect = geo::Rect::new(Coord { x: x0, y: y0 }, Coord { x: x1, y: y1 });
                 for &i in &found {
-                    if let Some(cover) = classify(&fences[i].area, &rect) {
+                    if let Some(cover) = classify(&fences[i].area, &rect, budget) {
                         grid.entries.push((i as u32, cover));
                     }
                 }
-                if grid.entries.len() > GRID_MAX_ENTRIES {
+                if grid.entries.len() > max_entries {
                     return None;
                 }
             }
@@ -374,28 +418,35 @@ impl Grid {
         cell * 1e-6 + 1e-9
     }
 
-    /// The entries of the cell holding the point; empty outside the grid.
-    fn cell(&self, x: f64, y: f64) -> &[(u32, Cover)] {
+    /// The candidates for a point.
+    fn candidates(&self, x: f64, y: f64) -> Candidates<'_> {
         let col = (x - self.min_x) * self.scale_x;
         let row = (y - self.min_y) * self.scale_y;
         // Also false for NaN. A point on the far edge of the bounds (or a
         // rounding past it) belongs to the last cell.
         if !(col >= 0.0 && row >= 0.0 && col <= self.cols as f64 && row <= self.rows as f64) {
-            return &[];
+            return Candidates::Cell(&[]);
         }
         let col = (col as usize).min(self.cols - 1);
         let row = (row as usize).min(self.rows - 1);
         let i = row * self.cols + col;
-        &self.entries[self.starts[i] as usize..self.starts[i + 1] as usize]
+        if self.dense[i] {
+            return Candidates::Tree;
+        }
+        Candidates::Cell(&self.entries[self.starts[i] as usize..self.starts[i + 1] as usize])
     }
 }
 
 /// How `rect` lies against `area`; `None` when it is wholly outside.
-fn classify(area: &MultiPolygon<f64>, rect: &geo::Rect<f64>) -> Option<Cover> {
+/// Classifying costs a pass over the fence's edges, taken from `budget`;
+/// a fence too large for it, or for what is left of it, is `Partial`.
+fn classify(area: &MultiPolygon<f64>, rect: &geo::Rect<f64>, budget: &mut usize) -> Option<Cover> {
     use geo::{CoordsIter, Intersects, LinesIter};
-    if area.coords_count() > GRID_CLASSIFY_MAX_VERTICES {
+    let edges = area.coords_count();
+    if edges > GRID_CLASSIFY_MAX_VERTICES || edges > *budget {
         return Some(Cover::Partial);
     }
+    *budget -= edges;
     if area.lines_iter().any(|line| line.intersects(rect)) {
         return Some(Cover::Partial);
     }
@@ -407,16 +458,22 @@ fn classify(area: &MultiPolygon<f64>, rect: &geo::Rect<f64>) -> Option<Cover> {
 
 impl FenceIndex {
     pub fn new(fences: Vec<Fence>) -> Self {
-        let items = fences
+        let boxes: Vec<Option<AABB<[f64; 2]>>> = fences
+            .iter()
+            .map(|f| {
+                let rect = geo::BoundingRect::bounding_rect(&f.area)?;
+                Some(AABB::from_corners(
+                    [rect.min().x, rect.min().y],
+                    [rect.max().x, rect.max().y],
+                ))
+            })
+            .collect();
+        let items = boxes
             .iter()
             .enumerate()
-            .filter_map(|(i, f)| {
-                let rect = geo::BoundingRect::bounding_rect(&f.area)?;
+            .filter_map(|(i, b)| {
                 Some(Indexed {
-                    envelope: AABB::from_corners(
-                        [rect.min().x, rect.min().y],
-                        [rect.max().x, rect.max().y],
-                    ),
+                    envelope: (*b)?,
                     fence: i,
                 })
             })
@@ -429,6 +486,7 @@ impl FenceIndex {
             by_key,
             tree,
             grid,
+            boxes,
         }
     }
 
@@ -447,14 +505,18 @@ impl FenceIndex {
     /// Fences containing the position (boundary excluded), sorted by id.
     pub fn containing(&self, lat: f64, lon: f64) -> Vec<&Fence> {
         let point = Point::new(lon, lat);
-        let Some(grid) = &self.grid else {
-            return self.containing_by_tree(point);
+        let cell = match self.grid.as_ref().map(|g| g.candidates(lon, lat)) {
+            Some(Candidates::Cell(cell)) => cell,
+            Some(Candidates::Tree) | None => return self.containing_by_tree(point),
         };
-        grid.cell(lon, lat)
-            .iter()
-            .map(|&(i, cover)| (&self.fences[i as usize], cover))
-            .filter(|(f, cover)| *cover == Cover::Whole || f.area.contains(&point))
-            .map(|(f, _)| f)
+        cell.iter()
+            .filter(|&&(i, cover)| {
+                let i = i as usize;
+                cover == Cover::Whole
+                    || (self.boxes[i].is_some_and(|b| b.contains_point(&[lon, lat]))
+                        && self.fences[i].area.contains(&point))
+            })
+            .map(|&(i, _)| &self.fences[i as usize])
             .collect()
     }
 

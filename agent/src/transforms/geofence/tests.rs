@@ -133,11 +133,40 @@ fn grid_test_fences() -> Vec<Fence> {
 /// grid's own cell lines.
 #[test]
 fn the_grid_answers_as_the_tree_does() {
-    let idx = FenceIndex::new(grid_test_fences());
+    let mut idx = FenceIndex::new(grid_test_fences());
     let grid = idx.grid.as_ref().expect("fences make a grid");
     assert!(grid.cols * grid.rows > 100, "{} x {}", grid.cols, grid.rows);
     let whole = grid.entries.iter().filter(|e| e.1 == Cover::Whole).count();
     assert!(whole > 0, "some cells are wholly inside a fence");
+    grid_matches_tree(&idx, 200_000);
+    // Out of budget part way: the rest of the cells test the point.
+    idx.grid = Grid::build_within(&idx.fences, &idx.tree, 3_000, GRID_MAX_ENTRIES);
+    let grid = idx.grid.as_ref().unwrap();
+    let partial = grid
+        .entries
+        .iter()
+        .filter(|e| e.1 == Cover::Partial)
+        .count();
+    assert!(
+        partial * 2 > grid.entries.len(),
+        "{partial} of {}",
+        grid.entries.len()
+    );
+    grid_matches_tree(&idx, 20_000);
+    // Too many entries at first: a coarser grid.
+    let fine = FenceIndex::new(grid_test_fences());
+    let fine = fine.grid.as_ref().unwrap();
+    let limit = fine.entries.len() / 2;
+    idx.grid = Grid::build_within(&idx.fences, &idx.tree, GRID_CLASSIFY_MAX_EDGES, limit);
+    let grid = idx.grid.as_ref().unwrap();
+    assert!(grid.entries.len() <= limit);
+    assert!(grid.cols * grid.rows < fine.cols * fine.rows);
+    grid_matches_tree(&idx, 20_000);
+}
+
+/// Checks `points` random points, and every vertex, edge and cell line.
+fn grid_matches_tree(idx: &FenceIndex, points: usize) {
+    let grid = idx.grid.as_ref().unwrap();
     let check = |lon: f64, lat: f64| {
         let by_grid: Vec<&str> = idx.containing(lat, lon).iter().map(|f| &*f.id).collect();
         let by_tree: Vec<&str> = idx
@@ -150,10 +179,10 @@ fn the_grid_answers_as_the_tree_does() {
     };
     let mut rng = Rng(7);
     let mut inside = 0;
-    for _ in 0..200_000 {
+    for _ in 0..points {
         inside += usize::from(check(rng.range(10.8, 12.2), rng.range(47.9, 48.7)));
     }
-    assert!(inside > 10_000, "{inside} points inside a fence");
+    assert!(inside > points / 20, "{inside} points inside a fence");
     for fence in &idx.fences {
         use geo::LinesIter;
         for line in fence.area.lines_iter() {
@@ -189,8 +218,8 @@ fn the_grid_answers_as_the_tree_does() {
 }
 
 #[test]
-fn a_grid_too_fine_for_its_entries_gets_coarser() {
-    // Fences that all cover the whole extent: every cell lists every one.
+fn cells_that_meet_many_fences_ask_the_tree() {
+    // Fences that all cover the whole extent: every cell meets all 300.
     let features: Vec<String> = (0..300)
         .map(|i| {
             let d = i as f64 * 1e-4;
@@ -215,21 +244,12 @@ fn a_grid_too_fine_for_its_entries_gets_coarser() {
     .unwrap();
     let idx = FenceIndex::new(fences);
     let grid = idx.grid.as_ref().unwrap();
-    assert!(grid.entries.len() <= GRID_MAX_ENTRIES);
-    assert!(grid.cols * grid.rows < 300 * GRID_CELLS_PER_FENCE);
+    assert!(grid.dense.iter().all(|&d| d));
+    assert!(grid.entries.is_empty());
     assert_eq!(idx.containing(45.0, 11.0).len(), 300);
     // Below the southern edge of the first fence: all but that one.
     assert_eq!(idx.containing(40.0 - 0.5e-4, 11.0).len(), 299);
-    assert_eq!(
-        idx.containing(40.0 - 0.5e-4, 11.0)
-            .iter()
-            .map(|f| &*f.id)
-            .collect::<Vec<_>>(),
-        idx.containing_by_tree(Point::new(11.0, 40.0 - 0.5e-4))
-            .iter()
-            .map(|f| &*f.id)
-            .collect::<Vec<_>>()
-    );
+    grid_matches_tree(&idx, 20_000);
 }
 
 fn replace_geometry(geometry: &str) -> String {
