@@ -21,27 +21,8 @@ fn load_batches(
 ) -> Result<Vec<Loaded>, OutboxError> {
     let mut out = Vec::new();
     while out.len() < max_batches {
-        let mut records = Vec::new();
-        let sent = send_pending::<()>(
-            conn,
-            after,
-            1,
-            u64::MAX,
-            || Ok(()),
-            |topic, key, value| {
-                records.push(OutRecord {
-                    topic,
-                    key: key.to_vec(),
-                    value: value.to_vec(),
-                });
-                Ok(())
-            },
-        );
-        let sent = match sent {
-            Ok(Some(sent)) => sent,
-            Ok(None) => break,
-            Err(SendError::Outbox(e)) => return Err(e),
-            Err(SendError::Sink(())) => unreachable!("the sink above never fails"),
+        let (Some(sent), records, _) = try_send_all(conn, after, 1, u64::MAX)? else {
+            break;
         };
         assert_eq!(sent.batches, 1);
         assert_eq!(sent.records, records.len() as u64);
@@ -58,6 +39,49 @@ fn load_batches(
         after = sent.last_batch;
     }
     Ok(out)
+}
+
+/// `send_pending` with a sink that keeps the records and counts `begin`.
+fn try_send_all(
+    conn: &Connection,
+    after: i64,
+    max_batches: usize,
+    max_bytes: u64,
+) -> Result<(Option<SentBatches>, Vec<OutRecord>, u32), OutboxError> {
+    let mut begun = 0;
+    let mut records = Vec::new();
+    let sent = send_pending::<()>(
+        conn,
+        after,
+        max_batches,
+        max_bytes,
+        || {
+            begun += 1;
+            Ok(())
+        },
+        |topic, key, value| {
+            records.push(OutRecord {
+                topic,
+                key: key.to_vec(),
+                value: value.to_vec(),
+            });
+            Ok(())
+        },
+    );
+    match sent {
+        Ok(sent) => Ok((sent, records, begun)),
+        Err(SendError::Outbox(e)) => Err(e),
+        Err(SendError::Sink(())) => unreachable!("the sink above never fails"),
+    }
+}
+
+fn send_all(
+    conn: &Connection,
+    after: i64,
+    max_batches: usize,
+    max_bytes: u64,
+) -> (Option<SentBatches>, Vec<OutRecord>, u32) {
+    try_send_all(conn, after, max_batches, max_bytes).unwrap()
 }
 
 fn reading(device: &str, seq: u64) -> Item<'static> {
@@ -260,37 +284,6 @@ fn trim_waits_for_the_writer_instead_of_failing() {
     locked_rx.recv().unwrap();
     assert!(trim(&outbox.conn, 1).unwrap() > 0);
     holder.join().unwrap();
-}
-
-/// `send_pending` with a sink that keeps the records and counts `begin`.
-fn send_all(
-    conn: &Connection,
-    after: i64,
-    max_batches: usize,
-    max_bytes: u64,
-) -> (Option<SentBatches>, Vec<OutRecord>, u32) {
-    let mut begun = 0;
-    let mut records = Vec::new();
-    let sent = send_pending::<()>(
-        conn,
-        after,
-        max_batches,
-        max_bytes,
-        || {
-            begun += 1;
-            Ok(())
-        },
-        |topic, key, value| {
-            records.push(OutRecord {
-                topic,
-                key: key.to_vec(),
-                value: value.to_vec(),
-            });
-            Ok(())
-        },
-    )
-    .unwrap();
-    (sent, records, begun)
 }
 
 #[test]
