@@ -519,3 +519,67 @@ fn event_ids_spell_device_seq_fence_and_kind() {
         }
     }
 }
+
+/// Not a test: timings of the grid against the R-tree alone on synthetic
+/// registries, for the README (`cargo test --release -p edge-agent --lib
+/// grid_and_tree_timings -- --ignored --nocapture`). It checks only that
+/// both give the same answers.
+#[test]
+#[ignore]
+fn grid_and_tree_timings() {
+    for (fences, vertices, lookups) in [
+        (200, 4, 100_000),
+        (10_000, 4, 10_000),
+        (2_000, 400, 10_000),
+        (300, 9_000, 100_000),
+        (100_000, 4, 0),
+    ] {
+        let mut rng = Rng(3);
+        let features: Vec<String> = (0..fences)
+            .map(|i| {
+                let (x, y) = (rng.range(-10.0, 10.0), rng.range(40.0, 50.0));
+                let r = rng.range(0.01, 3.0);
+                let ring = (0..vertices)
+                    .map(|k| {
+                        let a = k as f64 * std::f64::consts::TAU / vertices as f64;
+                        (x + r * a.cos(), y + r * a.sin())
+                    })
+                    .collect();
+                feature(&format!("f{i}"), &[closed(ring)])
+            })
+            .collect();
+        let parsed = fences_from_value(
+            &serde_json::from_str(&format!(
+                r#"{{"type":"FeatureCollection","features":[{}]}}"#,
+                features.join(",")
+            ))
+            .unwrap(),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let idx = FenceIndex::new(parsed);
+        let built = started.elapsed();
+        let points: Vec<(f64, f64)> = {
+            let mut q = Rng(5);
+            (0..lookups)
+                .map(|_| (q.range(40.0, 50.0), q.range(-10.0, 10.0)))
+                .collect()
+        };
+        let started = std::time::Instant::now();
+        let by_grid: usize = points
+            .iter()
+            .map(|&(lat, lon)| idx.containing(lat, lon).len())
+            .sum();
+        let grid_time = started.elapsed();
+        let started = std::time::Instant::now();
+        let by_tree: usize = points
+            .iter()
+            .map(|&(lat, lon)| idx.containing_by_tree(Point::new(lon, lat)).len())
+            .sum();
+        let tree_time = started.elapsed();
+        assert_eq!(by_grid, by_tree);
+        eprintln!(
+            "{fences} fences of {vertices} vertices: grid built in {built:?}; {lookups} lookups: grid {grid_time:?}, R-tree {tree_time:?}"
+        );
+    }
+}
