@@ -203,7 +203,7 @@ fn heavy_loss_duplication_reordering_and_corruption() {
 
 proptest! {
     // A fixed seed: the same 24 fault mixes every run.
-    #![proptest_config(ProptestConfig { rng_seed: proptest::test_runner::RngSeed::Fixed(0x11_4b_2026), ..ProptestConfig::with_cases(24) })]
+    #![proptest_config(ProptestConfig { rng_seed: proptest::test_runner::RngSeed::Fixed(0x114b_2026), ..ProptestConfig::with_cases(24) })]
     #[test]
     fn any_fault_mix_delivers_exactly_once(
         seed in any::<u64>(),
@@ -244,7 +244,7 @@ fn new_boot_epoch_resets_the_gateway_side() {
             while let Some(n) = gateway.poll_transmit(&mut buf) {
                 device.handle_bytes(&buf[..n], now);
             }
-            now = now + Duration::from_millis(50);
+            now += Duration::from_millis(50);
             device.handle_timeout(now);
         }
         assert_eq!(device.unacked(), 0);
@@ -437,7 +437,7 @@ fn sequence_wrap_starts_a_new_epoch_once_the_window_is_safe() {
         while let Some(n) = gateway.poll_transmit(&mut buf) {
             device.handle_bytes(&buf[..n], now);
         }
-        now = now + Duration::from_millis(10);
+        now += Duration::from_millis(10);
         device.handle_timeout(now);
     }
     // Two readings end epoch 10; the next ones start epoch 11 at seq 1, so

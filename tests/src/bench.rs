@@ -876,6 +876,9 @@ impl rdkafka::producer::ProducerContext for StderrLog {
     fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }
 
+/// One panel of the plot: its unit, and each series' name, colour and values.
+type SeriesSet<'a> = (&'a str, Vec<(&'a str, &'a str, Vec<f64>)>);
+
 /// Throughput (top) and latency percentiles (bottom) over the run, as an
 /// SVG a person can look at.
 pub fn plot(r: &RunResult) -> String {
@@ -897,7 +900,7 @@ pub fn plot(r: &RunResult) -> String {
         },
         r.devices
     );
-    let series_sets: [(&str, Vec<(&str, &str, Vec<f64>)>); 2] = [
+    let series_sets: [SeriesSet<'_>; 2] = [
         (
             "readings/s",
             vec![

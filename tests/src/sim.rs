@@ -33,7 +33,7 @@ pub struct Track {
 }
 
 impl Track {
-    pub fn next(&mut self) -> (f64, f64) {
+    pub fn advance(&mut self) -> (f64, f64) {
         self.angle += self.step_rad;
         let lat = self.center_lat + self.radius_deg * self.angle.sin();
         let lon = self.center_lon
@@ -221,7 +221,7 @@ impl SerialSim {
         let total = self.config.readings_per_device;
         for d in &mut self.devices {
             while d.produced < total && d.link.can_send() && (!limited || self.tokens >= 1.0) {
-                let (mut lat, lon) = d.track.next();
+                let (mut lat, lon) = d.track.advance();
                 if self.config.invalid_fraction > 0.0
                     && self.rng.random_bool(self.config.invalid_fraction)
                 {
@@ -340,7 +340,7 @@ pub fn json_reading(
     track: &mut Track,
     rng: &mut StdRng,
 ) -> serde_json::Value {
-    let (lat, lon) = track.next();
+    let (lat, lon) = track.advance();
     serde_json::json!({
         "device_id": device_id, "seq": seq, "epoch": epoch, "ts": ts,
         "temperature": rng.random_range(15.0..35.0), "humidity": rng.random_range(20.0..80.0),
@@ -351,7 +351,7 @@ pub fn json_reading(
 
 /// A reading as one firmware-proto frame for the MQTT `telemetry/bin` topic.
 pub fn bin_reading(seq: u32, epoch: u32, ts: u64, track: &mut Track, rng: &mut StdRng) -> Vec<u8> {
-    let (lat, lon) = track.next();
+    let (lat, lon) = track.advance();
     let message = Message::Reading(Reading {
         seq,
         boot_epoch: epoch,

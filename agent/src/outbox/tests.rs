@@ -1308,6 +1308,8 @@ fn alert_json_equals_the_flattened_record() {
         device_id: "dev-1".into(),
         seq: 7,
         ts: 1_789_999_999_000,
+        // More digits than an f64 holds: serde and the writer round alike.
+        #[allow(clippy::excessive_precision)]
         lat: 52.520_000_000_000_003,
         lon: -13.4,
         fence_id: Some("depot \"north\"".into()),

@@ -451,10 +451,10 @@ fn exact_floats_equal_the_full_parser() {
         } else {
             format!("{}.{}", &text[..point], &text[point..])
         };
-        if point == 1 && next() % 2 == 0 {
+        if point == 1 && next().is_multiple_of(2) {
             number = format!("0.{}{text}", "0".repeat((next() % 8) as usize));
         }
-        if next() % 2 == 0 {
+        if next().is_multiple_of(2) {
             number.insert(0, '-');
         }
         let full: f64 = number.parse().unwrap();
