@@ -74,6 +74,15 @@ fn feature(id: &str, rings: &[Vec<(f64, f64)>]) -> String {
     )
 }
 
+/// The fences of a FeatureCollection of `features`.
+fn collection(features: &[String]) -> Vec<Fence> {
+    let doc = format!(
+        r#"{{"type":"FeatureCollection","features":[{}]}}"#,
+        features.join(",")
+    );
+    fences_from_value(&serde_json::from_str(&doc).unwrap()).unwrap()
+}
+
 fn closed(mut ring: Vec<(f64, f64)>) -> Vec<(f64, f64)> {
     ring.push(ring[0]);
     ring
@@ -116,14 +125,7 @@ fn grid_test_fences() -> Vec<Fence> {
         })
         .collect();
     features.push(feature("round", &[closed(circle)]));
-    let mut fences = fences_from_value(
-        &serde_json::from_str(&format!(
-            r#"{{"type":"FeatureCollection","features":[{}]}}"#,
-            features.join(",")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let mut fences = collection(&features);
     fences.extend(parse_fences(FENCES).unwrap());
     fences
 }
@@ -234,14 +236,7 @@ fn cells_that_meet_many_fences_ask_the_tree() {
             )
         })
         .collect();
-    let fences = fences_from_value(
-        &serde_json::from_str(&format!(
-            r#"{{"type":"FeatureCollection","features":[{}]}}"#,
-            features.join(",")
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let fences = collection(&features);
     let idx = FenceIndex::new(fences);
     let grid = idx.grid.as_ref().unwrap();
     assert!(grid.dense.iter().all(|&d| d));
@@ -548,14 +543,7 @@ fn grid_and_tree_timings() {
                 feature(&format!("f{i}"), &[closed(ring)])
             })
             .collect();
-        let parsed = fences_from_value(
-            &serde_json::from_str(&format!(
-                r#"{{"type":"FeatureCollection","features":[{}]}}"#,
-                features.join(",")
-            ))
-            .unwrap(),
-        )
-        .unwrap();
+        let parsed = collection(&features);
         let started = std::time::Instant::now();
         let idx = FenceIndex::new(parsed);
         let built = started.elapsed();
