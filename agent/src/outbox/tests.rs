@@ -734,6 +734,37 @@ fn threshold_alert_after_n_consecutive_readings_then_rearmed() {
 }
 
 #[test]
+fn a_device_has_stored_state_only_while_it_holds_some() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open_with(&dir, &plane_config(""));
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    let rows = |outbox: &Outbox| -> i64 {
+        outbox
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM device_state WHERE device_id = 'truck-1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    let speed = |seq: u64, speed: f64| At { seq, speed, ..BASE };
+    // In range and inside no fence: nothing to remember.
+    write(&mut outbox, "truck-1", &[speed(1, 10.0)]);
+    assert_eq!(outbox.plane().state("truck-1"), None);
+    assert_eq!(rows(&outbox), 0);
+    // Over the threshold once: the count is kept, in memory and stored.
+    write(&mut outbox, "truck-1", &[speed(2, 90.0)]);
+    let state = outbox.plane().state("truck-1").expect("a state");
+    assert_eq!(state.outside.get("speed"), Some(&1));
+    assert_eq!(rows(&outbox), 1);
+    // Back in range: the state is gone again, from both.
+    write(&mut outbox, "truck-1", &[speed(3, 50.0)]);
+    assert_eq!(outbox.plane().state("truck-1"), None);
+    assert_eq!(rows(&outbox), 0);
+}
+
+#[test]
 fn a_new_registry_is_used_from_the_next_batch() {
     let dir = tempfile::tempdir().unwrap();
     let config = plane_config("[registry]\nunknown_device = \"reject\"\n");

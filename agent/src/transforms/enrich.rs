@@ -286,9 +286,14 @@ impl DataPlane {
         if self.fences.is_empty() && !has_thresholds && !self.states.contains_key(id) {
             return;
         }
+        // A device without state gets a fresh one here, kept only if the
+        // reading leaves something in it: most readings change nothing, and
+        // an entry made and removed again would cost a key allocation and
+        // two hash probes each time.
+        let mut fresh = None;
         let state = match self.states.get_mut(id) {
             Some(s) => s,
-            None => self.states.entry(id.to_string()).or_default(),
+            None => fresh.insert(DeviceState::default()),
         };
         let before = alerts.len();
         let mut changed = false;
@@ -327,9 +332,17 @@ impl DataPlane {
             match bounds {
                 Some(b) if !(b[0]..=b[1]).contains(&value) => {
                     changed = true;
-                    let count = state.outside.entry(field.to_string()).or_insert(0);
-                    *count = count.saturating_add(1);
-                    if *count == needed {
+                    let count = match state.outside.get_mut(field) {
+                        Some(count) => {
+                            *count = count.saturating_add(1);
+                            *count
+                        }
+                        None => {
+                            state.outside.insert(field.to_string(), 1);
+                            1
+                        }
+                    };
+                    if count == needed {
                         alerts.push(Alert {
                             alert_id: format!("{id}:{}:threshold:{field}", reading.seq),
                             kind: "threshold",
@@ -359,8 +372,15 @@ impl DataPlane {
                 self.dirty.push(id.to_string());
             }
         }
-        if state.is_empty() {
-            self.states.remove(id);
+        let empty = state.is_empty();
+        match fresh {
+            Some(state) if !empty => {
+                self.states.insert(id.to_string(), state);
+            }
+            None if empty => {
+                self.states.remove(id);
+            }
+            _ => {}
         }
     }
 
