@@ -693,10 +693,12 @@ impl Outbox {
             }
             if records > 0 {
                 let (stored, codec) = body.finish();
-                tx.execute(
+                // Cached: under light load a batch commits hundreds of
+                // times a second.
+                tx.prepare_cached(
                     "INSERT INTO outbox_batch (created_ms, records, bytes, body, codec) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![now_ms, records, stored.len() as i64, stored, codec],
-                )?;
+                )?
+                .execute(params![now_ms, records, stored.len() as i64, stored, codec])?;
                 outcome.batch_seq = Some(tx.last_insert_rowid());
                 outcome.bytes = stored.len() as u64;
             }
