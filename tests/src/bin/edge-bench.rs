@@ -71,6 +71,17 @@ enum Cmd {
         #[arg(long, default_value_t = 4096)]
         per_transaction: usize,
     },
+    /// Reference point: what Mosquitto alone passes from the simulated
+    /// devices to one QoS 1 subscriber (no agent).
+    MosquittoAlone {
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        #[arg(long, default_value_t = 10_000)]
+        devices: usize,
+        /// MQTT connections the devices share.
+        #[arg(long, default_value_t = 2)]
+        connections: usize,
+    },
     /// Reference points, the rate sweep and the latency run; writes summary.md.
     Suite {
         /// Seconds per run.
@@ -241,6 +252,22 @@ fn main() -> ExitCode {
                 let (d, n) = (Duration::from_secs(*duration), *per_transaction);
                 let (rate, ms) = tokio::task::spawn_blocking(move || bench::kafka_alone(d, n)).await??;
                 println!("Kafka transactional producer alone: {rate:.0} records/s, {n} per transaction, {ms:.1} ms per transaction");
+                Ok(())
+            }
+            Cmd::MosquittoAlone {
+                duration,
+                devices,
+                connections,
+            } => {
+                let rate = bench::mosquitto_alone(
+                    *devices,
+                    *connections,
+                    Duration::from_secs(*duration),
+                )
+                .await?;
+                println!(
+                    "Mosquitto alone: {rate:.0} readings/s ({devices} devices over {connections} connections, one QoS 1 subscriber)"
+                );
                 Ok(())
             }
             Cmd::Suite {
