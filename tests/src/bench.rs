@@ -365,6 +365,11 @@ pub async fn run(spec: &RunSpec) -> anyhow::Result<RunResult> {
     let result = run_inner(spec, &sfx, &topics, db.as_ref()).await;
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     delete_topics(&names).await;
+    if spec.feed == Feed::Mqtt
+        && let Err(e) = remove_session(&format!("agent-{sfx}")).await
+    {
+        eprintln!("warning: the agent's MQTT session stays on the broker until it expires: {e:#}");
+    }
     if let Some(db) = db {
         db.drop_now().await;
     }
@@ -699,6 +704,33 @@ async fn run_inner(
 pub fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::create_dir_all(dir)?;
     Ok(std::fs::File::create(dir.join(format!("{name}.log")))?)
+}
+
+/// Ends the persistent MQTT session of `client_id` with whatever the broker
+/// still queues for it: connecting with a clean session discards it.
+pub async fn remove_session(client_id: &str) -> anyhow::Result<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+    let (host, port) = mqtt_addr();
+    let mut opts = MqttOptions::new(client_id, host, port);
+    opts.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(opts, 10);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => bail!("connecting as {client_id}: {e}"),
+            }
+        }
+    })
+    .await
+    .context("removing an MQTT session timed out")??;
+    client.disconnect().await?;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while eventloop.poll().await.is_ok() {}
+    })
+    .await;
+    Ok(())
 }
 
 /// Creates a persistent MQTT session with a subscription, so readings

@@ -27,7 +27,6 @@ use edge_tests::fleet::{FleetConfig, FleetProgress, run_fleet};
 use edge_tests::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use sqlx::Row;
 
 const AGENT: &str = env!("CARGO_BIN_EXE_fault-agent");
@@ -252,22 +251,9 @@ interval_seconds = 0
 
     /// Removes the agent's MQTT session (cleanup).
     async fn remove_agent_session(&self) {
-        let (host, port) = mqtt_addr();
-        let mut opts = MqttOptions::new(format!("agent-{}", self.sfx), host, port);
-        opts.set_clean_session(true);
-        let (client, mut eventloop) = AsyncClient::new(opts, 10);
-        let _ = tokio::time::timeout(Duration::from_secs(5), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                        let _ = client.try_disconnect();
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-        })
-        .await;
+        if let Err(e) = edge_tests::bench::remove_session(&format!("agent-{}", self.sfx)).await {
+            eprintln!("warning: the agent's MQTT session stays on the broker: {e:#}");
+        }
     }
 
     fn start_agent(&mut self, fault: Option<String>) -> anyhow::Result<()> {

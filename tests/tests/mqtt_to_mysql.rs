@@ -109,6 +109,11 @@ async fn mqtt_to_mysql_exactly_the_valid_readings() -> anyhow::Result<()> {
     let result = run_scenario(&sfx, &data_topic, &dlq_topic, &offsets_topic, &db.url).await;
     delete_topics(&[&data_topic, &dlq_topic, &offsets_topic]).await;
     db.drop_now().await;
+    // The agent's session is persistent (the default): end it, or the
+    // broker keeps it for a day.
+    if let Err(e) = edge_tests::bench::remove_session(&format!("agent-{sfx}")).await {
+        eprintln!("warning: the agent's MQTT session stays on the broker: {e:#}");
+    }
     result
 }
 
