@@ -382,6 +382,12 @@ impl BatchWriter {
         }
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
+            // A trim that claimed the write lock's turn goes first. The bound
+            // only guards against a claim never released; SQLite's own
+            // locking still decides.
+            self.signals
+                .write_turn
+                .wait_unclaimed(Duration::from_secs(2));
             match self.outbox.write_batch(&mut items, now) {
                 Ok(outcome) => {
                     crate::fault::point("outbox_committed");

@@ -32,6 +32,71 @@ impl Generation {
     }
 }
 
+/// A turn at SQLite's write lock for the uplink's trims.
+///
+/// The batch writer takes the write lock again right after each commit.
+/// A connection that finds it taken retries only after sleeping (1, 2, 5,
+/// up to 100 ms), and under load it kept losing the race: trims waited
+/// from 0.1 s to 3.7 s, and the uplink, which trims between transactions,
+/// sent nothing meanwhile. A trim now claims its turn first, and the batch
+/// writer holds its next transaction back until the claim is released.
+#[derive(Debug, Default)]
+pub struct WriteTurn {
+    state: Mutex<TurnState>,
+    released: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct TurnState {
+    claimed: bool,
+    /// Writers waiting for the claim to go (for tests).
+    waiting: u32,
+}
+
+impl WriteTurn {
+    /// Claims the next turn until the returned claim is dropped.
+    pub fn claim(&self) -> TurnClaim<'_> {
+        if let Ok(mut state) = self.state.lock() {
+            state.claimed = true;
+        }
+        TurnClaim(self)
+    }
+
+    /// Waits while a claim is held, or until `timeout` passes.
+    pub fn wait_unclaimed(&self, timeout: Duration) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        if !state.claimed {
+            return;
+        }
+        state.waiting += 1;
+        if let Ok((mut state, _)) = self
+            .released
+            .wait_timeout_while(state, timeout, |state| state.claimed)
+        {
+            state.waiting -= 1;
+        }
+    }
+
+    #[cfg(test)]
+    fn waiting(&self) -> u32 {
+        self.state.lock().map(|s| s.waiting).unwrap_or(0)
+    }
+}
+
+/// A claimed turn (see [`WriteTurn::claim`]); released when dropped.
+pub struct TurnClaim<'a>(&'a WriteTurn);
+
+impl Drop for TurnClaim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut state) = self.0.state.lock() {
+            state.claimed = false;
+        }
+        self.0.released.notify_all();
+    }
+}
+
 /// Signals around the outbox.
 #[derive(Debug, Default)]
 pub struct OutboxSignals {
@@ -39,4 +104,47 @@ pub struct OutboxSignals {
     pub new_batch: Generation,
     /// Bumped after the uplink trimmed the outbox.
     pub space_freed: Generation,
+    /// The uplink's trims claim the write lock's next turn here.
+    pub write_turn: WriteTurn,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+
+    use super::*;
+
+    #[test]
+    fn a_writer_waits_until_the_claim_is_released() {
+        let turn = Arc::new(WriteTurn::default());
+        let released = Arc::new(AtomicBool::new(false));
+        let claim = turn.claim();
+        let waiter = {
+            let (turn, released) = (turn.clone(), released.clone());
+            std::thread::spawn(move || {
+                turn.wait_unclaimed(Duration::from_secs(60));
+                released.load(SeqCst)
+            })
+        };
+        // Release only once the writer is waiting: a writer that went on
+        // regardless would never be counted, and the test fails here.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while turn.waiting() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never waited for the claim"
+            );
+            std::thread::yield_now();
+        }
+        released.store(true, SeqCst);
+        drop(claim);
+        assert!(
+            waiter.join().unwrap(),
+            "the writer went on while the claim was held"
+        );
+        // Unclaimed: no wait at all (a 60 s wait would hang the test).
+        turn.wait_unclaimed(Duration::from_secs(60));
+        assert_eq!(turn.waiting(), 0);
+    }
 }

@@ -22,6 +22,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::config::SyncMode;
 use crate::registry::RegistryError;
+use crate::signal::WriteTurn;
 use crate::transforms::enrich::{Alert, DataPlane};
 use crate::transforms::validate::{
     DeadLetterRecord, Enrichment, Reading, RecordFields, Rejection, write_record_json,
@@ -998,14 +999,16 @@ fn write_transaction(conn: &Connection) -> Result<rusqlite::Transaction<'_>, Out
 }
 
 /// Deletes batches up to and including `upto` (committed to Kafka); returns
-/// the bytes freed.
-pub fn trim(conn: &Connection, upto: i64) -> Result<u64, OutboxError> {
+/// the bytes freed. With `turn`, the write claims its turn at the write
+/// lock there, ahead of the batch writer (see [`WriteTurn`]).
+pub fn trim(conn: &Connection, upto: i64, turn: Option<&WriteTurn>) -> Result<u64, OutboxError> {
     // The marks are gathered before taking the write lock, so the batch
     // writer is not held up while they are decoded. Batches up to `upto`
     // cannot change meanwhile: numbers only grow, and a drop-oldest in
     // between saves its own marks (the upsert keeps the higher one).
     let mut marks = HashMap::new();
     marks_of_batches(conn, i64::MIN, upto, &mut marks)?;
+    let _claim = turn.map(WriteTurn::claim);
     let tx = write_transaction(conn)?;
     upsert_marks(&tx, marks)?;
     let freed: i64 = tx.query_row(

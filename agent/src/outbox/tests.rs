@@ -212,7 +212,7 @@ fn trim_and_sequence_never_reuse_numbers() {
     let mut outbox = open(&dir);
     outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
     outbox.write_batch(&mut [reading("a", 2)], NOW).unwrap();
-    let freed = trim(&outbox.conn, 2).unwrap();
+    let freed = trim(&outbox.conn, 2, None).unwrap();
     assert!(freed > 0);
     assert_eq!(backlog(&outbox.conn).unwrap(), (0, 0));
     let out = outbox.write_batch(&mut [reading("a", 3)], NOW).unwrap();
@@ -257,7 +257,7 @@ fn batches_written_before_the_marker_was_read_survive_a_lost_data_folder() {
     outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
     outbox.write_batch(&mut [reading("b", 1)], NOW).unwrap();
     assert_eq!(ensure_sequence_after(&outbox.conn, 100).unwrap(), Some(2));
-    trim(&outbox.conn, 100).unwrap();
+    trim(&outbox.conn, 100, None).unwrap();
     let batches = load_batches(&outbox.conn, 100, 10).unwrap();
     let keys: Vec<&[u8]> = batches
         .iter()
@@ -282,7 +282,7 @@ fn trim_waits_for_the_writer_instead_of_failing() {
         other.execute_batch("COMMIT").unwrap();
     });
     locked_rx.recv().unwrap();
-    assert!(trim(&outbox.conn, 1).unwrap() > 0);
+    assert!(trim(&outbox.conn, 1, None).unwrap() > 0);
     holder.join().unwrap();
 }
 
@@ -1025,7 +1025,7 @@ fn marks_survive_trim_drop_and_restart_and_never_go_back() {
         .unwrap();
     assert_eq!(rows, 0);
     // Sent batches 1..=4 leave; their marks move to device_hwm.
-    trim(&outbox.conn, 4).unwrap();
+    trim(&outbox.conn, 4, None).unwrap();
     let marks: Vec<(String, i64)> = outbox
         .conn
         .prepare("SELECT device_id, seq FROM device_hwm ORDER BY device_id")
@@ -1055,7 +1055,7 @@ fn marks_survive_trim_drop_and_restart_and_never_go_back() {
         .unwrap();
     assert_eq!((out.valid, out.duplicates), (1, 3));
     // Trimming an older batch never lowers a mark.
-    trim(&outbox.conn, i64::MAX).unwrap();
+    trim(&outbox.conn, i64::MAX, None).unwrap();
     let b: i64 = outbox
         .conn
         .query_row(

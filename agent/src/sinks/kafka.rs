@@ -522,7 +522,7 @@ impl KafkaUplink {
     }
 
     fn trim(&self, upto: i64) -> Result<(), UplinkError> {
-        outbox::trim(&self.conn, upto)?;
+        outbox::trim(&self.conn, upto, Some(&self.signals.write_turn))?;
         let (batches, bytes) = outbox::backlog(&self.conn)?;
         self.stats.outbox_batches.store(batches, Relaxed);
         self.stats.outbox_bytes.store(bytes, Relaxed);
