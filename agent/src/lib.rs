@@ -200,7 +200,8 @@ pub async fn run(
 
     // Registry cloud sync: applies on its own SQLite connection; the batch
     // writer picks a new registry up at its next batch.
-    let sync_task = cloud_sync.map(|sync| tokio::spawn(sync.run(stop_rx.clone())));
+    let sync_task = cloud_sync
+        .map(|sync| tokio::spawn(sync.with_signals(signals.clone()).run(stop_rx.clone())));
 
     // Operations endpoint: /metrics, /health, /status.
     let ops_state = Arc::new(ops::OpsState::new(stats.clone(), &config.gateway_id));

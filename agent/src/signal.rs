@@ -32,14 +32,16 @@ impl Generation {
     }
 }
 
-/// A turn at SQLite's write lock for the uplink's trims.
+/// A turn at SQLite's write lock for the uplink's trims and the cloud
+/// sync's registry updates.
 ///
 /// The batch writer takes the write lock again right after each commit.
 /// A connection that finds it taken retries only after sleeping (1, 2, 5,
 /// up to 100 ms), and under load it kept losing the race: trims waited
 /// from 0.1 s to 3.7 s, and the uplink, which trims between transactions,
-/// sent nothing meanwhile. A trim now claims its turn first, and the batch
-/// writer holds its next transaction back until the claim is released.
+/// sent nothing meanwhile. A trim (or a registry update) now claims its
+/// turn first, and the batch writer holds its next transaction back until
+/// every claim is released.
 #[derive(Debug, Default)]
 pub struct WriteTurn {
     state: Mutex<TurnState>,
@@ -48,7 +50,8 @@ pub struct WriteTurn {
 
 #[derive(Debug, Default)]
 struct TurnState {
-    claimed: bool,
+    /// Claims held.
+    claims: u32,
     /// Writers waiting for the claim to go (for tests).
     waiting: u32,
 }
@@ -57,7 +60,7 @@ impl WriteTurn {
     /// Claims the next turn until the returned claim is dropped.
     pub fn claim(&self) -> TurnClaim<'_> {
         if let Ok(mut state) = self.state.lock() {
-            state.claimed = true;
+            state.claims += 1;
         }
         TurnClaim(self)
     }
@@ -67,13 +70,13 @@ impl WriteTurn {
         let Ok(mut state) = self.state.lock() else {
             return;
         };
-        if !state.claimed {
+        if state.claims == 0 {
             return;
         }
         state.waiting += 1;
         if let Ok((mut state, _)) = self
             .released
-            .wait_timeout_while(state, timeout, |state| state.claimed)
+            .wait_timeout_while(state, timeout, |state| state.claims > 0)
         {
             state.waiting -= 1;
         }
@@ -91,7 +94,7 @@ pub struct TurnClaim<'a>(&'a WriteTurn);
 impl Drop for TurnClaim<'_> {
     fn drop(&mut self) {
         if let Ok(mut state) = self.0.state.lock() {
-            state.claimed = false;
+            state.claims -= 1;
         }
         self.0.released.notify_all();
     }
@@ -104,7 +107,8 @@ pub struct OutboxSignals {
     pub new_batch: Generation,
     /// Bumped after the uplink trimmed the outbox.
     pub space_freed: Generation,
-    /// The uplink's trims claim the write lock's next turn here.
+    /// The uplink's trims and the cloud sync's registry updates claim the
+    /// write lock's next turn here.
     pub write_turn: WriteTurn,
 }
 
@@ -143,6 +147,24 @@ mod tests {
             waiter.join().unwrap(),
             "the writer went on while the claim was held"
         );
+        // Two claims: the writer waits for both.
+        let first = turn.claim();
+        let second = turn.claim();
+        drop(first);
+        let waiter = {
+            let turn = turn.clone();
+            std::thread::spawn(move || turn.wait_unclaimed(Duration::from_secs(60)))
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while turn.waiting() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer went on while a second claim was held"
+            );
+            std::thread::yield_now();
+        }
+        drop(second);
+        waiter.join().unwrap();
         // Unclaimed: no wait at all (a 60 s wait would hang the test).
         turn.wait_unclaimed(Duration::from_secs(60));
         assert_eq!(turn.waiting(), 0);

@@ -156,6 +156,10 @@ pub struct CloudSync {
     /// `None` before the stored state was read.
     key: Option<String>,
     loaded: bool,
+    /// Where a registry update claims its turn at the write lock (see
+    /// [`WriteTurn`](crate::signal::WriteTurn)); `None` on its own (tests,
+    /// tools).
+    signals: Option<Arc<crate::signal::OutboxSignals>>,
     /// The sync's own connection, opened on first use. Only used through
     /// `&mut self`; the mutex makes `CloudSync` `Sync`, so `&self` may be
     /// held across awaits in a spawned task (a `Connection` is not `Sync`).
@@ -213,6 +217,7 @@ impl CloudSync {
             gateway_id: config.gateway_id.clone(),
             db: config.database_path(),
             synchronous: config.outbox.synchronous,
+            signals: None,
             stats,
             interval: Duration::from_secs(c.interval_seconds),
             first_backoff: FIRST_BACKOFF,
@@ -484,14 +489,24 @@ impl CloudSync {
         }
     }
 
+    /// Registry updates take their turn at the write lock with the
+    /// agent's batch writer through `signals`.
+    pub fn with_signals(mut self, signals: Arc<crate::signal::OutboxSignals>) -> Self {
+        self.signals = Some(signals);
+        self
+    }
+
     /// Parses and applies a document off the reactor, in one transaction.
     async fn apply(&mut self, body: Vec<u8>, key: String) -> Result<RegistryInfo, SyncError> {
         let source = self.source.clone();
+        let signals = self.signals.clone();
         self.blocking(move |conn| {
             let parsed = registry::parse_registry(std::str::from_utf8(&body)?);
             drop(body);
             let registry = parsed?;
+            let claim = signals.as_ref().map(|s| s.write_turn.claim());
             registry::apply(conn, &registry, &source, &key, now_ms())?;
+            drop(claim);
             drop(registry);
             registry::release_freed_memory();
             registry::current(conn)
