@@ -119,6 +119,15 @@ mod tests {
 
     use super::*;
 
+    /// Returns once a writer waits on `turn`; fails with `failure` after 30 s.
+    fn until_waiting(turn: &WriteTurn, failure: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while turn.waiting() == 0 {
+            assert!(std::time::Instant::now() < deadline, "{failure}");
+            std::thread::yield_now();
+        }
+    }
+
     #[test]
     fn a_writer_waits_until_the_claim_is_released() {
         let turn = Arc::new(WriteTurn::default());
@@ -133,14 +142,7 @@ mod tests {
         };
         // Release only once the writer is waiting: a writer that went on
         // regardless would never be counted, and the test fails here.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while turn.waiting() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the writer never waited for the claim"
-            );
-            std::thread::yield_now();
-        }
+        until_waiting(&turn, "the writer never waited for the claim");
         released.store(true, SeqCst);
         drop(claim);
         assert!(
@@ -155,14 +157,7 @@ mod tests {
             let turn = turn.clone();
             std::thread::spawn(move || turn.wait_unclaimed(Duration::from_secs(60)))
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while turn.waiting() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the writer went on while a second claim was held"
-            );
-            std::thread::yield_now();
-        }
+        until_waiting(&turn, "the writer went on while a second claim was held");
         drop(second);
         waiter.join().unwrap();
         // Unclaimed: no wait at all (a 60 s wait would hang the test).

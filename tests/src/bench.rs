@@ -709,50 +709,45 @@ pub fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
 /// Ends the persistent MQTT session of `client_id` with whatever the broker
 /// still queues for it: connecting with a clean session discards it.
 pub async fn remove_session(client_id: &str) -> anyhow::Result<()> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-    let (host, port) = mqtt_addr();
-    let mut opts = MqttOptions::new(client_id, host, port);
-    opts.set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(opts, 10);
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => bail!("connecting as {client_id}: {e}"),
-            }
-        }
-    })
-    .await
-    .context("removing an MQTT session timed out")??;
-    client.disconnect().await?;
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while eventloop.poll().await.is_ok() {}
-    })
-    .await;
-    Ok(())
+    visit_broker(client_id, None, Duration::from_secs(10), "removing").await
 }
 
 /// Creates a persistent MQTT session with a subscription, so readings
 /// published before its owner connects are queued for it.
 pub async fn create_session(client_id: &str, filter: &str) -> anyhow::Result<()> {
+    visit_broker(client_id, Some(filter), Duration::from_secs(30), "creating").await
+}
+
+/// Connects as `client_id` and disconnects once the broker answered. With
+/// `subscribe`, the session is persistent and the answer awaited is the
+/// subscription's; without, the session is clean (the broker drops any it
+/// kept) and the connection's answer is enough.
+async fn visit_broker(
+    client_id: &str,
+    subscribe: Option<&str>,
+    limit: Duration,
+    what: &str,
+) -> anyhow::Result<()> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let (host, port) = mqtt_addr();
     let mut opts = MqttOptions::new(client_id, host, port);
-    opts.set_clean_session(false);
+    opts.set_clean_session(subscribe.is_none());
     let (client, mut eventloop) = AsyncClient::new(opts, 10);
-    client.subscribe(filter, QoS::AtLeastOnce).await?;
-    tokio::time::timeout(Duration::from_secs(30), async {
+    if let Some(filter) = subscribe {
+        client.subscribe(filter, QoS::AtLeastOnce).await?;
+    }
+    tokio::time::timeout(limit, async {
         loop {
             match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if subscribe.is_none() => return Ok(()),
                 Ok(Event::Incoming(Packet::SubAck(_))) => return Ok(()),
                 Ok(_) => {}
-                Err(e) => bail!("creating the MQTT session {client_id}: {e}"),
+                Err(e) => bail!("{what} the MQTT session {client_id}: {e}"),
             }
         }
     })
     .await
-    .context("creating an MQTT session timed out")??;
+    .with_context(|| format!("{what} the MQTT session {client_id} timed out"))??;
     client.disconnect().await?;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while eventloop.poll().await.is_ok() {}
