@@ -465,6 +465,28 @@ pub fn metrics_text(state: &OpsState) -> String {
             rejects.get(&reason).copied().unwrap_or(0)
         );
     }
+    for (name, help, histogram) in [
+        (
+            "edge_outbox_commit_seconds",
+            "Time each outbox write took to become durable (encoding, the SQLite transaction and its sync); input is acknowledged after it.",
+            &s.outbox_commit_latency,
+        ),
+        (
+            "edge_kafka_commit_seconds",
+            "Time each Kafka transaction of outbox batches took to commit, from its marker to the commit's answer.",
+            &s.kafka_commit_latency,
+        ),
+    ] {
+        let (buckets, sum) = histogram.snapshot();
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut count = 0;
+        for (bound, cumulative) in buckets {
+            count = cumulative;
+            let le = bound.map_or_else(|| "+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
+    }
     out
 }
 

@@ -388,8 +388,10 @@ impl BatchWriter {
             self.signals
                 .write_turn
                 .wait_unclaimed(Duration::from_secs(2));
+            let writing = Instant::now();
             match self.outbox.write_batch(&mut items, now) {
                 Ok(outcome) => {
+                    self.stats.outbox_commit_latency.observe(writing.elapsed());
                     crate::fault::point("outbox_committed");
                     break outcome;
                 }

@@ -55,6 +55,13 @@ pub struct Stats {
     pub uplink_load_micros: AtomicU64,
     pub kafka_transaction_micros: AtomicU64,
     pub outbox_trim_micros: AtomicU64,
+    /// How long each outbox write (a batch, or rejects alone) took to become
+    /// durable: encoding, the SQLite transaction and its sync (SQLite's
+    /// wait for its write lock included). Input is acknowledged right after.
+    pub outbox_commit_latency: LatencyHistogram,
+    /// How long each Kafka transaction of outbox batches took to commit,
+    /// from its marker to the commit's answer (as `kafka_transaction_micros`).
+    pub kafka_commit_latency: LatencyHistogram,
     pub uplink: Mutex<UplinkState>,
     /// Unix ms of the batch writer's last sign of life (it wakes at least
     /// once a second); feeds the systemd watchdog.
@@ -71,6 +78,49 @@ pub struct Stats {
     pub registry: Mutex<Option<RegistryInfo>>,
     /// Cloud sync of the registry (all zero while it is off).
     pub registry_sync: RegistrySyncStats,
+}
+
+/// Upper bounds of [`LatencyHistogram`]'s buckets, in microseconds: from
+/// a quarter of a millisecond (a sync on a fast disk) to 10 s (a stalled
+/// one), a few per decade so that a p99 can be told from 10 ms.
+pub const LATENCY_BUCKETS_MICROS: [u64; 16] = [
+    250, 500, 1_000, 2_000, 3_000, 5_000, 7_500, 10_000, 15_000, 25_000, 50_000, 100_000, 250_000,
+    1_000_000, 2_500_000, 10_000_000,
+];
+
+/// A latency histogram with fixed buckets, shown as a Prometheus
+/// histogram. Lock-free: a relaxed add to one bucket and to the sum.
+#[derive(Debug, Default)]
+pub struct LatencyHistogram {
+    /// Observations per bucket (not cumulative); the last one is +Inf.
+    buckets: [AtomicU64; LATENCY_BUCKETS_MICROS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn observe(&self, elapsed: std::time::Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        let bucket = LATENCY_BUCKETS_MICROS.partition_point(|&bound| bound < micros);
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(micros, Relaxed);
+    }
+
+    /// Cumulative counts per upper bound in seconds (`None`: +Inf, whose
+    /// count is the total) and the sum in seconds, as Prometheus shows them.
+    pub fn snapshot(&self) -> (Vec<(Option<f64>, u64)>, f64) {
+        let mut cumulative = 0;
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                cumulative += n.load(Relaxed);
+                let bound = LATENCY_BUCKETS_MICROS.get(i).map(|&b| b as f64 / 1e6);
+                (bound, cumulative)
+            })
+            .collect();
+        (buckets, self.sum_micros.load(Relaxed) as f64 / 1e6)
+    }
 }
 
 /// What one cloud sync attempt ended with (the `result` label of
@@ -156,6 +206,8 @@ impl Default for Stats {
             uplink_load_micros: AtomicU64::new(0),
             kafka_transaction_micros: AtomicU64::new(0),
             outbox_trim_micros: AtomicU64::new(0),
+            outbox_commit_latency: LatencyHistogram::default(),
+            kafka_commit_latency: LatencyHistogram::default(),
             uplink: Mutex::new(UplinkState::Starting),
             writer_heartbeat_ms: AtomicI64::new(0),
             rejects: Mutex::new(BTreeMap::new()),
@@ -259,5 +311,43 @@ impl Stats {
             }
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_latency_lands_in_the_first_bucket_whose_bound_holds_it() {
+        let h = LatencyHistogram::default();
+        // On a bound, just past it, past the last bound.
+        h.observe(Duration::from_micros(250));
+        h.observe(Duration::from_micros(10_001));
+        h.observe(Duration::from_secs(60));
+        let (buckets, sum) = h.snapshot();
+        assert_eq!(buckets.len(), LATENCY_BUCKETS_MICROS.len() + 1);
+        let count_at = |bound: Option<f64>| {
+            buckets
+                .iter()
+                .find(|(b, _)| *b == bound)
+                .map(|(_, n)| *n)
+                .expect("a bucket with this bound")
+        };
+        assert_eq!(count_at(Some(0.00025)), 1);
+        assert_eq!(
+            count_at(Some(0.01)),
+            1,
+            "10.001 ms is above the 10 ms bound"
+        );
+        assert_eq!(count_at(Some(0.015)), 2);
+        assert_eq!(count_at(Some(10.0)), 2);
+        assert_eq!(count_at(None), 3);
+        assert!(
+            (sum - (0.00025 + 0.010001 + 60.0)).abs() < 1e-9,
+            "sum {sum}"
+        );
     }
 }

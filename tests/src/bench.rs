@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -125,7 +125,88 @@ pub struct RunResult {
     /// the Kafka transaction and trimming the outbox; records per
     /// transaction.
     pub uplink: UplinkBreakdown,
+    /// Where the latency goes, after the warm-up.
+    pub stages: LatencyStages,
     pub samples: Vec<Sample>,
+}
+
+/// The latency to Kafka split by stage, after the warm-up: from the
+/// device's timestamp to the agent's receipt (`received_at` of the records
+/// Kafka holds: the MQTT hop through Mosquitto, millisecond resolution),
+/// and the agent's own histograms of its two durable steps (outbox writes,
+/// Kafka transactions; bucket bounds, not exact values).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LatencyStages {
+    pub to_agent: Percentiles,
+    pub outbox_commit: BucketPercentiles,
+    pub kafka_commit: BucketPercentiles,
+}
+
+/// Percentiles read off a Prometheus histogram of the agent: each is the
+/// upper bound of the bucket it falls in (infinite past the last bound).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BucketPercentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// Observations above 10 ms.
+    pub over_10ms: u64,
+}
+
+impl BucketPercentiles {
+    /// From the agent's histogram `name`, counting only what was observed
+    /// between the scrapes `from` and `to`.
+    fn between(name: &str, from: &BTreeMap<String, f64>, to: &BTreeMap<String, f64>) -> Self {
+        let prefix = format!("{name}_bucket{{le=\"");
+        // (upper bound in ms, cumulative count in the window), ascending.
+        let mut buckets: Vec<(f64, f64)> = to
+            .iter()
+            .filter_map(|(key, &n)| {
+                let le = key.strip_prefix(&prefix)?.strip_suffix("\"}")?;
+                let bound = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse::<f64>().ok()? * 1000.0
+                };
+                Some((bound, n - from.get(key).copied().unwrap_or(0.0)))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let Some(&(_, total)) = buckets.last() else {
+            return Self::default();
+        };
+        let at = |q: f64| {
+            buckets
+                .iter()
+                .find(|(_, n)| *n >= (q * total).ceil() && *n > 0.0)
+                .map_or(0.0, |(bound, _)| *bound)
+        };
+        let within_10ms = buckets
+            .iter()
+            .find(|(bound, _)| *bound == 10.0)
+            .map_or(total, |(_, n)| *n);
+        Self {
+            count: total as u64,
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            over_10ms: (total - within_10ms) as u64,
+        }
+    }
+
+    fn json(&self) -> Value {
+        let ms = |v: f64| if v.is_finite() { json!(v) } else { json!(null) };
+        json!({"count": self.count, "p50_ms_at_most": ms(self.p50_ms),
+               "p99_ms_at_most": ms(self.p99_ms), "over_10_ms": self.over_10ms})
+    }
+
+    /// `≤ 2 ms` style, `> 10000 ms` past the last bound.
+    pub fn show(v: f64) -> String {
+        if v.is_finite() {
+            format!("≤ {v} ms")
+        } else {
+            "> 10000 ms".into()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -170,6 +251,11 @@ impl RunResult {
                 "mean_transaction_ms": self.uplink.transaction_ms,
                 "mean_trim_ms": self.uplink.trim_ms,
                 "records_per_transaction": self.uplink.records_per_transaction,
+            },
+            "latency_stages": {
+                "device_to_agent": self.stages.to_agent.json(),
+                "outbox_commit": self.stages.outbox_commit.json(),
+                "kafka_commit": self.stages.kafka_commit.json(),
             },
             "samples": self.samples.iter().map(|s| json!({
                 "t": s.t, "accepted_per_s": s.accepted_per_s, "committed_per_s": s.committed_per_s,
@@ -225,13 +311,14 @@ pub fn clock_ticks() -> f64 {
     if t > 0 { t as f64 } else { 100.0 }
 }
 
-/// Values of the agent's `/metrics` (unlabelled series only).
+/// Values of the agent's `/metrics`: unlabelled series, and histogram
+/// buckets (keyed with their `{le="..."}`).
 fn scrape(listen: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     if let Ok(Some((200, body))) = edge_agent::ops::fetch(listen, "/metrics") {
         for line in body.lines().filter(|l| !l.starts_with('#')) {
             if let Some((name, value)) = line.split_once(' ')
-                && !name.contains('{')
+                && (!name.contains('{') || name.contains("_bucket{le="))
                 && let Ok(v) = value.trim().parse::<f64>()
             {
                 out.insert(name.to_string(), v);
@@ -258,6 +345,8 @@ struct KafkaWatch {
     committed: Arc<AtomicU64>,
     windows: Arc<Mutex<Histogram<u64>>>,
     total: Arc<Mutex<Histogram<u64>>>,
+    /// Device timestamp to the agent's `received_at`, after the warm-up.
+    to_agent: Arc<Mutex<Histogram<u64>>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -280,17 +369,20 @@ impl KafkaWatch {
         let committed = Arc::new(AtomicU64::new(0));
         let windows = Arc::new(Mutex::new(new_histogram()));
         let total = Arc::new(Mutex::new(new_histogram()));
+        let to_agent = Arc::new(Mutex::new(new_histogram()));
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, w, t, s) = (
+        let (c, w, t, a, s) = (
             committed.clone(),
             windows.clone(),
             total.clone(),
+            to_agent.clone(),
             stop.clone(),
         );
         let thread = std::thread::spawn(move || {
             #[derive(serde::Deserialize)]
             struct Ts {
                 ts: i64,
+                received_at: Option<i64>,
             }
             while !s.load(Relaxed) {
                 let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) else {
@@ -302,10 +394,16 @@ impl KafkaWatch {
                     if let Ok(mut h) = w.lock() {
                         let _ = h.record(latency);
                     }
-                    if r.ts >= measure_from_ms
-                        && let Ok(mut h) = t.lock()
-                    {
-                        let _ = h.record(latency);
+                    if r.ts >= measure_from_ms {
+                        if let Ok(mut h) = t.lock() {
+                            let _ = h.record(latency);
+                        }
+                        // Millisecond clocks: 0 is "within the same ms".
+                        if let Some(received) = r.received_at
+                            && let Ok(mut h) = a.lock()
+                        {
+                            let _ = h.record((received - r.ts).max(0) as u64);
+                        }
                     }
                 }
                 c.fetch_add(1, Relaxed);
@@ -315,6 +413,7 @@ impl KafkaWatch {
             committed,
             windows,
             total,
+            to_agent,
             stop,
             thread: Some(thread),
         })
@@ -544,6 +643,8 @@ async fn run_inner(
     let (mut last_accepted, mut last_committed, mut last_stored) = (0.0, 0u64, 0u64);
     let mut last_cpu = proc_usage(pid).map(|u| u.0).unwrap_or(0);
     let mut last_t = 0.0;
+    // The agent's histograms as the warm-up ended.
+    let mut warm_metrics: Option<BTreeMap<String, f64>> = None;
     let total_secs = spec.duration.as_secs_f64();
     let mut next = started + Duration::from_secs(1);
     while started.elapsed() < spec.duration {
@@ -553,6 +654,9 @@ async fn run_inner(
         let dt = t - last_t;
         last_t = t;
         let m = scrape(&listen);
+        if warm_metrics.is_none() && t >= WARMUP.as_secs_f64() {
+            warm_metrics = Some(m.clone());
+        }
         let accepted = m.get("edge_readings_valid_total").copied().unwrap_or(0.0);
         let committed = watch.committed.load(Relaxed);
         let stored = stored_count(&pool).await;
@@ -609,6 +713,20 @@ async fn run_inner(
         uplink.transaction_ms,
         uplink.trim_ms
     );
+    let warm_metrics = warm_metrics.unwrap_or_default();
+    let mut stages = LatencyStages {
+        to_agent: Percentiles::default(),
+        outbox_commit: BucketPercentiles::between(
+            "edge_outbox_commit_seconds",
+            &warm_metrics,
+            &end_metrics,
+        ),
+        kafka_commit: BucketPercentiles::between(
+            "edge_kafka_commit_seconds",
+            &warm_metrics,
+            &end_metrics,
+        ),
+    };
     let accepted_total = end_metrics
         .get("edge_readings_valid_total")
         .copied()
@@ -659,6 +777,25 @@ async fn run_inner(
         .lock()
         .map(|h| Percentiles::of(&h))
         .unwrap_or_default();
+    stages.to_agent = watch
+        .to_agent
+        .lock()
+        .map(|h| Percentiles::of(&h))
+        .unwrap_or_default();
+    eprintln!(
+        "latency stages after the warm-up: device to agent p50 / p99 {:.0} / {:.0} ms; \
+         outbox writes ({}) p50 {}, p99 {}, {} over 10 ms; Kafka commits ({}) p50 {}, p99 {}, {} over 10 ms",
+        stages.to_agent.p50,
+        stages.to_agent.p99,
+        stages.outbox_commit.count,
+        BucketPercentiles::show(stages.outbox_commit.p50_ms),
+        BucketPercentiles::show(stages.outbox_commit.p99_ms),
+        stages.outbox_commit.over_10ms,
+        stages.kafka_commit.count,
+        BucketPercentiles::show(stages.kafka_commit.p50_ms),
+        BucketPercentiles::show(stages.kafka_commit.p99_ms),
+        stages.kafka_commit.over_10ms,
+    );
     drop(watch);
     drop(agent);
 
@@ -696,6 +833,7 @@ async fn run_inner(
         cpu_mean_percent: mean(|s| s.cpu_percent),
         backlog_max_bytes: samples.iter().map(|s| s.backlog_bytes).fold(0.0, f64::max),
         uplink,
+        stages,
         samples,
     })
 }
@@ -762,7 +900,8 @@ pub async fn mosquitto_alone(
     devices: usize,
     connections: usize,
     duration: Duration,
-) -> anyhow::Result<f64> {
+    rate: f64,
+) -> anyhow::Result<(f64, Percentiles)> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     let sfx = unique("mqref");
     let (host, port) = mqtt_addr();
@@ -775,12 +914,30 @@ pub async fn mosquitto_alone(
         .await?;
     let received = Arc::new(AtomicU64::new(0));
     let subscribed = Arc::new(AtomicBool::new(false));
-    let (r, s) = (received.clone(), subscribed.clone());
+    // Device timestamp to the subscriber's receipt, once measuring.
+    let latency = Arc::new(Mutex::new(new_histogram()));
+    let measure_from_ms = Arc::new(AtomicI64::new(i64::MAX));
+    let (r, s, l, from) = (
+        received.clone(),
+        subscribed.clone(),
+        latency.clone(),
+        measure_from_ms.clone(),
+    );
     let sub = tokio::spawn(async move {
+        #[derive(serde::Deserialize)]
+        struct Ts {
+            ts: i64,
+        }
         loop {
             match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::Publish(_))) => {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
                     r.fetch_add(1, Relaxed);
+                    if let Ok(reading) = serde_json::from_slice::<Ts>(&p.payload)
+                        && reading.ts >= from.load(Relaxed)
+                        && let Ok(mut h) = l.lock()
+                    {
+                        let _ = h.record((now_ms() - reading.ts).max(0) as u64);
+                    }
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => s.store(true, Relaxed),
                 Ok(_) => {}
@@ -803,7 +960,7 @@ pub async fn mosquitto_alone(
             id_prefix: format!("ref-{c}-"),
             devices: (devices / connections.max(1)).max(1),
             readings_per_device: 1_000_000_000,
-            readings_per_second: 0.0,
+            readings_per_second: rate / connections.max(1) as f64,
             invalid_every: 0,
             hot_every: 0,
             base_ts_ms: 0,
@@ -820,11 +977,16 @@ pub async fn mosquitto_alone(
     // One second of warm-up, then measure.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (t0, n0) = (Instant::now(), received.load(Relaxed));
+    measure_from_ms.store(now_ms(), Relaxed);
     tokio::time::sleep(duration).await;
-    let rate = (received.load(Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
+    let passed = (received.load(Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
     stop.store(true, Relaxed);
     sub.abort();
-    Ok(rate)
+    let latency = latency
+        .lock()
+        .map(|h| Percentiles::of(&h))
+        .unwrap_or_default();
+    Ok((passed, latency))
 }
 
 /// Reference point: what a transactional Kafka producer alone commits per
@@ -1046,4 +1208,53 @@ fn xml(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn buckets(counts: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        counts
+            .iter()
+            .map(|(le, n)| (format!("h_bucket{{le=\"{le}\"}}"), *n))
+            .collect()
+    }
+
+    #[test]
+    fn bucket_percentiles_count_only_the_window_and_give_upper_bounds() {
+        // Before the window: 100 fast observations, which must not count.
+        let from = buckets(&[
+            ("0.001", 100.0),
+            ("0.01", 100.0),
+            ("0.05", 100.0),
+            ("+Inf", 100.0),
+        ]);
+        // In the window: 90 more at most 1 ms, 8 up to 10 ms, 1 up to 50 ms
+        // and 1 past the last bound.
+        let to = buckets(&[
+            ("0.001", 190.0),
+            ("0.01", 198.0),
+            ("0.05", 199.0),
+            ("+Inf", 200.0),
+        ]);
+        let p = BucketPercentiles::between("h", &from, &to);
+        assert_eq!(p.count, 100);
+        assert_eq!(p.p50_ms, 1.0);
+        assert_eq!(p.p99_ms, 50.0);
+        assert_eq!(p.over_10ms, 2);
+        // Past the last bound, the percentile is unbounded.
+        let to = buckets(&[
+            ("0.001", 100.0),
+            ("0.01", 100.0),
+            ("0.05", 100.0),
+            ("+Inf", 200.0),
+        ]);
+        let p = BucketPercentiles::between("h", &from, &to);
+        assert!(p.p50_ms.is_infinite());
+        assert_eq!(BucketPercentiles::show(p.p50_ms), "> 10000 ms");
+        // No histogram: nothing measured.
+        let p = BucketPercentiles::between("other", &from, &to);
+        assert_eq!(p.count, 0);
+    }
 }

@@ -409,6 +409,31 @@ interval_seconds = 0
         batches_left, 0,
         "the outbox must be drained after every batch was committed"
     );
+    // The latency histograms saw every outbox write and every Kafka
+    // transaction of batches.
+    let metrics =
+        edge_agent::ops::metrics_text(&edge_agent::ops::OpsState::new(agent_stats.clone(), "gw"));
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing in\n{metrics}"))
+    };
+    assert_eq!(
+        value("edge_kafka_commit_seconds_count"),
+        agent_stats.kafka_transactions.load(Relaxed) as f64
+    );
+    assert_eq!(
+        value("edge_kafka_commit_seconds_bucket{le=\"+Inf\"}"),
+        value("edge_kafka_commit_seconds_count")
+    );
+    assert!(
+        value("edge_outbox_commit_seconds_count")
+            >= agent_stats.batches_written.load(Relaxed) as f64
+            && agent_stats.batches_written.load(Relaxed) > 0,
+        "{metrics}"
+    );
+    assert!(value("edge_kafka_commit_seconds_sum") > 0.0, "{metrics}");
     println!(
         "e2e: published {TOTAL} (+probes), stored {stored}, rejected {invalid_total}, bridge transactions {}, agent transactions {}",
         bridge_stats.transactions.load(Relaxed),

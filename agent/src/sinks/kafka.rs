@@ -468,6 +468,9 @@ impl KafkaUplink {
             Ok(()) => {
                 if with_batches {
                     add_micros(&self.stats.kafka_transaction_micros, committing);
+                    self.stats
+                        .kafka_commit_latency
+                        .observe(committing.elapsed());
                 }
                 Ok(Some(sent))
             }

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use edge_tests::bench::{self, Feed, RunResult, RunSpec};
+use edge_tests::bench::{self, BucketPercentiles, Feed, RunResult, RunSpec};
 use edge_tests::sinkbench::{SinkBenchSpec, SinkTuning};
 
 #[derive(Parser)]
@@ -76,6 +76,9 @@ enum Cmd {
     MosquittoAlone {
         #[arg(long, default_value_t = 20)]
         duration: u64,
+        /// Readings per second over all devices (0 = open loop).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
         #[arg(long, default_value_t = 10_000)]
         devices: usize,
         /// MQTT connections the devices share.
@@ -256,17 +259,21 @@ fn main() -> ExitCode {
             }
             Cmd::MosquittoAlone {
                 duration,
+                rate,
                 devices,
                 connections,
             } => {
-                let rate = bench::mosquitto_alone(
+                let (passed, latency) = bench::mosquitto_alone(
                     *devices,
                     *connections,
                     Duration::from_secs(*duration),
+                    *rate,
                 )
                 .await?;
                 println!(
-                    "Mosquitto alone: {rate:.0} readings/s ({devices} devices over {connections} connections, one QoS 1 subscriber)"
+                    "Mosquitto alone: {passed:.0} readings/s ({devices} devices over {connections} connections, one QoS 1 subscriber); \
+                     device to subscriber p50 / p99 / p99.9 / max {:.0} / {:.0} / {:.0} / {:.0} ms",
+                    latency.p50, latency.p99, latency.p999, latency.max
                 );
                 Ok(())
             }
@@ -325,8 +332,14 @@ async fn suite(
 ) -> anyhow::Result<()> {
     let d = Duration::from_secs(duration);
     eprintln!("reference: Mosquitto alone ({duration} s)");
-    let mosquitto = bench::mosquitto_alone(devices, connections, d).await?;
+    let (mosquitto, _) = bench::mosquitto_alone(devices, connections, d, 0.0).await?;
     eprintln!("  {mosquitto:.0} readings/s");
+    eprintln!("reference: Mosquitto alone at 10000 readings/s ({duration} s)");
+    let (_, broker_hop) = bench::mosquitto_alone(devices, connections, d, 10_000.0).await?;
+    eprintln!(
+        "  device to subscriber p50 / p99 {:.0} / {:.0} ms",
+        broker_hop.p50, broker_hop.p99
+    );
     eprintln!("reference: Kafka transactional producer alone ({duration} s)");
     let (kafka, kafka_ms) =
         tokio::task::spawn_blocking(move || bench::kafka_alone(d, 4096)).await??;
@@ -408,8 +421,10 @@ async fn suite(
             .unwrap_or_else(|| "unknown CPU".into())
     );
     md += &format!(
-        "Reference points: Mosquitto alone {mosquitto:.0} readings/s (same devices, one QoS 1 subscriber); \
-         Kafka transactional producer alone {kafka:.0} records/s ({kafka_ms:.1} ms per transaction of 4096 records).\n\n"
+        "Reference points: Mosquitto alone {mosquitto:.0} readings/s (same devices, one QoS 1 subscriber), \
+         and at 10000 readings/s device to subscriber p50 / p99 {:.0} / {:.0} ms; \
+         Kafka transactional producer alone {kafka:.0} records/s ({kafka_ms:.1} ms per transaction of 4096 records).\n\n",
+        broker_hop.p50, broker_hop.p99
     );
     md += "| run | target/s | accepted/s | committed/s | stored/s | p50 / p99 / p99.9 to Kafka (ms) | p50 / p99 / p99.9 to MariaDB (ms) | RSS max (MB) | CPU (%) | backlog max (MB) |\n";
     md += "|---|---|---|---|---|---|---|---|---|---|\n";
@@ -431,6 +446,30 @@ async fn suite(
                 open.accepted_per_s
             );
         }
+    }
+    md += "\nWhere the latency to Kafka goes, after the warm-up (device to agent: `received_at` of the records, \
+           millisecond clocks; outbox writes and Kafka commits: the agent's histograms, as bucket bounds):\n\n\
+           | run | device to agent p50 / p99 (ms) | outbox writes p50 / p99, over 10 ms | Kafka commits p50 / p99, over 10 ms |\n\
+           |---|---|---|---|\n";
+    for r in runs.iter().filter(|r| r.target_rate > 0.0) {
+        let st = &r.stages;
+        let bucket = |b: &BucketPercentiles| {
+            format!(
+                "{} / {}, {} of {}",
+                BucketPercentiles::show(b.p50_ms),
+                BucketPercentiles::show(b.p99_ms),
+                b.over_10ms,
+                b.count
+            )
+        };
+        md += &format!(
+            "| {} | {:.0} / {:.0} | {} | {} |\n",
+            r.name,
+            st.to_agent.p50,
+            st.to_agent.p99,
+            bucket(&st.outbox_commit),
+            bucket(&st.kafka_commit)
+        );
     }
     std::fs::write(out.join("summary.md"), &md)?;
     print!("{md}");
