@@ -41,9 +41,28 @@ enum Command {
     },
 }
 
+/// Caps glibc's malloc at two arenas unless `MALLOC_ARENA_MAX` is set.
+/// glibc gives threads that contend for the heap arenas of their own (up to
+/// eight per core), and memory freed in an arena stays there. With the
+/// agent's threads (tokio's, the batch writer, the uplink, librdkafka's)
+/// that held 26 to 32 MB of RSS at saturation through MQTT against 22 MB
+/// with two arenas, at the same throughput (README, Performance). Runs
+/// before any thread starts.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only tunes the allocator, and no other thread
+        // exists yet to be allocating meanwhile.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
 /// The `edge-agent` command line: parses the arguments, sets up logging and
 /// runs the subcommand.
 pub fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     {
         use tracing_subscriber::layer::SubscriberExt as _;
