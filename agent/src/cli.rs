@@ -45,9 +45,9 @@ enum Command {
 /// glibc gives threads that contend for the heap arenas of their own (up to
 /// eight per core), and memory freed in an arena stays there. With the
 /// agent's threads (tokio's, the batch writer, the uplink, librdkafka's)
-/// that held 26 to 32 MB of RSS at saturation through MQTT against 22 MB
-/// with two arenas, at the same throughput (README, Performance). Runs
-/// before any thread starts.
+/// that made 13 arena heaps at saturation through MQTT, and about 7 MB
+/// more anonymous memory than with two arenas at the same point of a run
+/// (README, Performance). Runs before any thread starts.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
