@@ -568,3 +568,100 @@ impl BatchWriter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits for `ready` with a deadline.
+    fn wait_until(what: &str, ready: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !ready() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::yield_now();
+        }
+    }
+
+    fn reading(seq: u64) -> Envelope {
+        let payload = format!(
+            r#"{{"device_id":"dev-1","seq":{seq},"ts":{},"temperature":20.0,"humidity":40.0,"battery":90.0,"lat":52.5,"lon":13.4,"speed":1.0}}"#,
+            now_ms()
+        );
+        Envelope::Raw {
+            source: "test",
+            topic: "devices/dev-1/telemetry".into(),
+            payload: payload.into_bytes(),
+        }
+    }
+
+    /// A reading that arrives while the batch before it lingers joins that
+    /// batch; a lone reading still goes once the linger is over.
+    #[test]
+    fn a_lingering_batch_takes_what_arrives_and_then_goes_alone() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let text = format!(
+            "gateway_id = \"gw-linger\"\ndata_dir = \"{}\"\n[sources.demo]\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
+             [outbox]\nbatch_linger_ms = 1000\n",
+            dir.path().display()
+        );
+        let config = Config::from_toml(&text, "test.toml").expect("a valid config");
+        assert_eq!(
+            Config::from_toml(
+                &format!(
+                    "gateway_id = \"g\"\ndata_dir = \"{}\"\n[sources.demo]\n[kafka]\nbrokers = \"127.0.0.1:1\"\n",
+                    dir.path().display()
+                ),
+                "t"
+            )
+            .expect("a valid config")
+            .outbox
+            .batch_linger_ms,
+            2,
+            "the default linger"
+        );
+        let outbox = crate::open_outbox(&config).expect("the outbox opens");
+        let stats = Arc::new(Stats::default());
+        let writer = BatchWriter::new(
+            &config,
+            outbox,
+            stats.clone(),
+            Arc::new(OutboxSignals::default()),
+            AckRouter::default(),
+        );
+        // The writer blocks on the runtime's handle from its own thread:
+        // only a multi-thread runtime drives the linger's timer then.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let (tx, rx) = mpsc::channel(4);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let handle = rt.handle().clone();
+        let thread = std::thread::spawn(move || writer.run(handle, rx, stop_rx));
+
+        tx.try_send(reading(1)).expect("room in the queue");
+        // The writer took the first reading and lingers for 1 s. The second
+        // comes 100 ms later (the arrival pattern under test, not a wait for
+        // a condition): long after a batch without linger would have been
+        // committed, well inside the linger. It joins the first's batch.
+        wait_until("the writer to take the first reading", || {
+            tx.capacity() == tx.max_capacity()
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        tx.try_send(reading(2)).expect("room in the queue");
+        wait_until("both readings", || stats.valid.load(Relaxed) >= 2);
+        // Nothing follows the third: it goes alone once the linger is over.
+        tx.try_send(reading(3)).expect("room in the queue");
+        wait_until("the third reading", || stats.valid.load(Relaxed) >= 3);
+        drop(tx);
+        thread
+            .join()
+            .expect("the writer ends when its queue closes");
+        // Two batches: the first two readings, then the third.
+        assert_eq!(stats.batches_written.load(Relaxed), 2);
+        let conn = rusqlite::Connection::open(config.database_path()).expect("the outbox");
+        let (batches, _) = crate::outbox::backlog(&conn).expect("the backlog");
+        assert_eq!(batches, 2, "batches in the outbox");
+    }
+}
