@@ -230,6 +230,10 @@ impl OpsState {
                 "bytes_written": written,
                 "bytes_per_reading": if valid > 0 { written as f64 / valid as f64 } else { 0.0 },
             },
+            "latency_since_start": {
+                "outbox_write": latency_json(&s.outbox_commit_latency),
+                "kafka_commit": latency_json(&s.kafka_commit_latency),
+            },
             "kafka": {
                 "committed_batch": s.kafka_committed_batch.load(Relaxed),
                 "records_committed": s.kafka_records_committed.load(Relaxed),
@@ -251,6 +255,18 @@ impl OpsState {
             "recent_events": recent_events(),
         })
     }
+}
+
+/// A latency histogram in `/status`: how many, and the bucket bounds (ms)
+/// that hold the median and the 99th percentile (`null` past the last
+/// bound, or when there is none yet).
+fn latency_json(h: &crate::stats::LatencyHistogram) -> serde_json::Value {
+    let bound = |q| h.quantile_ms(q).filter(|ms| ms.is_finite());
+    serde_json::json!({
+        "count": h.count(),
+        "p50_ms_at_most": bound(0.5),
+        "p99_ms_at_most": bound(0.99),
+    })
 }
 
 fn uplink_text(state: &UplinkState) -> String {
@@ -689,6 +705,36 @@ pub fn render_status(v: &serde_json::Value) -> String {
         n("/kafka/records_committed"),
         n("/kafka/transactions"),
     );
+    let latency = |what: &str, key: &str| {
+        let count = n(&format!("/latency_since_start/{key}/count"));
+        if count == 0.0 {
+            return format!("{what}: none yet");
+        }
+        let at = |q: &str| match v
+            .pointer(&format!("/latency_since_start/{key}/{q}_ms_at_most"))
+            .and_then(serde_json::Value::as_f64)
+        {
+            Some(ms) => format!("≤ {ms} ms"),
+            None => format!(
+                "over {} s",
+                crate::stats::LATENCY_BUCKETS_MICROS
+                    .last()
+                    .copied()
+                    .unwrap_or(0)
+                    / 1_000_000
+            ),
+        };
+        format!("{what} p50 {}, p99 {} (of {count})", at("p50"), at("p99"))
+    };
+    // An older agent's document has no latency.
+    if v.get("latency_since_start").is_some() {
+        let _ = writeln!(
+            out,
+            "latency since start: {}; {}",
+            latency("outbox writes", "outbox_write"),
+            latency("Kafka commits", "kafka_commit")
+        );
+    }
     let _ = writeln!(out, "devices known: {}", n("/devices_known"));
     match v.pointer("/registry/version").and_then(|x| x.as_str()) {
         Some(version) => {

@@ -105,6 +105,27 @@ impl LatencyHistogram {
         self.sum_micros.fetch_add(micros, Relaxed);
     }
 
+    /// How many were observed.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|n| n.load(Relaxed)).sum()
+    }
+
+    /// The upper bound, in milliseconds, of the bucket that holds quantile
+    /// `q` of what was observed (infinite past the last bound); `None` when
+    /// nothing was.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let (buckets, _) = self.snapshot();
+        let total = buckets.last().map_or(0, |&(_, n)| n);
+        if total == 0 {
+            return None;
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        buckets
+            .iter()
+            .find(|&&(_, n)| n >= rank)
+            .map(|&(bound, _)| bound.map_or(f64::INFINITY, |seconds| seconds * 1000.0))
+    }
+
     /// Cumulative counts per upper bound in seconds (`None`: +Inf, whose
     /// count is the total) and the sum in seconds, as Prometheus shows them.
     pub fn snapshot(&self) -> (Vec<(Option<f64>, u64)>, f64) {
@@ -349,5 +370,11 @@ mod tests {
             (sum - (0.00025 + 0.010001 + 60.0)).abs() < 1e-9,
             "sum {sum}"
         );
+        assert_eq!(h.count(), 3);
+        // Ranks 1, 2 and 3 of 3.
+        assert_eq!(h.quantile_ms(0.2), Some(0.25));
+        assert_eq!(h.quantile_ms(0.5), Some(15.0));
+        assert_eq!(h.quantile_ms(0.99), Some(f64::INFINITY));
+        assert_eq!(LatencyHistogram::default().quantile_ms(0.5), None);
     }
 }

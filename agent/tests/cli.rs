@@ -578,6 +578,9 @@ fn metrics_health_and_status_of_a_running_and_a_stopped_agent() {
     assert_eq!(value("edge_registry_generation"), 1.0);
     assert_eq!(value("edge_uplink_up"), 0.0);
     assert!(metrics.contains("edge_readings_rejected_total{reason=\"unknown_device\"} 0"));
+    // Outbox writes are timed; with the uplink down no Kafka commit is.
+    assert!(value("edge_outbox_commit_seconds_count") > 0.0);
+    assert_eq!(value("edge_kafka_commit_seconds_count"), 0.0);
 
     let (code, health) = edge_agent::ops::fetch(&listen, "/health").unwrap().unwrap();
     assert_eq!(code, 200, "{health}");
@@ -604,6 +607,11 @@ fn metrics_health_and_status_of_a_running_and_a_stopped_agent() {
     assert!(text.contains("uplink: down"), "{text}");
     assert!(text.contains("registry: version v7 from file:"), "{text}");
     assert!(text.contains("devices known: 50"), "{text}");
+    assert!(
+        text.contains("latency since start: outbox writes p50 ≤ ")
+            && text.contains("Kafka commits: none yet"),
+        "{text}"
+    );
     assert!(text.contains("recent warnings/errors"), "{text}");
 
     let status = agent.interrupt_and_wait();
