@@ -88,6 +88,21 @@ pub const LATENCY_BUCKETS_MICROS: [u64; 16] = [
     1_000_000, 2_500_000, 10_000_000,
 ];
 
+/// Quantile `q` of a histogram given as (upper bound in ms, cumulative
+/// count) in ascending order, the last bound infinite: the bound of the
+/// first bucket that holds it, `None` when the histogram is empty.
+pub fn bucket_quantile_ms(cumulative: &[(f64, u64)], q: f64) -> Option<f64> {
+    let total = cumulative.last().map_or(0, |&(_, n)| n);
+    if total == 0 {
+        return None;
+    }
+    let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+    cumulative
+        .iter()
+        .find(|&&(_, n)| n >= rank)
+        .map(|&(bound, _)| bound)
+}
+
 /// A latency histogram with fixed buckets, shown as a Prometheus
 /// histogram. Lock-free: a relaxed add to one bucket and to the sum.
 #[derive(Debug, Default)]
@@ -115,15 +130,11 @@ impl LatencyHistogram {
     /// nothing was.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
         let (buckets, _) = self.snapshot();
-        let total = buckets.last().map_or(0, |&(_, n)| n);
-        if total == 0 {
-            return None;
-        }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        buckets
-            .iter()
-            .find(|&&(_, n)| n >= rank)
-            .map(|&(bound, _)| bound.map_or(f64::INFINITY, |seconds| seconds * 1000.0))
+        let in_ms: Vec<(f64, u64)> = buckets
+            .into_iter()
+            .map(|(bound, n)| (bound.map_or(f64::INFINITY, |seconds| seconds * 1000.0), n))
+            .collect();
+        bucket_quantile_ms(&in_ms, q)
     }
 
     /// Cumulative counts per upper bound in seconds (`None`: +Inf, whose

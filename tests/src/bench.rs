@@ -161,7 +161,7 @@ impl BucketPercentiles {
     fn between(name: &str, from: &BTreeMap<String, f64>, to: &BTreeMap<String, f64>) -> Self {
         let prefix = format!("{name}_bucket{{le=\"");
         // (upper bound in ms, cumulative count in the window), ascending.
-        let mut buckets: Vec<(f64, f64)> = to
+        let mut buckets: Vec<(f64, u64)> = to
             .iter()
             .filter_map(|(key, &n)| {
                 let le = key.strip_prefix(&prefix)?.strip_suffix("\"}")?;
@@ -170,28 +170,24 @@ impl BucketPercentiles {
                 } else {
                     le.parse::<f64>().ok()? * 1000.0
                 };
-                Some((bound, n - from.get(key).copied().unwrap_or(0.0)))
+                let before = from.get(key).copied().unwrap_or(0.0);
+                Some((bound, (n - before).max(0.0) as u64))
             })
             .collect();
         buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         let Some(&(_, total)) = buckets.last() else {
             return Self::default();
         };
-        let at = |q: f64| {
-            buckets
-                .iter()
-                .find(|(_, n)| *n >= (q * total).ceil() && *n > 0.0)
-                .map_or(0.0, |(bound, _)| *bound)
-        };
+        let at = |q| edge_agent::stats::bucket_quantile_ms(&buckets, q).unwrap_or(0.0);
         let within_10ms = buckets
             .iter()
             .find(|(bound, _)| *bound == 10.0)
             .map_or(total, |(_, n)| *n);
         Self {
-            count: total as u64,
+            count: total,
             p50_ms: at(0.50),
             p99_ms: at(0.99),
-            over_10ms: (total - within_10ms) as u64,
+            over_10ms: total.saturating_sub(within_10ms),
         }
     }
 
