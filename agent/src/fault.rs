@@ -14,10 +14,19 @@
 //! - `kafka_committed`: the transaction is committed, the outbox is not
 //!   trimmed yet.
 //!
+//! One point does not crash: at `kafka_commit_refused` every n-th commit
+//! is aborted instead and reported failed, as when the coordinator refuses
+//! it.
+//!
 //! Without the feature every function here is an empty inline function.
 
 /// Every crash point, for the tests and for checking `EDGE_FAULT`.
-pub const POINTS: [&str; 3] = ["outbox_committed", "kafka_sent", "kafka_committed"];
+pub const POINTS: [&str; 4] = [
+    "outbox_committed",
+    "kafka_sent",
+    "kafka_committed",
+    "kafka_commit_refused",
+];
 
 #[cfg(feature = "fault-injection")]
 mod armed {
@@ -55,7 +64,14 @@ mod armed {
 
     pub fn hit(point: &str) -> bool {
         match plan() {
-            Some(p) if p.point == point => p.seen.fetch_add(1, Ordering::SeqCst) + 1 == p.at,
+            Some(p) if p.point == point => {
+                let seen = p.seen.fetch_add(1, Ordering::SeqCst) + 1;
+                if point == super::REPEATING {
+                    seen % p.at == 0
+                } else {
+                    seen == p.at
+                }
+            }
             _ => false,
         }
     }
@@ -65,6 +81,9 @@ mod armed {
         std::process::abort()
     }
 }
+
+/// The point that fires at every n-th occurrence, not only the n-th.
+pub const REPEATING: &str = "kafka_commit_refused";
 
 /// True when this is the occurrence of `point` that `EDGE_FAULT` names.
 #[cfg(feature = "fault-injection")]

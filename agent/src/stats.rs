@@ -60,7 +60,9 @@ pub struct Stats {
     /// wait for its write lock included). Input is acknowledged right after.
     pub outbox_commit_latency: LatencyHistogram,
     /// How long each Kafka transaction of outbox batches took to commit,
-    /// from its marker to the commit's answer (as `kafka_transaction_micros`).
+    /// from its marker to the commit's answer (as `kafka_transaction_micros`);
+    /// with overlapping transactions, without the time its commit waited
+    /// for the previous one.
     pub kafka_commit_latency: LatencyHistogram,
     pub uplink: Mutex<UplinkState>,
     /// Unix ms of the batch writer's last sign of life (it wakes at least

@@ -137,6 +137,18 @@ impl World {
         rate: f64,
         data_dir: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
+        Self::with_lanes(name, devices, readings_per_device, rate, data_dir, 2).await
+    }
+
+    /// [`World::new`] with the agent's `kafka.transaction_lanes`.
+    async fn with_lanes(
+        name: &'static str,
+        devices: usize,
+        readings_per_device: u64,
+        rate: f64,
+        data_dir: Option<PathBuf>,
+        lanes: usize,
+    ) -> anyhow::Result<Self> {
         let sfx = unique(name);
         let topics = [
             format!("data-{sfx}"),
@@ -188,6 +200,7 @@ topic_data = "{t0}"
 topic_dlq = "{t1}"
 topic_alerts = "{t2}"
 topic_offsets = "{t3}"
+transaction_lanes = {lanes}
 [progress]
 interval_seconds = 0
 "#,
@@ -668,6 +681,18 @@ async fn start_all(w: &mut World) -> anyhow::Result<(Arc<FleetProgress>, Arc<Ato
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
+    agent_crashes("agent_crashes", 2).await
+}
+
+/// The same with three lanes, where transactions overlap: a crash may hit
+/// while one transaction commits and the next is open on another lane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_crashes_with_overlapping_transactions_lose_and_duplicate_nothing()
+-> anyhow::Result<()> {
+    agent_crashes("overlap_crashes", 3).await
+}
+
+async fn agent_crashes(name: &'static str, lanes: u64) -> anyhow::Result<()> {
     let _serial = SERIAL.lock().await;
     init_logging();
     let (devices, per_device, crashes) = if long_run() {
@@ -678,7 +703,7 @@ async fn agent_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
     // Slow enough that the crashes (a couple of seconds each, with the
     // restart) happen while the devices are still sending.
     let rate = (devices as u64 * per_device) as f64 / (f64::from(crashes) * 2.0);
-    let world = World::new("agent_crashes", devices, per_device, rate, None).await?;
+    let world = World::with_lanes(name, devices, per_device, rate, None, lanes as usize).await?;
     scenario(world, async |w| {
         let (progress, stop) = start_all(w).await?;
         let mut crashed = 0u32;
@@ -708,12 +733,13 @@ async fn agent_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
                 if let Some(a) = w.agent.as_mut() {
                     a.kill9();
                 }
-                // The uplink's transactions take turns on two lanes and a
-                // start begins on lane 0: the first crash of each Kafka kind
-                // hits an even transaction (lane 1), the next an odd one.
+                // The uplink's transactions take turns on the lanes and a
+                // start begins on lane 0, so transaction n runs on lane
+                // (n - 1) % lanes: with two lanes the first crash of each
+                // Kafka kind hits lane 1, the next lane 0, and so on.
                 let n = if kind.starts_with("kafka_") {
-                    let earlier = kinds.get(kind).copied().unwrap_or(0);
-                    2 * w.rng.random_range(1..3) + earlier % 2
+                    let earlier = u64::from(kinds.get(kind).copied().unwrap_or(0));
+                    lanes * w.rng.random_range(1..3) + earlier % lanes
                 } else {
                     w.rng.random_range(1..6)
                 };
@@ -754,6 +780,51 @@ async fn agent_crashes_lose_and_duplicate_nothing() -> anyhow::Result<()> {
             "no crash point was reached: is the fault-injection feature compiled in?"
         );
         w.verify(&progress, &stop, crashed).await
+    })
+    .await
+}
+
+/// With three lanes a transaction is sent while the previous one commits.
+/// When that commit is refused, the transaction sent after it must not
+/// commit either (its marker would pass the refused one's readings): the
+/// agent aborts it, starts its session over and sends both again. Every
+/// tenth commit is refused (aborted by the agent itself, as the coordinator
+/// would); the run goes on until a refusal has met a transaction sent after
+/// it, and then nothing may be lost or stored twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_commit_takes_the_transaction_sent_after_it_along() -> anyhow::Result<()> {
+    let _serial = SERIAL.lock().await;
+    init_logging();
+    let world = World::with_lanes("refused_commit", 40, 500, 4000.0, None, 3).await?;
+    scenario(world, async |w| {
+        w.create_agent_session().await?;
+        w.start_bridge(0)?;
+        w.start_agent(Some("kafka_commit_refused:10".into()))?;
+        let (progress, stop) = w.spawn_fleet();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            w.check_running()?;
+            let log = w.log_text("agent");
+            if log.contains("aborting the transaction that was sent after it") {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "no refused commit met a transaction sent after it within 120 s ({} refusals); agent log:\n{}",
+                log.matches("fault injection: refusing the commit").count(),
+                tail(&log, 40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        w.verify(&progress, &stop, 0).await?;
+        let log = w.log_text("agent");
+        eprintln!(
+            "[faults] refused commits: {}, of which met a transaction sent after them: {}",
+            log.matches("fault injection: refusing the commit").count(),
+            log.matches("aborting the transaction that was sent after it")
+                .count()
+        );
+        Ok(())
     })
     .await
 }

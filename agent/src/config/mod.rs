@@ -688,10 +688,12 @@ pub struct KafkaConfig {
     /// uplink at this many batches per transaction round trip.
     #[serde(default = "default_max_batches_per_transaction")]
     pub max_batches_per_transaction: usize,
-    /// Transactional producers the uplink takes turns with (1 or 2). After
+    /// Transactional producers the uplink takes turns with (1 to 3). After
     /// a commit the coordinator still writes its markers, and a transaction
     /// started on the same transactional id meanwhile waits a fixed 20 ms
     /// in librdkafka; with 2, the next transaction runs on the other id.
+    /// With 3, transactions also overlap: the next one's records go out
+    /// while the previous one commits.
     #[serde(default = "default_transaction_lanes")]
     pub transaction_lanes: usize,
     /// Kafka `transaction.timeout.ms`: the broker aborts a transaction left
@@ -1073,11 +1075,11 @@ impl Config {
                 "1 to 100000",
             ));
         }
-        if !(1..=2).contains(&k.transaction_lanes) {
+        if !(1..=3).contains(&k.transaction_lanes) {
             return Err(invalid(
                 "kafka.transaction_lanes",
                 k.transaction_lanes,
-                "1 or 2",
+                "1, 2 or 3",
             ));
         }
         if !(10..=900).contains(&k.transaction_timeout_seconds) {

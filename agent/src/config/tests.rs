@@ -31,26 +31,32 @@ fn transaction_lanes_default_to_two_with_distinct_ids() {
     // '/' is not allowed in gateway ids, so no gateway's lane 0 id equals
     // another's lane 1 id.
     assert!(error_of(&MINIMAL.replace("gw-1", "gw-1/lane-1")).contains("`gateway_id`"));
-    for lanes in [0, 3] {
+    for lanes in [0, 4] {
         let err = error_of(&MINIMAL.replace(
             "brokers = \"127.0.0.1:9092\"",
             &format!("brokers = \"x\"\ntransaction_lanes = {lanes}"),
         ));
         assert_eq!(
             err,
-            format!("invalid config: `kafka.transaction_lanes` = {lanes}: 1 or 2")
+            format!("invalid config: `kafka.transaction_lanes` = {lanes}: 1, 2 or 3")
         );
     }
-    let one = MINIMAL.replace(
-        "brokers = \"127.0.0.1:9092\"",
-        "brokers = \"x\"\ntransaction_lanes = 1",
-    );
+    for lanes in [1, 3] {
+        let c = Config::from_toml(
+            &MINIMAL.replace(
+                "brokers = \"127.0.0.1:9092\"",
+                &format!("brokers = \"x\"\ntransaction_lanes = {lanes}"),
+            ),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.kafka.transaction_lanes, lanes);
+    }
     assert_eq!(
-        Config::from_toml(&one, "t")
+        Config::from_toml(MINIMAL, "t")
             .unwrap()
-            .kafka
-            .transaction_lanes,
-        1
+            .lane_transactional_id(2),
+        "edge-agent-gw-1/lane-2"
     );
 }
 

@@ -13,15 +13,20 @@
 //! Transactions take turns on `kafka.transaction_lanes` transactional
 //! producers (lane 0 keeps the historical id): while the coordinator writes
 //! one commit's markers, the next transaction runs on the other id instead
-//! of waiting librdkafka's fixed 20 ms retry. Each begins after the previous
-//! commit returned, so partitions hold them in outbox order. A start
+//! of waiting librdkafka's fixed 20 ms retry. A transaction's records go
+//! out only after the previous transaction's were acknowledged, and it
+//! commits only after the previous commit returned, so partitions hold them
+//! in outbox order and no marker passes a transaction that failed. With
+//! three lanes they overlap: the next transaction is sent while the
+//! previous one commits on the committer thread; otherwise each begins
+//! after the previous commit returned. A start
 //! initialises every lane, lane 0 first; whoever holds lane 0 owns the
 //! gateway, and losing another lane only starts the session over.
 
 use std::cell::Cell;
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
@@ -58,6 +63,70 @@ const TRIM_INTERVAL: Duration = Duration::from_millis(250);
 /// transactional id over, so an agent that was fenced while it had nothing
 /// to send learns it and stops, instead of reporting itself up.
 const OWNERSHIP_CHECK: Duration = Duration::from_secs(10);
+
+/// With this many `kafka.transaction_lanes`, transactions overlap: the next
+/// one's records go out while the previous one commits. With two, the next
+/// transaction would reuse the committing one's id before its markers are
+/// written, and wait librdkafka's fixed 20 ms retry.
+pub const OVERLAP_LANES: usize = 3;
+
+/// A transaction whose records Kafka acknowledged, ready to commit.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    lane: usize,
+    sent: outbox::SentBatches,
+    marker_sent: Instant,
+    /// When every record was acknowledged.
+    flushed: Instant,
+}
+
+/// When a commit was asked for, its result and when it came.
+type CommitAnswer = (Instant, Result<(), KafkaError>, Instant);
+
+/// The thread that commits transactions while the uplink prepares the
+/// next: librdkafka's commit blocks until the coordinator answers.
+struct Committer {
+    asks: mpsc::Sender<usize>,
+    answers: mpsc::Receiver<CommitAnswer>,
+}
+
+impl Committer {
+    fn spawn<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        producers: &'env [ThreadedProducer<DefaultProducerContext>],
+        timeout: Duration,
+    ) -> std::io::Result<Self> {
+        let (asks, lanes) = mpsc::channel::<usize>();
+        let (answer, answers) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("kafka-commit".into())
+            .spawn_scoped(scope, move || {
+                for lane in lanes {
+                    let asked = Instant::now();
+                    let result = commit(&producers[lane], timeout);
+                    if answer.send((asked, result, Instant::now())).is_err() {
+                        break;
+                    }
+                }
+            })?;
+        Ok(Self { asks, answers })
+    }
+
+    /// Asks for the commit of the transaction open on `lane`.
+    fn ask(&self, lane: usize) {
+        // A committer gone is reported by `answer`.
+        let _ = self.asks.send(lane);
+    }
+
+    /// Waits for the answer to the oldest commit asked for.
+    fn answer(&self) -> CommitAnswer {
+        self.answers.recv().unwrap_or_else(|_| {
+            error!("the Kafka committer thread ended; the commit's outcome is left to the marker");
+            let now = Instant::now();
+            (now, Err(KafkaError::Canceled), now)
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UplinkError {
@@ -112,6 +181,9 @@ pub struct KafkaUplink {
     signals: Arc<OutboxSignals>,
     rt: Handle,
     stop: watch::Receiver<bool>,
+    /// Whether the current session got up: a failure after that retries
+    /// with the shortest backoff again.
+    went_up: bool,
 }
 
 impl KafkaUplink {
@@ -130,6 +202,7 @@ impl KafkaUplink {
             signals,
             rt,
             stop,
+            went_up: false,
         }
     }
 
@@ -141,9 +214,11 @@ impl KafkaUplink {
     /// on (fenced by another agent, or the outbox is unreadable).
     pub fn run(mut self) -> Result<(), UplinkError> {
         let max_backoff = Duration::from_secs(self.config.kafka.retry_backoff_max_seconds);
-        let mut backoff = Duration::from_millis(500);
+        let min_backoff = Duration::from_millis(500);
+        let mut backoff = min_backoff;
         while !self.stopping() {
             self.stats.set_uplink(UplinkState::Connecting);
+            self.went_up = false;
             match self.session() {
                 Ok(()) => break,
                 Err(
@@ -164,6 +239,9 @@ impl KafkaUplink {
                 // failure, nothing to report or retry.
                 Err(UplinkError::Stopping) => break,
                 Err(e) => {
+                    if self.went_up {
+                        backoff = min_backoff;
+                    }
                     self.stats.uplink_failures.fetch_add(1, Relaxed);
                     let summary = short_error(&e);
                     self.stats.set_uplink(UplinkState::Down(summary));
@@ -280,6 +358,7 @@ impl KafkaUplink {
         self.trim(committed)?;
         self.stats.kafka_committed_batch.store(committed, Relaxed);
         self.stats.set_uplink(UplinkState::Up);
+        self.went_up = true;
         info!(brokers = %k.brokers, marker = committed, "Kafka uplink up");
 
         // Trimming (one SQLite write transaction with its fsync, and the
@@ -292,59 +371,105 @@ impl KafkaUplink {
         let mut last_commit = Instant::now();
         // Transactions take turns on the lanes: while the coordinator writes
         // one transaction's commit markers, the next runs on another
-        // transactional id. A transaction begins only after the previous
-        // commit returned, so every partition holds them in outbox order.
+        // transactional id. With three lanes they also overlap: the next
+        // transaction's records go out while the previous one commits (on
+        // the committer thread). Either way a transaction's records go out
+        // only after the previous transaction's records were delivered, and
+        // it commits only after the previous commit returned: every
+        // partition holds them in outbox order, and no marker can pass a
+        // transaction that failed.
         let mut next_lane = 0usize;
-        loop {
-            if self.stopping() {
-                if trimmed < committed {
-                    self.timed_trim(committed)?;
+        let commit_timeout = Duration::from_secs(k.transaction_timeout_seconds);
+        let producers = &producers;
+        std::thread::scope(|scope| {
+            let mut committer = None;
+            if k.transaction_lanes >= OVERLAP_LANES {
+                match Committer::spawn(scope, producers, commit_timeout) {
+                    Ok(c) => committer = Some(c),
+                    Err(e) => warn!(
+                        error = %e,
+                        "cannot start the Kafka committer thread; transactions will not overlap"
+                    ),
                 }
-                return Ok(());
             }
-            let seen = self.signals.new_batch.current();
-            let Some(sent) =
-                self.lane_transaction(next_lane, &producers[next_lane], committed, true)?
-            else {
-                if trimmed < committed {
+            let mut in_flight: Option<Prepared> = None;
+            loop {
+                if self.stopping() {
+                    if let (Some(f), Some(c)) = (in_flight.take(), committer.as_ref()) {
+                        self.settle(producers, f, c.answer())?;
+                        committed = f.sent.last_batch;
+                    }
+                    if trimmed < committed {
+                        self.timed_trim(committed)?;
+                    }
+                    return Ok(());
+                }
+                let seen = self.signals.new_batch.current();
+                let after = in_flight.map_or(committed, |f| f.sent.last_batch);
+                let prepared = self.prepare(next_lane, &producers[next_lane], after, true);
+                if let (Some(f), Some(c)) = (in_flight.take(), committer.as_ref()) {
+                    // The next transaction may commit only if this one did.
+                    if let Err(e) = self.settle(producers, f, c.answer()) {
+                        if let Ok(Some(p)) = prepared {
+                            warn!(
+                                lane = p.lane,
+                                "a commit failed: aborting the transaction that was sent after it"
+                            );
+                            if let Err(abort) = producers[p.lane].abort_transaction(commit_timeout)
+                            {
+                                warn!(error = %abort, "aborting it failed; a new producer session will fence it");
+                            }
+                        }
+                        return Err(e);
+                    }
+                    committed = f.sent.last_batch;
+                }
+                let Some(p) = prepared? else {
+                    if trimmed < committed {
+                        self.timed_trim(committed)?;
+                        trimmed = committed;
+                        last_trim = Instant::now();
+                        continue;
+                    }
+                    if last_commit.elapsed() >= OWNERSHIP_CHECK {
+                        debug!(
+                            marker = committed,
+                            "idle: committing the unchanged marker to check that this agent still owns its transactional id"
+                        );
+                        // Every lane: another instance may hold any of them.
+                        for (lane, producer) in producers.iter().enumerate() {
+                            if let Some(p) = self.prepare(lane, producer, committed, false)? {
+                                self.commit_now(producers, p)?;
+                            }
+                        }
+                        last_commit = Instant::now();
+                        continue;
+                    }
+                    self.signals
+                        .new_batch
+                        .wait_past(seen, Duration::from_millis(250));
+                    continue;
+                };
+                next_lane = (next_lane + 1) % producers.len();
+                last_commit = Instant::now();
+                match committer.as_ref() {
+                    Some(c) => {
+                        c.ask(p.lane);
+                        in_flight = Some(p);
+                    }
+                    None => {
+                        self.commit_now(producers, p)?;
+                        committed = p.sent.last_batch;
+                    }
+                }
+                let more_waiting = self.signals.new_batch.current() != seen;
+                if trimmed < committed && (!more_waiting || last_trim.elapsed() >= TRIM_INTERVAL) {
                     self.timed_trim(committed)?;
                     trimmed = committed;
                     last_trim = Instant::now();
-                    continue;
                 }
-                if last_commit.elapsed() >= OWNERSHIP_CHECK {
-                    debug!(
-                        marker = committed,
-                        "idle: committing the unchanged marker to check that this agent still owns its transactional id"
-                    );
-                    // Every lane: another instance may hold any of them.
-                    for (lane, producer) in producers.iter().enumerate() {
-                        self.lane_transaction(lane, producer, committed, false)?;
-                    }
-                    last_commit = Instant::now();
-                    continue;
-                }
-                self.signals
-                    .new_batch
-                    .wait_past(seen, Duration::from_millis(250));
-                continue;
-            };
-            next_lane = (next_lane + 1) % producers.len();
-            last_commit = Instant::now();
-            crate::fault::point("kafka_committed");
-            committed = sent.last_batch;
-            self.stats.kafka_committed_batch.store(committed, Relaxed);
-            self.stats
-                .kafka_records_committed
-                .fetch_add(sent.records, Relaxed);
-            self.stats.kafka_transactions.fetch_add(1, Relaxed);
-            let more_waiting = self.signals.new_batch.current() != seen;
-            if !more_waiting || last_trim.elapsed() >= TRIM_INTERVAL {
-                self.timed_trim(committed)?;
-                trimmed = committed;
-                last_trim = Instant::now();
             }
-        }
+        })
     }
 
     fn timed_trim(&self, upto: i64) -> Result<(), UplinkError> {
@@ -361,33 +486,95 @@ impl KafkaUplink {
         }
     }
 
-    /// [`Self::send_transaction`] on lane `lane`. Fenced on lane 0, this
-    /// agent lost its gateway id: fatal. Fenced on another lane, it may
-    /// still hold lane 0, which decides: the session starts over (two
-    /// instances whose inits interleaved could otherwise each hold a lane
-    /// and both stop).
-    fn lane_transaction(
-        &self,
-        lane: usize,
-        producer: &ThreadedProducer<DefaultProducerContext>,
-        committed: i64,
-        with_batches: bool,
-    ) -> Result<Option<outbox::SentBatches>, UplinkError> {
-        match self.send_transaction(producer, committed, with_batches) {
-            Err(UplinkError::Fenced { .. }) if lane > 0 => Err(self.lane_taken(lane)),
+    /// Fenced on lane 0, this agent lost its gateway id: fatal. Fenced on
+    /// another lane, it may still hold lane 0, which decides: the session
+    /// starts over (two instances whose inits interleaved could otherwise
+    /// each hold a lane and both stop).
+    fn on_lane(&self, lane: usize, e: UplinkError) -> UplinkError {
+        match e {
+            UplinkError::Fenced { .. } if lane > 0 => self.lane_taken(lane),
             other => other,
         }
     }
 
-    /// One Kafka transaction: the batches after `committed` (with
-    /// `with_batches`; `None` and no transaction when none waits) and the
-    /// marker of the last one, or the unchanged marker alone.
-    fn send_transaction(
+    /// Commits a prepared transaction on this thread.
+    fn commit_now(
+        &self,
+        producers: &[ThreadedProducer<DefaultProducerContext>],
+        p: Prepared,
+    ) -> Result<(), UplinkError> {
+        let timeout = Duration::from_secs(self.config.kafka.transaction_timeout_seconds);
+        let asked = Instant::now();
+        let result = commit(&producers[p.lane], timeout);
+        self.settle(producers, p, (asked, result, Instant::now()))
+    }
+
+    /// Takes a prepared transaction's commit answer: counts it, or aborts
+    /// the transaction and returns why it failed. `answer` is when the
+    /// commit was asked for, its result and when it came.
+    fn settle(
+        &self,
+        producers: &[ThreadedProducer<DefaultProducerContext>],
+        p: Prepared,
+        (asked, result, answered): CommitAnswer,
+    ) -> Result<(), UplinkError> {
+        let producer = &producers[p.lane];
+        if let Err(e) = result {
+            let timeout = Duration::from_secs(self.config.kafka.transaction_timeout_seconds);
+            let err = self.kafka_err("committing a transaction")(e);
+            return Err(self.on_lane(p.lane, self.abort_after(producer, err, timeout)));
+        }
+        if p.sent.batches > 0 {
+            // From the marker to the commit's answer, without the time an
+            // overlapped commit waited for the previous one.
+            let took =
+                p.flushed.duration_since(p.marker_sent) + answered.saturating_duration_since(asked);
+            self.stats
+                .kafka_transaction_micros
+                .fetch_add(took.as_micros() as u64, Relaxed);
+            self.stats.kafka_commit_latency.observe(took);
+            crate::fault::point("kafka_committed");
+            self.stats
+                .kafka_committed_batch
+                .store(p.sent.last_batch, Relaxed);
+            self.stats
+                .kafka_records_committed
+                .fetch_add(p.sent.records, Relaxed);
+            self.stats.kafka_transactions.fetch_add(1, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Opens a transaction on lane `lane` and sends it whole, but for the
+    /// commit: the batches after `after` (with `with_batches`; `None` and
+    /// no transaction when none waits) and the marker of the last one, or
+    /// the unchanged marker alone. Returns once Kafka acknowledged every
+    /// record. On failure the transaction is aborted.
+    fn prepare(
+        &self,
+        lane: usize,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        after: i64,
+        with_batches: bool,
+    ) -> Result<Option<Prepared>, UplinkError> {
+        self.prepare_inner(producer, after, with_batches)
+            .map(|sent| {
+                sent.map(|(sent, marker_sent, flushed)| Prepared {
+                    lane,
+                    sent,
+                    marker_sent,
+                    flushed,
+                })
+            })
+            .map_err(|e| self.on_lane(lane, e))
+    }
+
+    fn prepare_inner(
         &self,
         producer: &ThreadedProducer<DefaultProducerContext>,
-        committed: i64,
+        after: i64,
         with_batches: bool,
-    ) -> Result<Option<outbox::SentBatches>, UplinkError> {
+    ) -> Result<Option<(outbox::SentBatches, Instant, Instant)>, UplinkError> {
         let k = &self.config.kafka;
         let commit_timeout = Duration::from_secs(k.transaction_timeout_seconds);
         let begun = Cell::new(false);
@@ -402,7 +589,7 @@ impl KafkaUplink {
             let started = Instant::now();
             let sent = outbox::send_pending(
                 &self.conn,
-                committed,
+                after,
                 k.max_batches_per_transaction,
                 MAX_TRANSACTION_BYTES,
                 begin,
@@ -436,7 +623,7 @@ impl KafkaUplink {
         } else {
             begin()?;
             outbox::SentBatches {
-                last_batch: committed,
+                last_batch: after,
                 batches: 0,
                 records: 0,
                 bytes: 0,
@@ -448,37 +635,28 @@ impl KafkaUplink {
             committed_at: crate::pipeline::now_ms(),
         })
         .expect("serializing the marker cannot fail");
-        let committing = Instant::now();
-        let result = (|| {
-            send(
-                producer,
-                BaseRecord::to(&k.topic_offsets)
-                    .key(self.config.gateway_id.as_bytes())
-                    .payload(marker.as_slice()),
-            )?;
-            if crate::fault::hit("kafka_sent") {
-                // Make sure the records really sit in the open transaction.
-                let _ = producer.flush(commit_timeout);
-                crate::fault::crash("kafka_sent");
-            }
-            flush_deliveries(producer, commit_timeout);
-            producer.commit_transaction(commit_timeout)
-        })();
-        match result {
-            Ok(()) => {
-                if with_batches {
-                    add_micros(&self.stats.kafka_transaction_micros, committing);
-                    self.stats
-                        .kafka_commit_latency
-                        .observe(committing.elapsed());
-                }
-                Ok(Some(sent))
-            }
-            Err(e) => {
-                let err = self.kafka_err("committing a transaction")(e);
-                Err(self.abort_after(producer, err, commit_timeout))
-            }
+        let marker_sent = Instant::now();
+        let queued = send(
+            producer,
+            BaseRecord::to(&k.topic_offsets)
+                .key(self.config.gateway_id.as_bytes())
+                .payload(marker.as_slice()),
+        );
+        if let Err(e) = queued {
+            let err = self.kafka_err("queueing the transaction's marker")(e);
+            return Err(self.abort_after(producer, err, commit_timeout));
         }
+        if crate::fault::hit("kafka_sent") {
+            // Make sure the records really sit in the open transaction.
+            let _ = producer.flush(commit_timeout);
+            crate::fault::crash("kafka_sent");
+        }
+        // Every record acknowledged before the next transaction sends any:
+        // the two run on different producers, whose requests to a
+        // partition are not ordered otherwise. A delivery that failed
+        // fails the commit.
+        flush_deliveries(producer, commit_timeout);
+        Ok(Some((sent, marker_sent, Instant::now())))
     }
 
     /// After a failure inside an open transaction: aborts it, so its
@@ -721,6 +899,22 @@ impl rdkafka::ClientContext for QuietEof {
 }
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+/// Commits the transaction open on `producer`. Where `EDGE_FAULT` names
+/// this commit (`kafka_commit_refused:n`, every n-th commit; fault
+/// injection), aborts it instead
+/// and reports it failed, as when the coordinator refuses a commit.
+fn commit(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    timeout: Duration,
+) -> Result<(), KafkaError> {
+    if crate::fault::hit("kafka_commit_refused") {
+        warn!("fault injection: refusing the commit");
+        let _ = producer.abort_transaction(timeout);
+        return Err(KafkaError::Canceled);
+    }
+    producer.commit_transaction(timeout)
+}
 
 /// Queues a record, waiting while librdkafka's local queue is full.
 pub fn send<C: rdkafka::producer::ProducerContext + 'static, K, V>(
