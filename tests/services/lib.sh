@@ -42,6 +42,12 @@ EDGE_KAFKA_PORT=${EDGE_KAFKA_PORT:-29092}
 EDGE_KAFKA_CONTROLLER_PORT=${EDGE_KAFKA_CONTROLLER_PORT:-29093}
 # A TLS listener beside the plaintext one (certificate from data/tls/ca.pem).
 EDGE_KAFKA_SSL_PORT=${EDGE_KAFKA_SSL_PORT:-29094}
+# A listener for clients that reach the broker through a delaying proxy
+# (`edge-bench run --kafka-rtt-ms`, Kafka as far away as a cloud region):
+# the broker listens on the first port and advertises the second, where the
+# proxy listens. Without the proxy nothing uses it.
+EDGE_KAFKA_WAN_PORT=${EDGE_KAFKA_WAN_PORT:-29095}
+EDGE_KAFKA_WAN_PROXY_PORT=${EDGE_KAFKA_WAN_PROXY_PORT:-29096}
 EDGE_OPENSEARCH_PORT=${EDGE_OPENSEARCH_PORT:-29200}
 EDGE_OPENSEARCH_TRANSPORT_PORT=${EDGE_OPENSEARCH_TRANSPORT_PORT:-29300}
 

@@ -53,6 +53,9 @@ pub struct RunSpec {
     pub agent_bin: PathBuf,
     pub bridge_bin: PathBuf,
     pub out_dir: PathBuf,
+    /// Round trip added between the agent and Kafka (0: none), through a
+    /// [`crate::delay_proxy`] on the broker's `WAN` listener.
+    pub kafka_rtt: Duration,
 }
 
 /// Latency percentiles in milliseconds.
@@ -106,6 +109,8 @@ pub struct RunResult {
     pub feed: String,
     pub target_rate: f64,
     pub devices: usize,
+    /// Round trip added between the agent and Kafka.
+    pub kafka_rtt_ms: u64,
     pub seconds: f64,
     pub sent: u64,
     pub accepted: u64,
@@ -237,7 +242,7 @@ impl RunResult {
     pub fn json(&self) -> Value {
         json!({
             "name": self.name, "feed": self.feed, "target_rate": self.target_rate,
-            "devices": self.devices, "seconds": self.seconds,
+            "devices": self.devices, "kafka_rtt_ms": self.kafka_rtt_ms, "seconds": self.seconds,
             "sent": self.sent, "accepted": self.accepted, "committed": self.committed, "stored": self.stored,
             "accepted_per_s": self.accepted_per_s.round(), "committed_per_s": self.committed_per_s.round(),
             "stored_per_s": self.stored_per_s.round(),
@@ -495,6 +500,26 @@ async fn run_inner(
     let dir = tempfile::tempdir()?;
     let listen = format!("127.0.0.1:{}", free_port()?);
     let (mqtt_host, mqtt_port) = mqtt_addr();
+    // Only the agent goes through the proxy: the bridge and the measuring
+    // consumer stay next to Kafka, as in a cloud region.
+    let _proxy;
+    let agent_brokers = if spec.kafka_rtt.is_zero() {
+        kafka_brokers()
+    } else {
+        let env = |key: &str, default: &str| std::env::var(key).unwrap_or_else(|_| default.into());
+        let upstream = env("EDGE_TEST_KAFKA_WAN", "127.0.0.1:29095");
+        let listen = env("EDGE_TEST_KAFKA_WAN_PROXY", "127.0.0.1:29096");
+        let proxy = crate::delay_proxy::start(&listen, upstream.clone(), spec.kafka_rtt / 2)
+            .await
+            .with_context(|| {
+                format!(
+                    "starting the delay proxy to Kafka's WAN listener {upstream} (restart the services with tests/services/up if it has none)"
+                )
+            })?;
+        let addr = proxy.addr.to_string();
+        _proxy = proxy;
+        addr
+    };
     let source = match spec.feed {
         Feed::Mqtt => format!(
             "[sources.mqtt]\nhost = \"{mqtt_host}\"\nport = {mqtt_port}\nclient_id = \"agent-{sfx}\"\n\
@@ -521,7 +546,7 @@ async fn run_inner(
          [kafka]\nbrokers = \"{}\"\ntopic_data = \"{}\"\ntopic_dlq = \"{}\"\ntopic_alerts = \"{}\"\n\
          topic_offsets = \"{}\"\n{kafka_extra}[progress]\ninterval_seconds = 0\n",
         dir.path().join("data").display(),
-        kafka_brokers(),
+        agent_brokers,
         topics[0],
         topics[1],
         topics[2],
@@ -816,6 +841,7 @@ async fn run_inner(
         },
         target_rate: spec.rate,
         devices: spec.devices,
+        kafka_rtt_ms: spec.kafka_rtt.as_millis() as u64,
         seconds,
         sent: if spec.feed == Feed::Mqtt {
             sent_total

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 pub mod bench;
+pub mod delay_proxy;
 pub mod fleet;
 pub mod sim;
 pub mod sinkbench;

@@ -62,6 +62,12 @@ enum Cmd {
         connections: usize,
         #[arg(long, default_value = "run")]
         name: String,
+        /// Milliseconds of round trip added between the agent and Kafka
+        /// (half each way, through a proxy on the broker's WAN listener),
+        /// as for a broker in a cloud region. The bridge and the measuring
+        /// consumer connect directly.
+        #[arg(long, default_value_t = 0)]
+        kafka_rtt_ms: u64,
     },
     /// Reference point: a transactional Kafka producer alone.
     KafkaAlone {
@@ -219,6 +225,7 @@ fn main() -> ExitCode {
             agent_bin: agent_bin.clone(),
             bridge_bin: bridge_bin.clone(),
             out_dir: cli.out.clone(),
+            kafka_rtt: Duration::ZERO,
         };
     let result = runtime.block_on(async {
         match &cli.command {
@@ -230,20 +237,24 @@ fn main() -> ExitCode {
                 bridge,
                 connections,
                 name,
+                kafka_rtt_ms,
             } => {
                 let feed = match feed {
                     FeedArg::Mqtt => Feed::Mqtt,
                     FeedArg::Direct => Feed::Direct,
                 };
-                let r = bench::run(&spec(
-                    name,
-                    feed,
-                    *rate,
-                    *devices,
-                    *duration,
-                    *bridge,
-                    *connections,
-                ))
+                let r = bench::run(&RunSpec {
+                    kafka_rtt: Duration::from_millis(*kafka_rtt_ms),
+                    ..spec(
+                        name,
+                        feed,
+                        *rate,
+                        *devices,
+                        *duration,
+                        *bridge,
+                        *connections,
+                    )
+                })
                 .await?;
                 println!("{}", summary_row(&r));
                 Ok(())
