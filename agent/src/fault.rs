@@ -15,12 +15,12 @@
 //!   trimmed yet.
 //!
 //! One point does not crash: at `kafka_commit_refused` every n-th commit
-//! is aborted instead and reported failed, as when the coordinator refuses
-//! it.
+//! is reported failed instead of being made, as when the coordinator
+//! refuses it; the uplink then aborts the transaction.
 //!
 //! Without the feature every function here is an empty inline function.
 
-/// Every crash point, for the tests and for checking `EDGE_FAULT`.
+/// Every fault point, for the tests and for checking `EDGE_FAULT`.
 pub const POINTS: [&str; 4] = [
     "outbox_committed",
     "kafka_sent",
@@ -85,7 +85,7 @@ mod armed {
 /// The point that fires at every n-th occurrence, not only the n-th.
 pub const REPEATING: &str = "kafka_commit_refused";
 
-/// True when this is the occurrence of `point` that `EDGE_FAULT` names.
+/// True when this is an occurrence of `point` that `EDGE_FAULT` names.
 #[cfg(feature = "fault-injection")]
 pub fn hit(point: &str) -> bool {
     armed::hit(point)

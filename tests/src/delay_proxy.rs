@@ -17,7 +17,8 @@ use tokio::time::Instant;
 /// reader back, as a full network path would.
 const QUEUED_CHUNKS: usize = 4096;
 
-/// A running proxy; stops when dropped.
+/// A running proxy. Dropped, it stops taking connections; open ones end
+/// when either side closes them (the agent's, when the run stops it).
 pub struct DelayProxy {
     pub addr: SocketAddr,
     task: JoinHandle<()>,
@@ -42,8 +43,12 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
-            let Ok((client, _)) = listener.accept().await else {
-                continue;
+            let client = match listener.accept().await {
+                Ok((client, _)) => client,
+                Err(e) => {
+                    eprintln!("delay proxy: stops accepting connections: {e}");
+                    return;
+                }
             };
             let upstream = upstream.clone();
             tokio::spawn(async move {

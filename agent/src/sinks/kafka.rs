@@ -103,7 +103,12 @@ impl Committer {
             .spawn_scoped(scope, move || {
                 for lane in lanes {
                     let asked = Instant::now();
-                    let result = commit(&producers[lane], timeout);
+                    // A panic in librdkafka's binding must reach the
+                    // uplink as a failed commit, not end this thread.
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        commit(&producers[lane], timeout)
+                    }))
+                    .unwrap_or(Err(KafkaError::Canceled));
                     if answer.send((asked, result, Instant::now())).is_err() {
                         break;
                     }
@@ -121,7 +126,9 @@ impl Committer {
     /// Waits for the answer to the oldest commit asked for.
     fn answer(&self) -> CommitAnswer {
         self.answers.recv().unwrap_or_else(|_| {
-            error!("the Kafka committer thread ended; the commit's outcome is left to the marker");
+            error!(
+                "the Kafka committer thread is gone; the commit's outcome is left to the marker"
+            );
             let now = Instant::now();
             (now, Err(KafkaError::Canceled), now)
         })
@@ -181,9 +188,10 @@ pub struct KafkaUplink {
     signals: Arc<OutboxSignals>,
     rt: Handle,
     stop: watch::Receiver<bool>,
-    /// Whether the current session got up: a failure after that retries
-    /// with the shortest backoff again.
-    went_up: bool,
+    /// Whether the current session committed batches to Kafka: a failure
+    /// after that retries with the shortest backoff again (a failure that
+    /// recurs before any commit keeps backing off).
+    went_up: Cell<bool>,
 }
 
 impl KafkaUplink {
@@ -202,7 +210,7 @@ impl KafkaUplink {
             signals,
             rt,
             stop,
-            went_up: false,
+            went_up: Cell::new(false),
         }
     }
 
@@ -218,7 +226,7 @@ impl KafkaUplink {
         let mut backoff = min_backoff;
         while !self.stopping() {
             self.stats.set_uplink(UplinkState::Connecting);
-            self.went_up = false;
+            self.went_up.set(false);
             match self.session() {
                 Ok(()) => break,
                 Err(
@@ -239,7 +247,7 @@ impl KafkaUplink {
                 // failure, nothing to report or retry.
                 Err(UplinkError::Stopping) => break,
                 Err(e) => {
-                    if self.went_up {
+                    if self.went_up.get() {
                         backoff = min_backoff;
                     }
                     self.stats.uplink_failures.fetch_add(1, Relaxed);
@@ -358,7 +366,6 @@ impl KafkaUplink {
         self.trim(committed)?;
         self.stats.kafka_committed_batch.store(committed, Relaxed);
         self.stats.set_uplink(UplinkState::Up);
-        self.went_up = true;
         info!(brokers = %k.brokers, marker = committed, "Kafka uplink up");
 
         // Trimming (one SQLite write transaction with its fsync, and the
@@ -410,17 +417,37 @@ impl KafkaUplink {
                 if let (Some(f), Some(c)) = (in_flight.take(), committer.as_ref()) {
                     // The next transaction may commit only if this one did.
                     if let Err(e) = self.settle(producers, f, c.answer()) {
-                        if let Ok(Some(p)) = prepared {
-                            warn!(
-                                lane = p.lane,
-                                "a commit failed: aborting the transaction that was sent after it"
-                            );
-                            if let Err(abort) = producers[p.lane].abort_transaction(commit_timeout)
-                            {
-                                warn!(error = %abort, "aborting it failed; a new producer session will fence it");
+                        let next = match prepared {
+                            Ok(Some(p)) => {
+                                warn!(
+                                    lane = p.lane,
+                                    "a commit failed: aborting the transaction that was sent after it"
+                                );
+                                let why = UplinkError::Marker {
+                                    topic: k.topic_offsets.clone(),
+                                    what: "the previous transaction's commit failed".into(),
+                                };
+                                let after =
+                                    self.abort_after(&producers[p.lane], why, commit_timeout);
+                                Some(self.on_lane(p.lane, after))
                             }
-                        }
-                        return Err(e);
+                            Ok(None) => None,
+                            Err(next) => Some(next),
+                        };
+                        // Losing the gateway (fenced on lane 0) outranks
+                        // the commit's own failure: the session must stop,
+                        // not start over and fence the newer instance.
+                        return Err(match next {
+                            Some(next @ UplinkError::Fenced { .. }) => {
+                                warn!(commit_error = %e, "and this agent was fenced meanwhile");
+                                next
+                            }
+                            Some(next) => {
+                                debug!(error = %next, "the transaction sent after the failed commit ended too");
+                                e
+                            }
+                            None => e,
+                        });
                     }
                     committed = f.sent.last_batch;
                 }
@@ -442,6 +469,9 @@ impl KafkaUplink {
                                 self.commit_now(producers, p)?;
                             }
                         }
+                        // Lane 0 committed longest ago: its markers are
+                        // written by now.
+                        next_lane = 0;
                         last_commit = Instant::now();
                         continue;
                     }
@@ -541,6 +571,7 @@ impl KafkaUplink {
                 .kafka_records_committed
                 .fetch_add(p.sent.records, Relaxed);
             self.stats.kafka_transactions.fetch_add(1, Relaxed);
+            self.went_up.set(true);
         }
         Ok(())
     }
@@ -654,8 +685,13 @@ impl KafkaUplink {
         // Every record acknowledged before the next transaction sends any:
         // the two run on different producers, whose requests to a
         // partition are not ordered otherwise. A delivery that failed
-        // fails the commit.
-        flush_deliveries(producer, commit_timeout);
+        // fails the commit; one still in flight fails the transaction here.
+        if !flush_deliveries(producer, commit_timeout) {
+            let err = self.kafka_err("Kafka did not acknowledge the transaction's records in time")(
+                KafkaError::Flush(RDKafkaErrorCode::OperationTimedOut),
+            );
+            return Err(self.abort_after(producer, err, commit_timeout));
+        }
         Ok(Some((sent, marker_sent, Instant::now())))
     }
 
@@ -902,15 +938,14 @@ impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
 /// Commits the transaction open on `producer`. Where `EDGE_FAULT` names
 /// this commit (`kafka_commit_refused:n`, every n-th commit; fault
-/// injection), aborts it instead
-/// and reports it failed, as when the coordinator refuses a commit.
+/// injection), reports it failed instead, as when the coordinator refuses
+/// a commit; the caller then aborts the transaction.
 fn commit(
     producer: &ThreadedProducer<DefaultProducerContext>,
     timeout: Duration,
 ) -> Result<(), KafkaError> {
     if crate::fault::hit("kafka_commit_refused") {
         warn!("fault injection: refusing the commit");
-        let _ = producer.abort_transaction(timeout);
         return Err(KafkaError::Canceled);
     }
     producer.commit_transaction(timeout)
@@ -947,12 +982,12 @@ where
 /// commit waited the full 100 ms. librdkafka's own flush is used instead:
 /// while it runs, the broker threads treat `linger.ms` as over, so the last
 /// records of a transaction do not wait out the linger (waiting for the
-/// in-flight count alone did, and every transaction paid it). Past `limit`
-/// the commit itself reports what is stuck.
+/// in-flight count alone did, and every transaction paid it). Returns
+/// whether every message was delivered (or failed) within `limit`.
 pub fn flush_deliveries<C: rdkafka::producer::ProducerContext + 'static>(
     producer: &ThreadedProducer<C>,
     limit: Duration,
-) {
+) -> bool {
     let ms = i32::try_from(limit.as_millis()).unwrap_or(i32::MAX);
     // SAFETY: the pointer is the producer's live librdkafka handle, which
     // `producer` keeps alive for the whole call, and rd_kafka_flush may be
@@ -960,9 +995,8 @@ pub fn flush_deliveries<C: rdkafka::producer::ProducerContext + 'static>(
     // so this flush serves no callbacks here: it waits until the message
     // count is zero while the producer's own thread serves the delivery
     // reports.
-    unsafe {
-        rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms);
-    }
+    let err = unsafe { rdkafka::bindings::rd_kafka_flush(producer.client().native_ptr(), ms) };
+    err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
 }
 
 fn add_micros(counter: &std::sync::atomic::AtomicU64, since: Instant) {
