@@ -168,6 +168,10 @@ pub enum UplinkError {
     /// The agent is stopping: the session ends without being done.
     #[error("the agent is stopping")]
     Stopping,
+    /// An overlapping transaction, aborted because the one before it failed
+    /// to commit (never the error a session ends with, unless fenced).
+    #[error("aborted with the transaction before it, whose commit failed")]
+    AbortedWithPrevious,
     #[error(transparent)]
     Outbox(#[from] OutboxError),
 }
@@ -423,12 +427,11 @@ impl KafkaUplink {
                                     lane = p.lane,
                                     "a commit failed: aborting the transaction that was sent after it"
                                 );
-                                let why = UplinkError::Marker {
-                                    topic: k.topic_offsets.clone(),
-                                    what: "the previous transaction's commit failed".into(),
-                                };
-                                let after =
-                                    self.abort_after(&producers[p.lane], why, commit_timeout);
+                                let after = self.abort_after(
+                                    &producers[p.lane],
+                                    UplinkError::AbortedWithPrevious,
+                                    commit_timeout,
+                                );
                                 Some(self.on_lane(p.lane, after))
                             }
                             Ok(None) => None,
