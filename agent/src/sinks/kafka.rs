@@ -68,7 +68,7 @@ const OWNERSHIP_CHECK: Duration = Duration::from_secs(10);
 /// one's records go out while the previous one commits. With two, the next
 /// transaction would reuse the committing one's id before its markers are
 /// written, and wait librdkafka's fixed 20 ms retry.
-pub const OVERLAP_LANES: usize = 3;
+const OVERLAP_LANES: usize = 3;
 
 /// A transaction whose records Kafka acknowledged, ready to commit.
 #[derive(Debug, Clone, Copy)]
@@ -591,24 +591,17 @@ impl KafkaUplink {
         after: i64,
         with_batches: bool,
     ) -> Result<Option<Prepared>, UplinkError> {
-        self.prepare_inner(producer, after, with_batches)
-            .map(|sent| {
-                sent.map(|(sent, marker_sent, flushed)| Prepared {
-                    lane,
-                    sent,
-                    marker_sent,
-                    flushed,
-                })
-            })
+        self.prepare_inner(lane, producer, after, with_batches)
             .map_err(|e| self.on_lane(lane, e))
     }
 
     fn prepare_inner(
         &self,
+        lane: usize,
         producer: &ThreadedProducer<DefaultProducerContext>,
         after: i64,
         with_batches: bool,
-    ) -> Result<Option<(outbox::SentBatches, Instant, Instant)>, UplinkError> {
+    ) -> Result<Option<Prepared>, UplinkError> {
         let k = &self.config.kafka;
         let commit_timeout = Duration::from_secs(k.transaction_timeout_seconds);
         let begun = Cell::new(false);
@@ -695,7 +688,12 @@ impl KafkaUplink {
             );
             return Err(self.abort_after(producer, err, commit_timeout));
         }
-        Ok(Some((sent, marker_sent, Instant::now())))
+        Ok(Some(Prepared {
+            lane,
+            sent,
+            marker_sent,
+            flushed: Instant::now(),
+        }))
     }
 
     /// After a failure inside an open transaction: aborts it, so its
