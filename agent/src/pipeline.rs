@@ -221,6 +221,9 @@ impl BatchWriter {
             let mut records = first.records();
             batch.push(first);
             let deadline = Instant::now() + linger;
+            // Set once the batch waits for more: the uplink may then call
+            // for it (see `LingerCall`).
+            let mut lingering = None;
             while records < max_records && bytes < max_bytes {
                 let env = match rx.try_recv() {
                     Ok(env) => env,
@@ -229,11 +232,28 @@ impl BatchWriter {
                         if now >= deadline {
                             break;
                         }
+                        let mark = match lingering {
+                            Some(mark) => mark,
+                            None => match self.signals.linger.begin() {
+                                Some(mark) => *lingering.insert(mark),
+                                None => break,
+                            },
+                        };
+                        if self.signals.linger.called_since(mark) {
+                            break;
+                        }
+                        let call = &self.signals.linger;
                         match rt.block_on(async {
-                            tokio::time::timeout(deadline - now, rx.recv()).await
+                            tokio::select! {
+                                got = tokio::time::timeout(deadline - now, rx.recv()) => Some(got),
+                                () = call.called() => None,
+                            }
                         }) {
-                            Ok(Some(env)) => env,
-                            Ok(None) | Err(_) => break,
+                            Some(Ok(Some(env))) => env,
+                            Some(Ok(None) | Err(_)) => break,
+                            // Called, perhaps for an earlier batch: checked
+                            // above.
+                            None => continue,
                         }
                     }
                 };
@@ -244,6 +264,9 @@ impl BatchWriter {
                 bytes += env.size_hint();
                 records += env.records();
                 batch.push(env);
+            }
+            if lingering.is_some() {
+                self.signals.linger.end();
             }
             if !self.commit(&mut batch, records, &stop) {
                 return;
@@ -582,6 +605,110 @@ mod tests {
         }
     }
 
+    /// A batch writer on its own thread, as the agent runs it.
+    struct Writer {
+        tx: mpsc::Sender<Envelope>,
+        stats: Arc<Stats>,
+        signals: Arc<OutboxSignals>,
+        thread: std::thread::JoinHandle<()>,
+        _stop: watch::Sender<bool>,
+        // Drives the writer's timers.
+        _rt: tokio::runtime::Runtime,
+    }
+
+    impl Writer {
+        fn start(config: &Config) -> Self {
+            let outbox = crate::open_outbox(config).expect("the outbox opens");
+            let stats = Arc::new(Stats::default());
+            let signals = Arc::new(OutboxSignals::default());
+            let writer = BatchWriter::new(
+                config,
+                outbox,
+                stats.clone(),
+                signals.clone(),
+                AckRouter::default(),
+            );
+            // The writer blocks on the runtime's handle from its own thread:
+            // only a multi-thread runtime drives the linger's timer then.
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let (tx, rx) = mpsc::channel(4);
+            let (stop, stop_rx) = watch::channel(false);
+            let handle = rt.handle().clone();
+            let thread = std::thread::spawn(move || writer.run(handle, rx, stop_rx));
+            Self {
+                tx,
+                stats,
+                signals,
+                thread,
+                _stop: stop,
+                _rt: rt,
+            }
+        }
+    }
+
+    fn linger_config(dir: &std::path::Path, linger_ms: u64) -> Config {
+        let text = format!(
+            "gateway_id = \"gw-linger\"\ndata_dir = \"{}\"\n[sources.demo]\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
+             [outbox]\nbatch_linger_ms = {linger_ms}\n",
+            dir.display()
+        );
+        Config::from_toml(&text, "test.toml").expect("a valid config")
+    }
+
+    /// The uplink calls for a batch that lingers: it goes at once, long
+    /// before its linger of a second is over.
+    #[test]
+    fn a_lingering_batch_goes_when_the_uplink_calls() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let w = Writer::start(&linger_config(dir.path(), 1000));
+        let sent = Instant::now();
+        w.tx.try_send(reading(1)).expect("room in the queue");
+        wait_until("the batch to linger", || w.signals.linger.call());
+        wait_until("the batch", || w.stats.valid.load(Relaxed) >= 1);
+        let took = sent.elapsed();
+        assert!(
+            took < Duration::from_millis(900),
+            "the called batch went after {took:?}, as if its linger had run out"
+        );
+        // Not called, the next one lingers on its own.
+        w.tx.try_send(reading(2)).expect("room in the queue");
+        wait_until("the second batch", || w.stats.valid.load(Relaxed) >= 2);
+        drop(w.tx);
+        w.thread
+            .join()
+            .expect("the writer ends when its queue closes");
+        assert_eq!(w.stats.batches_written.load(Relaxed), 2);
+    }
+
+    /// While the uplink waits for data, a batch does not linger at all; one
+    /// lingering when it starts waiting goes.
+    #[test]
+    fn batches_do_not_linger_while_the_uplink_waits() {
+        let dir = tempfile::tempdir().expect("a temporary folder");
+        let w = Writer::start(&linger_config(dir.path(), 1000));
+        let sent = Instant::now();
+        w.tx.try_send(reading(1)).expect("room in the queue");
+        wait_until("the batch to linger", || w.signals.linger.is_lingering());
+        w.signals.linger.set_uplink_waiting(true);
+        wait_until("the first batch", || w.stats.valid.load(Relaxed) >= 1);
+        w.tx.try_send(reading(2)).expect("room in the queue");
+        wait_until("the second batch", || w.stats.valid.load(Relaxed) >= 2);
+        let took = sent.elapsed();
+        assert!(
+            took < Duration::from_millis(900),
+            "both batches went after {took:?}: at least one lingered"
+        );
+        assert_eq!(w.stats.batches_written.load(Relaxed), 2);
+        drop(w.tx);
+        w.thread
+            .join()
+            .expect("the writer ends when its queue closes");
+    }
+
     fn reading(seq: u64) -> Envelope {
         let payload = format!(
             r#"{{"device_id":"dev-1","seq":{seq},"ts":{},"temperature":20.0,"humidity":40.0,"battery":90.0,"lat":52.5,"lon":13.4,"speed":1.0}}"#,
@@ -599,12 +726,7 @@ mod tests {
     #[test]
     fn a_lingering_batch_takes_what_arrives_and_then_goes_alone() {
         let dir = tempfile::tempdir().expect("a temporary folder");
-        let text = format!(
-            "gateway_id = \"gw-linger\"\ndata_dir = \"{}\"\n[sources.demo]\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
-             [outbox]\nbatch_linger_ms = 1000\n",
-            dir.path().display()
-        );
-        let config = Config::from_toml(&text, "test.toml").expect("a valid config");
+        let config = linger_config(dir.path(), 1000);
         assert_eq!(
             Config::from_toml(
                 &format!(
@@ -619,27 +741,8 @@ mod tests {
             2,
             "the default linger"
         );
-        let outbox = crate::open_outbox(&config).expect("the outbox opens");
-        let stats = Arc::new(Stats::default());
-        let writer = BatchWriter::new(
-            &config,
-            outbox,
-            stats.clone(),
-            Arc::new(OutboxSignals::default()),
-            AckRouter::default(),
-        );
-        // The writer blocks on the runtime's handle from its own thread:
-        // only a multi-thread runtime drives the linger's timer then.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .expect("a runtime");
-        let (tx, rx) = mpsc::channel(4);
-        let (_stop_tx, stop_rx) = watch::channel(false);
-        let handle = rt.handle().clone();
-        let thread = std::thread::spawn(move || writer.run(handle, rx, stop_rx));
-
+        let w = Writer::start(&config);
+        let (tx, stats) = (&w.tx, &w.stats);
         tx.try_send(reading(1)).expect("room in the queue");
         // The writer took the first reading and lingers for 1 s. The second
         // comes 100 ms later (the arrival pattern under test, not a wait for
@@ -654,8 +757,9 @@ mod tests {
         // Nothing follows the third: it goes alone once the linger is over.
         tx.try_send(reading(3)).expect("room in the queue");
         wait_until("the third reading", || stats.valid.load(Relaxed) >= 3);
-        drop(tx);
-        thread
+        let stats = w.stats.clone();
+        drop(w.tx);
+        w.thread
             .join()
             .expect("the writer ends when its queue closes");
         // Two batches: the first two readings, then the third.

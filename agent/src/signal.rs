@@ -1,5 +1,6 @@
 //! Wake-ups between the batch writer and the uplink thread.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -100,6 +101,79 @@ impl Drop for TurnClaim<'_> {
     }
 }
 
+/// The uplink's call for the batch that lingers.
+///
+/// A batch lingers (`outbox.batch_linger_ms`) to take more readings into one
+/// commit. Once the uplink starts its next transaction, or has nothing to
+/// send, lingering on only makes those readings miss it and wait a whole
+/// transaction more. So the uplink calls, and the batch writer commits the
+/// batch at once.
+#[derive(Debug, Default)]
+pub struct LingerCall {
+    /// A batch with readings in it lingers now.
+    lingering: AtomicBool,
+    /// The uplink waits for data: batches go without lingering.
+    uplink_waiting: AtomicBool,
+    /// Calls so far; a batch that began lingering before the count moved
+    /// was called.
+    calls: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl LingerCall {
+    /// Calls for the lingering batch; whether one lingered.
+    pub fn call(&self) -> bool {
+        if !self.lingering.load(SeqCst) {
+            return false;
+        }
+        self.calls.fetch_add(1, SeqCst);
+        self.notify.notify_one();
+        true
+    }
+
+    /// The uplink starts or stops waiting for data. While it waits, batches
+    /// do not linger, and one lingering when it starts is called.
+    pub fn set_uplink_waiting(&self, waiting: bool) {
+        self.uplink_waiting.store(waiting, SeqCst);
+        if waiting {
+            self.call();
+        }
+    }
+
+    /// The batch writer begins to linger. `None`: do not, the uplink waits
+    /// for data. `Some(mark)` for [`called_since`](Self::called_since).
+    pub fn begin(&self) -> Option<u64> {
+        self.lingering.store(true, SeqCst);
+        let mark = self.calls.load(SeqCst);
+        if self.uplink_waiting.load(SeqCst) {
+            self.lingering.store(false, SeqCst);
+            return None;
+        }
+        Some(mark)
+    }
+
+    /// The lingering batch goes (called or not).
+    pub fn end(&self) {
+        self.lingering.store(false, SeqCst);
+    }
+
+    /// Whether the uplink called since `mark`, or started waiting for data.
+    pub fn called_since(&self, mark: u64) -> bool {
+        self.calls.load(SeqCst) != mark || self.uplink_waiting.load(SeqCst)
+    }
+
+    #[cfg(test)]
+    pub fn is_lingering(&self) -> bool {
+        self.lingering.load(SeqCst)
+    }
+
+    /// Resolves at a call (possibly one made before, for an earlier batch:
+    /// check [`called_since`](Self::called_since)).
+    pub async fn called(&self) {
+        self.notify.notified().await
+    }
+}
+
 /// Signals around the outbox.
 #[derive(Debug, Default)]
 pub struct OutboxSignals {
@@ -110,6 +184,8 @@ pub struct OutboxSignals {
     /// The uplink's trims and the cloud sync's registry updates claim the
     /// write lock's next turn here.
     pub write_turn: WriteTurn,
+    /// The uplink calls for the batch that lingers here.
+    pub linger: LingerCall,
 }
 
 #[cfg(test)]
@@ -126,6 +202,30 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "{failure}");
             std::thread::yield_now();
         }
+    }
+
+    #[test]
+    fn a_call_reaches_only_a_lingering_batch() {
+        let call = LingerCall::default();
+        assert!(!call.call(), "nothing lingers");
+        let mark = call.begin().expect("the uplink does not wait");
+        assert!(!call.called_since(mark));
+        assert!(call.call(), "a batch lingers");
+        assert!(call.called_since(mark));
+        call.end();
+        assert!(!call.call(), "the batch went");
+        // A call for an earlier batch does not reach the next one.
+        let mark = call.begin().expect("the uplink does not wait");
+        assert!(!call.called_since(mark));
+        // The uplink waits for data: that one goes, and the next does not
+        // linger.
+        call.set_uplink_waiting(true);
+        assert!(call.called_since(mark));
+        call.end();
+        assert_eq!(call.begin(), None);
+        assert!(!call.is_lingering());
+        call.set_uplink_waiting(false);
+        assert!(call.begin().is_some());
     }
 
     #[test]

@@ -64,6 +64,10 @@ const TRIM_INTERVAL: Duration = Duration::from_millis(250);
 /// to send learns it and stops, instead of reporting itself up.
 const OWNERSHIP_CHECK: Duration = Duration::from_secs(10);
 
+/// Longest the uplink waits for a lingering batch it called for to be
+/// committed (a batch's commit with its sync takes about a millisecond).
+const LINGER_CALL_WAIT: Duration = Duration::from_millis(5);
+
 /// With this many `kafka.transaction_lanes`, transactions overlap: the next
 /// one's records go out while the previous one commits. With two, the next
 /// transaction would reuse the committing one's id before its markers are
@@ -415,6 +419,13 @@ impl KafkaUplink {
                     }
                     return Ok(());
                 }
+                let before = self.signals.new_batch.current();
+                if self.signals.linger.call() {
+                    // A batch lingers: its commit is quick, and without it
+                    // its readings would wait for the transaction after
+                    // this one.
+                    self.signals.new_batch.wait_past(before, LINGER_CALL_WAIT);
+                }
                 let seen = self.signals.new_batch.current();
                 let after = in_flight.map_or(committed, |f| f.sent.last_batch);
                 let prepared = self.prepare(next_lane, &producers[next_lane], after, true);
@@ -478,9 +489,13 @@ impl KafkaUplink {
                         last_commit = Instant::now();
                         continue;
                     }
+                    // Nothing to send: a reading that comes now goes
+                    // without lingering.
+                    self.signals.linger.set_uplink_waiting(true);
                     self.signals
                         .new_batch
                         .wait_past(seen, Duration::from_millis(250));
+                    self.signals.linger.set_uplink_waiting(false);
                     continue;
                 };
                 next_lane = (next_lane + 1) % producers.len();
