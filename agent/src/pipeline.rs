@@ -265,10 +265,12 @@ impl BatchWriter {
                 records += env.records();
                 batch.push(env);
             }
+            let committed = self.commit(&mut batch, records, &stop);
+            // Only now: an uplink that calls during the commit waits for it.
             if lingering.is_some() {
                 self.signals.linger.end();
             }
-            if !self.commit(&mut batch, records, &stop) {
+            if !committed {
                 return;
             }
         }

@@ -110,7 +110,8 @@ impl Drop for TurnClaim<'_> {
 /// batch at once.
 #[derive(Debug, Default)]
 pub struct LingerCall {
-    /// A batch with readings in it lingers now.
+    /// A batch with readings in it lingers now, or is being committed
+    /// after it lingered.
     lingering: AtomicBool,
     /// The uplink waits for data: batches go without lingering.
     uplink_waiting: AtomicBool,
@@ -152,7 +153,7 @@ impl LingerCall {
         Some(mark)
     }
 
-    /// The lingering batch goes (called or not).
+    /// The batch that lingered is committed (called or not).
     pub fn end(&self) {
         self.lingering.store(false, SeqCst);
     }

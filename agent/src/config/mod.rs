@@ -573,10 +573,12 @@ pub struct OutboxConfig {
     /// Longest a batch waits for more readings before it is committed (it
     /// goes at once when full). 0 means group commit only: a batch holds
     /// what arrived while the previous one was being written. The default,
-    /// 2 ms, costs about that much latency and saves most commits (and
-    /// their syncs) under steady light load, which on a gateway that also
-    /// runs the MQTT broker leaves the broker its CPU (see the README's
-    /// performance section).
+    /// 2 ms, saves most commits (and their syncs) under steady light load,
+    /// which on a gateway that also runs the MQTT broker leaves the broker
+    /// its CPU (see the README's performance section). The linger ends
+    /// early when the Kafka uplink starts its next transaction, and
+    /// batches do not linger while the uplink has nothing to send: waiting
+    /// on would only make the readings miss a transaction.
     #[serde(default = "default_batch_linger_ms")]
     pub batch_linger_ms: u64,
     /// Bound on the outbox size (records not yet committed to Kafka).
