@@ -265,12 +265,11 @@ impl BatchWriter {
                 records += env.records();
                 batch.push(env);
             }
-            let committed = self.commit(&mut batch, records, &stop);
-            // Only now: an uplink that calls during the commit waits for it.
-            if lingering.is_some() {
+            // A batch that lingered stays marked until it is durable (or
+            // its write fails): an uplink that calls during its commit
+            // waits for it.
+            if !self.commit(&mut batch, records, &stop) {
                 self.signals.linger.end();
-            }
-            if !committed {
                 return;
             }
         }
@@ -418,9 +417,13 @@ impl BatchWriter {
                 Ok(outcome) => {
                     self.stats.outbox_commit_latency.observe(writing.elapsed());
                     crate::fault::point("outbox_committed");
+                    // Durable: an uplink waiting for this batch may take it.
+                    self.signals.linger.end();
                     break outcome;
                 }
                 Err(e) => {
+                    // Not while this retries: the uplink need not wait.
+                    self.signals.linger.end();
                     error!(
                         error = %e,
                         "cannot write to the outbox; input is held back and not acknowledged. \

@@ -119,6 +119,8 @@ pub struct LingerCall {
     /// was called.
     calls: AtomicU64,
     notify: tokio::sync::Notify,
+    /// Bumped when a batch that lingered is durable (or its write failed).
+    ended: Generation,
 }
 
 impl LingerCall {
@@ -144,8 +146,9 @@ impl LingerCall {
     /// The batch writer begins to linger. `None`: do not, the uplink waits
     /// for data. `Some(mark)` for [`called_since`](Self::called_since).
     pub fn begin(&self) -> Option<u64> {
-        self.lingering.store(true, SeqCst);
+        // The mark first: a call that sees the flag set comes after it.
         let mark = self.calls.load(SeqCst);
+        self.lingering.store(true, SeqCst);
         if self.uplink_waiting.load(SeqCst) {
             self.lingering.store(false, SeqCst);
             return None;
@@ -153,9 +156,28 @@ impl LingerCall {
         Some(mark)
     }
 
-    /// The batch that lingered is committed (called or not).
+    /// The batch that lingered is durable, or its write failed (called or
+    /// not). Nothing happens if no batch lingered.
     pub fn end(&self) {
-        self.lingering.store(false, SeqCst);
+        if self.lingering.swap(false, SeqCst) {
+            self.ended.bump();
+        }
+    }
+
+    /// Where the batches that lingered stand, for [`call_and_wait`](Self::call_and_wait).
+    pub fn ended(&self) -> u64 {
+        self.ended.current()
+    }
+
+    /// Calls for the lingering batch and waits, at most `timeout`, until a
+    /// batch that lingered ended since `seen` (taken before). Whether one
+    /// lingered.
+    pub fn call_and_wait(&self, seen: u64, timeout: Duration) -> bool {
+        if !self.call() {
+            return false;
+        }
+        self.ended.wait_past(seen, timeout);
+        true
     }
 
     /// Whether the uplink called since `mark`, or started waiting for data.
@@ -227,6 +249,35 @@ mod tests {
         assert!(!call.is_lingering());
         call.set_uplink_waiting(false);
         assert!(call.begin().is_some());
+        // Only a batch that lingered ends: one that did not moves nothing.
+        let seen = call.ended();
+        call.end();
+        assert_eq!(call.ended(), seen + 1);
+        call.end();
+        assert_eq!(call.ended(), seen + 1);
+    }
+
+    /// The uplink's wait ends when the batch it called for is durable.
+    #[test]
+    fn the_uplink_waits_until_the_called_batch_ended() {
+        let call = Arc::new(LingerCall::default());
+        let mark = call.begin().expect("the uplink does not wait");
+        let writer = {
+            let call = call.clone();
+            std::thread::spawn(move || {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !call.called_since(mark) {
+                    assert!(std::time::Instant::now() < deadline, "never called");
+                    std::thread::yield_now();
+                }
+                call.end();
+            })
+        };
+        let seen = call.ended();
+        assert!(call.call_and_wait(seen, Duration::from_secs(60)));
+        assert_ne!(call.ended(), seen, "the wait ran out instead");
+        writer.join().expect("the writer thread");
+        assert!(!call.call_and_wait(call.ended(), Duration::from_secs(60)));
     }
 
     #[test]

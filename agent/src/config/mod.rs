@@ -573,14 +573,22 @@ pub struct OutboxConfig {
     /// Longest a batch waits for more readings before it is committed (it
     /// goes at once when full). 0 means group commit only: a batch holds
     /// what arrived while the previous one was being written. The default,
-    /// 2 ms, saves most commits (and their syncs) under steady light load,
-    /// which on a gateway that also runs the MQTT broker leaves the broker
-    /// its CPU (see the README's performance section). The linger ends
-    /// early when the Kafka uplink starts its next transaction, and
-    /// batches do not linger while the uplink has nothing to send: waiting
-    /// on would only make the readings miss a transaction.
+    /// 2 ms, saves most commits (and their syncs) under steady load, which
+    /// on a gateway that also runs the MQTT broker leaves the broker its
+    /// CPU (see the README's performance section). The linger ends early
+    /// when the Kafka uplink starts its next transaction (lingering on
+    /// would make the readings miss it), and batches do not linger while
+    /// the uplink has nothing to send (it would only delay the next
+    /// transaction).
     #[serde(default = "default_batch_linger_ms")]
     pub batch_linger_ms: u64,
+    /// Whether the Kafka uplink may end a batch's linger: it calls for the
+    /// lingering batch when it starts a transaction, and batches do not
+    /// linger while it has nothing to send. Lower latency for about a
+    /// third more commits under steady load; `false` keeps every linger
+    /// whole (fewer writes, for SD cards).
+    #[serde(default = "default_true")]
+    pub uplink_ends_linger: bool,
     /// Bound on the outbox size (records not yet committed to Kafka).
     #[serde(default = "default_outbox_max_size_bytes")]
     pub max_size_bytes: u64,
@@ -632,6 +640,7 @@ impl Default for OutboxConfig {
             batch_max_records: default_batch_max_records(),
             batch_max_bytes: default_batch_max_bytes(),
             batch_linger_ms: default_batch_linger_ms(),
+            uplink_ends_linger: true,
             max_size_bytes: default_outbox_max_size_bytes(),
             when_full: default_when_full(),
             quarantine_max_rows: default_quarantine_max_rows(),

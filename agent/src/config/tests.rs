@@ -80,6 +80,15 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.validation.max_payload_bytes, 4096);
     assert_eq!(c.outbox.batch_max_records, 5000);
     assert_eq!(c.outbox.max_size_bytes, 256 * 1024 * 1024);
+    assert_eq!(c.outbox.batch_linger_ms, 2);
+    assert!(c.outbox.uplink_ends_linger);
+    let kept = format!("{MINIMAL}[outbox]\nuplink_ends_linger = false\n");
+    assert!(
+        !Config::from_toml(&kept, "t")
+            .unwrap()
+            .outbox
+            .uplink_ends_linger
+    );
     assert_eq!(c.kafka.topic_data, "rich-iot-data");
     assert_eq!(c.kafka.topic_offsets, "edge-offsets");
     assert_eq!(c.data_dir, PathBuf::from("./data"));

@@ -408,6 +408,7 @@ impl KafkaUplink {
                 }
             }
             let mut in_flight: Option<Prepared> = None;
+            let ends_linger = self.config.outbox.uplink_ends_linger;
             loop {
                 if self.stopping() {
                     if let (Some(f), Some(c)) = (in_flight.take(), committer.as_ref()) {
@@ -419,12 +420,11 @@ impl KafkaUplink {
                     }
                     return Ok(());
                 }
-                let before = self.signals.new_batch.current();
-                if self.signals.linger.call() {
-                    // A batch lingers: its commit is quick, and without it
-                    // its readings would wait for the transaction after
-                    // this one.
-                    self.signals.new_batch.wait_past(before, LINGER_CALL_WAIT);
+                // A batch that lingers: its commit is quick, and without it
+                // its readings would wait for the transaction after this one.
+                if ends_linger {
+                    let ended = self.signals.linger.ended();
+                    self.signals.linger.call_and_wait(ended, LINGER_CALL_WAIT);
                 }
                 let seen = self.signals.new_batch.current();
                 let after = in_flight.map_or(committed, |f| f.sent.last_batch);
@@ -491,7 +491,9 @@ impl KafkaUplink {
                     }
                     // Nothing to send: a reading that comes now goes
                     // without lingering.
-                    self.signals.linger.set_uplink_waiting(true);
+                    if ends_linger {
+                        self.signals.linger.set_uplink_waiting(true);
+                    }
                     self.signals
                         .new_batch
                         .wait_past(seen, Duration::from_millis(250));
