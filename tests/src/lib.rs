@@ -60,6 +60,56 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// A device-side MQTT publisher on the test Mosquitto, its connection
+/// driven (and reconnected) by the returned task.
+pub fn mqtt_publisher(client_id: &str) -> (rumqttc::AsyncClient, tokio::task::JoinHandle<()>) {
+    let (host, port) = mqtt_addr();
+    let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 1000);
+    let task = tokio::spawn(async move {
+        loop {
+            if let Err(e) = eventloop.poll().await {
+                eprintln!("publisher connection: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    (client, task)
+}
+
+/// Waits until the agent is subscribed: publishes `probe` to `topic` every
+/// 200 ms until the agent received something (probes sent before the
+/// subscription go nowhere; later ones arrive as duplicates).
+pub async fn wait_subscribed(
+    client: &rumqttc::AsyncClient,
+    stats: &std::sync::Arc<edge_agent::Stats>,
+    topic: &str,
+    probe: String,
+) -> anyhow::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    wait_for("the agent to subscribe", Duration::from_secs(60), || {
+        let (client, stats, topic, probe) = (
+            client.clone(),
+            stats.clone(),
+            topic.to_string(),
+            probe.clone(),
+        );
+        async move {
+            if stats.received.load(Relaxed) > 0 {
+                return Ok(Some(()));
+            }
+            client
+                .publish(topic, rumqttc::QoS::AtLeastOnce, false, probe)
+                .await?;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok(None)
+        }
+    })
+    .await
+}
+
 /// Polls `check` until it returns `Some`, failing with `what` after `limit`.
 pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> anyhow::Result<T>
 where

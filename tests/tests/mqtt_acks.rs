@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use edge_tests::*;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 
 const READINGS: u64 = 20_000;
 const DEVICES: u64 = 50;
@@ -88,35 +88,11 @@ interval_seconds = 0
     );
     let first = Agent::start(&agent_toml)?;
 
-    let mut opts = MqttOptions::new(format!("pub-{sfx}"), &mqtt_host, mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let publisher = tokio::spawn(async move {
-        loop {
-            if let Err(e) = eventloop.poll().await {
-                eprintln!("publisher connection: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
+    let (client, publisher) = mqtt_publisher(&format!("pub-{sfx}"));
     let topic = |device: u64| format!("{prefix}devices/dev-{device:02}/telemetry");
-
-    // Subscribed once a probe (device 0, seq 0) arrives. Probes sent
-    // before the subscription go nowhere; later ones are duplicates.
-    wait_for("the agent to subscribe", Duration::from_secs(60), || {
-        let (client, stats, topic) = (client.clone(), first.stats.clone(), topic(0));
-        async move {
-            if stats.received.load(Relaxed) > 0 {
-                return Ok(Some(()));
-            }
-            client
-                .publish(topic, QoS::AtLeastOnce, false, reading(0, 0))
-                .await?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Ok(None)
-        }
-    })
-    .await?;
+    // Probes (device 0, seq 0) sent later than the first that arrives are
+    // duplicates.
+    wait_subscribed(&client, &first.stats, &topic(0), reading(0, 0)).await?;
     for i in 0..READINGS {
         let device = i % DEVICES;
         let seq = 1 + i / DEVICES;

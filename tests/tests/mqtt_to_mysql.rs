@@ -18,7 +18,7 @@ use edge_tests::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 use sqlx::Row;
 
 const TOTAL: usize = 10_000;
@@ -177,41 +177,15 @@ interval_seconds = 0
         let _ = agent_stopped.await;
     }));
 
-    // A device-side publisher.
-    let mut opts = MqttOptions::new(format!("pub-{sfx}"), &mqtt_host, mqtt_port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_max_packet_size(64 * 1024, 64 * 1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1000);
-    let publisher_loop = tokio::spawn(async move {
-        loop {
-            if let Err(e) = eventloop.poll().await {
-                eprintln!("publisher connection: {e}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    });
-
-    // Wait until the agent is subscribed: probe with one reading until it
-    // is received (probes before the subscription go nowhere).
+    // A device-side publisher, and the agent subscribed.
+    let (client, publisher_loop) = mqtt_publisher(&format!("pub-{sfx}"));
     let probe_topic = format!("{prefix}devices/probe/telemetry");
-    wait_for("the agent to subscribe", Duration::from_secs(60), || {
-        let (client, stats, topic) = (client.clone(), agent_stats.clone(), probe_topic.clone());
-        async move {
-            if stats.received.load(Relaxed) > 0 {
-                return Ok(Some(()));
-            }
-            client
-                .publish(
-                    topic,
-                    QoS::AtLeastOnce,
-                    false,
-                    reading("probe", 0).to_string(),
-                )
-                .await?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            Ok(None)
-        }
-    })
+    wait_subscribed(
+        &client,
+        &agent_stats,
+        &probe_topic,
+        reading("probe", 0).to_string(),
+    )
     .await?;
 
     let mut expected: BTreeSet<(String, u64)> = BTreeSet::new();
