@@ -20,6 +20,7 @@ use std::path::Path;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
+use crate::DeviceKey;
 use crate::config::SyncMode;
 use crate::registry::RegistryError;
 use crate::signal::WriteTurn;
@@ -321,7 +322,7 @@ pub struct Outbox {
     gateway_id: String,
     quarantine_max_rows: u64,
     /// Per-device high-water marks, mirrored from `device_hwm`.
-    hwm: HashMap<String, u64>,
+    hwm: HashMap<DeviceKey, u64>,
     /// Registry lookup, ranges, geofences and thresholds.
     plane: DataPlane,
     /// Payload bound for dead letters of readings the data plane rejects.
@@ -587,7 +588,7 @@ impl Outbox {
                     Item::Reading(reading, raw) => {
                         let mark = new_marks
                             .get(reading.device_id.as_str())
-                            .or_else(|| self.hwm.get(&reading.device_id))
+                            .or_else(|| self.hwm.get(reading.device_id.as_str()))
                             .copied();
                         if mark.is_some_and(|m| reading.seq <= m) {
                             outcome.duplicates += 1;
@@ -719,7 +720,7 @@ impl Outbox {
             match self.hwm.get_mut(device) {
                 Some(m) => *m = seq,
                 None => {
-                    self.hwm.insert(device.to_string(), seq);
+                    self.hwm.insert(DeviceKey::from(device), seq);
                 }
             }
         }
@@ -1211,7 +1212,7 @@ fn marks_of_batches(
     conn: &Connection,
     after: i64,
     upto: i64,
-    marks: &mut HashMap<String, u64>,
+    marks: &mut HashMap<DeviceKey, u64>,
 ) -> Result<u64, OutboxError> {
     let mut stmt = conn.prepare_cached(
         "SELECT batch_seq, body, codec FROM outbox_batch WHERE batch_seq > ?1 AND batch_seq <= ?2 ORDER BY batch_seq",
@@ -1240,7 +1241,7 @@ fn marks_of_batches(
                     _ => return Ok(()),
                 };
                 match (std::str::from_utf8(key), seq) {
-                    (Ok(device), Some(seq)) => found.push((device.to_string(), seq)),
+                    (Ok(device), Some(seq)) => found.push((DeviceKey::from(device), seq)),
                     _ => tracing::error!(
                         batch_seq,
                         "outbox record without a device id or seq; skipped for dedupe"
@@ -1284,28 +1285,28 @@ fn persist_marks_upto(conn: &Connection, upto: i64) -> Result<(), OutboxError> {
     upsert_marks(conn, marks)
 }
 
-fn upsert_marks(conn: &Connection, marks: HashMap<String, u64>) -> Result<(), OutboxError> {
+fn upsert_marks(conn: &Connection, marks: HashMap<DeviceKey, u64>) -> Result<(), OutboxError> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO device_hwm (device_id, seq) VALUES (?1, ?2) \
          ON CONFLICT(device_id) DO UPDATE SET seq = MAX(seq, excluded.seq)",
     )?;
-    let mut marks: Vec<(String, u64)> = marks.into_iter().collect();
+    let mut marks: Vec<(DeviceKey, u64)> = marks.into_iter().collect();
     marks.sort_unstable();
     for (device, seq) in marks {
-        stmt.execute(params![device, seq as i64])?;
+        stmt.execute(params![device.as_str(), seq as i64])?;
     }
     Ok(())
 }
 
 /// The dedupe marks: `device_hwm` plus the batches still in the outbox.
-pub fn load_marks(conn: &Connection) -> Result<HashMap<String, u64>, OutboxError> {
+pub fn load_marks(conn: &Connection) -> Result<HashMap<DeviceKey, u64>, OutboxError> {
     let mut marks = HashMap::new();
     {
         let mut stmt = conn.prepare("SELECT device_id, seq FROM device_hwm")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
         for row in rows {
             let (device, seq) = row?;
-            marks.insert(device, seq as u64);
+            marks.insert(DeviceKey::from(device), seq as u64);
         }
     }
     let started = std::time::Instant::now();

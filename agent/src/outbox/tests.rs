@@ -174,6 +174,41 @@ fn duplicates_are_dropped_within_and_across_batches_and_restarts() {
 }
 
 #[test]
+fn dedupe_marks_hold_for_short_and_long_device_ids() {
+    // Ids up to 24 bytes are kept inline in the marks, longer ones on the
+    // heap: both sides of the limit, and the longest id allowed (64 bytes).
+    let ids = [
+        "a".to_string(),
+        "i".repeat(24),
+        "h".repeat(25),
+        "long".repeat(16),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut outbox = open(&dir);
+        let mut items: Vec<_> = ids.iter().map(|id| reading(id, 5)).collect();
+        let out = outbox.write_batch(&mut items, NOW).unwrap();
+        assert_eq!((out.valid, out.duplicates), (4, 0));
+        let mut items: Vec<_> = ids.iter().map(|id| reading(id, 5)).collect();
+        let out = outbox.write_batch(&mut items, NOW).unwrap();
+        assert_eq!((out.valid, out.duplicates), (0, 4));
+    }
+    // After a restart the marks come from the stored batches.
+    let mut outbox = open(&dir);
+    assert_eq!(outbox.known_devices(), 4);
+    let mut items: Vec<_> = ids
+        .iter()
+        .flat_map(|id| [reading(id, 5), reading(id, 6)])
+        .collect();
+    let out = outbox.write_batch(&mut items, NOW).unwrap();
+    assert_eq!((out.valid, out.duplicates), (4, 4));
+    let marks = load_marks(&outbox.conn).unwrap();
+    for id in &ids {
+        assert_eq!(marks.get(id.as_str()), Some(&6), "{id}");
+    }
+}
+
+#[test]
 fn quarantine_is_bounded_but_counts_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
@@ -692,6 +727,37 @@ fn geofence_events_are_alerts_and_state_survives_a_restart() {
         alerts(&records),
         [("enter".into(), "sensor-9:8:depots:enter".into())]
     );
+}
+
+#[test]
+fn fence_state_survives_a_restart_for_short_and_long_device_ids() {
+    // Device state is keyed inline up to 24 bytes, on the heap beyond.
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config("");
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    let inside = |seq: u64| At {
+        seq,
+        ts: NOW + seq as i64 * 1000,
+        lat: 48.2,
+        lon: 11.2,
+        ..BASE
+    };
+    let ids = ["d".repeat(24), "d".repeat(25), "d".repeat(64)];
+    for id in &ids {
+        let records = write(&mut outbox, id, &[inside(1)]);
+        assert_eq!(
+            alerts(&records),
+            [("enter".into(), format!("{id}:1:yard:enter"))]
+        );
+    }
+    drop(outbox);
+    let mut outbox = open_with(&dir, &config);
+    for id in &ids {
+        assert!(outbox.plane().state(id).is_some(), "{id}");
+        let records = write(&mut outbox, id, &[inside(2)]);
+        assert_eq!(alerts(&records), [], "{id}");
+    }
 }
 
 #[test]

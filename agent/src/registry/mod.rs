@@ -19,6 +19,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::DeviceKey;
 use crate::config::{ValueLimits, is_valid_id};
 use crate::transforms::geofence::{Fence, FenceError, fences_from_value};
 
@@ -445,8 +446,8 @@ impl CachedDevice {
 /// lookups and inserts are O(1); at most `capacity` entries are held.
 pub struct DeviceCache {
     capacity: usize,
-    hot: HashMap<Box<str>, Option<Arc<CachedDevice>>>,
-    cold: HashMap<Box<str>, Option<Arc<CachedDevice>>>,
+    hot: HashMap<DeviceKey, Option<Arc<CachedDevice>>>,
+    cold: HashMap<DeviceKey, Option<Arc<CachedDevice>>>,
     pub hits: u64,
     pub misses: u64,
 }
@@ -481,7 +482,7 @@ impl DeviceCache {
         self.insert_hot(device_id.into(), entry);
     }
 
-    fn insert_hot(&mut self, key: Box<str>, entry: Option<Arc<CachedDevice>>) {
+    fn insert_hot(&mut self, key: DeviceKey, entry: Option<Arc<CachedDevice>>) {
         if self.hot.len() >= self.capacity / 2 {
             self.cold = std::mem::take(&mut self.hot);
         }

@@ -229,4 +229,15 @@ fn cache_is_bounded_and_counts_hits_and_misses() {
     assert_eq!(cache.get("keep"), Some(None));
     cache.clear();
     assert!(cache.is_empty());
+    // Ids on both sides of the inline key limit (24 bytes), and the longest
+    // allowed (64 bytes).
+    let ids = ["k".repeat(24), "k".repeat(25), "k".repeat(64)];
+    for id in &ids {
+        assert_eq!(cache.get(id), None);
+        cache.insert(id, None);
+    }
+    for id in &ids {
+        assert_eq!(cache.get(id), Some(None), "{id}");
+    }
+    assert_eq!(cache.get(&"k".repeat(23)), None);
 }

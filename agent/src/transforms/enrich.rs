@@ -17,6 +17,7 @@ use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info};
 
+use crate::DeviceKey;
 use crate::config::{Bounds, Config, DeviceTypeConfig, UnknownDevice};
 use crate::registry::{self, CachedDevice, DeviceCache};
 use crate::transforms::geofence::{DeviceFences, FenceIndex};
@@ -93,9 +94,9 @@ pub struct DataPlane {
     policy: UnknownDevice,
     types: BTreeMap<String, DeviceTypeConfig>,
     threshold_readings: u32,
-    states: HashMap<String, DeviceState>,
+    states: HashMap<DeviceKey, DeviceState>,
     /// Devices whose state the current batch changed.
-    dirty: Vec<String>,
+    dirty: Vec<DeviceKey>,
     /// A batch failed after changing states: reload them from SQLite.
     reload: bool,
     unknown: u64,
@@ -144,7 +145,7 @@ impl DataPlane {
             let (device, body) = row?;
             match postcard::from_bytes(&body) {
                 Ok(state) => {
-                    self.states.insert(device, state);
+                    self.states.insert(DeviceKey::from(device), state);
                 }
                 // Losing one device's fence state costs at most a repeated
                 // `enter`; refusing to start would cost every reading.
@@ -368,14 +369,14 @@ impl DataPlane {
         if changed || alerts.len() > before {
             // A device is listed once per batch at most when it changes
             // often; the persist step skips repeats.
-            if self.dirty.last().map(String::as_str) != Some(id) {
-                self.dirty.push(id.to_string());
+            if self.dirty.last().map(DeviceKey::as_str) != Some(id) {
+                self.dirty.push(DeviceKey::from(id));
             }
         }
         let empty = state.is_empty();
         match fresh {
             Some(state) if !empty => {
-                self.states.insert(id.to_string(), state);
+                self.states.insert(DeviceKey::from(id), state);
             }
             None if empty => {
                 self.states.remove(id);
@@ -396,15 +397,15 @@ impl DataPlane {
         )?;
         let mut delete = conn.prepare_cached("DELETE FROM device_state WHERE device_id = ?1")?;
         for device in &self.dirty {
-            match self.states.get(device) {
+            match self.states.get(device.as_str()) {
                 Some(state) => {
                     // postcard: compact and cheap to write for every change.
                     let body = postcard::to_allocvec(state)
                         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                    upsert.execute(params![device, body])?;
+                    upsert.execute(params![device.as_str(), body])?;
                 }
                 None => {
-                    delete.execute([device])?;
+                    delete.execute([device.as_str()])?;
                 }
             }
         }
