@@ -321,8 +321,13 @@ pub struct Outbox {
     conn: Connection,
     gateway_id: String,
     quarantine_max_rows: u64,
-    /// Per-device high-water marks, mirrored from `device_hwm`.
+    /// Per-device high-water marks, mirrored from `device_hwm`. A batch
+    /// advances them as it goes (one probe per reading);
+    /// `marks_before` undoes that if the batch fails.
     hwm: HashMap<DeviceKey, u64>,
+    /// The marks the batch being written changed, with their values
+    /// before it (`None`: the device had none).
+    marks_before: Vec<(DeviceKey, Option<u64>)>,
     /// Registry lookup, ranges, geofences and thresholds.
     plane: DataPlane,
     /// Payload bound for dead letters of readings the data plane rejects.
@@ -410,6 +415,7 @@ impl Outbox {
             gateway_id: gateway_id.to_string(),
             quarantine_max_rows,
             hwm,
+            marks_before: Vec::new(),
             plane,
             max_payload_bytes: 4096,
             compression: crate::config::OutboxCompression::Lz4,
@@ -539,10 +545,25 @@ impl Outbox {
             self.disk_full = false;
             tracing::warn!("the data folder has room again: taking input");
         }
+        self.marks_before.clear();
         let result = self.write_batch_inner(items, now_ms);
         match &result {
             Ok(_) => self.plane.committed(),
-            Err(_) => self.plane.rolled_back(),
+            Err(_) => {
+                self.plane.rolled_back();
+                // Newest first: a device's first change holds its mark
+                // from before the batch.
+                for (device, mark) in self.marks_before.drain(..).rev() {
+                    match mark {
+                        Some(m) => {
+                            self.hwm.insert(device, m);
+                        }
+                        None => {
+                            self.hwm.remove(&device);
+                        }
+                    }
+                }
+            }
         }
         match result {
             Err(e) if e.is_disk_full() => {
@@ -566,7 +587,6 @@ impl Outbox {
         let mut body = std::mem::take(&mut self.body);
         body.start(self.compression == crate::config::OutboxCompression::Lz4);
         let mut records = 0i64;
-        let mut new_marks: HashMap<&str, u64> = HashMap::with_capacity(items.len());
         // Readings the data plane refused: turned into rejected items once
         // the loop no longer borrows them.
         let mut late: Vec<(usize, RejectedInput)> = Vec::new();
@@ -586,17 +606,24 @@ impl Outbox {
                 let input = match item {
                     Item::Rejected(input) => input,
                     Item::Reading(reading, raw) => {
-                        let mark = new_marks
-                            .get(reading.device_id.as_str())
-                            .or_else(|| self.hwm.get(reading.device_id.as_str()))
-                            .copied();
-                        if mark.is_some_and(|m| reading.seq <= m) {
+                        let device = reading.device_id.as_str();
+                        let mark = self.hwm.get_mut(device);
+                        if mark.as_deref().is_some_and(|m| reading.seq <= *m) {
                             outcome.duplicates += 1;
                             continue;
                         }
                         match self.plane.check(&tx, reading)? {
                             Ok(meta) => {
-                                new_marks.insert(reading.device_id.as_str(), reading.seq);
+                                match mark {
+                                    Some(m) => {
+                                        self.marks_before.push((DeviceKey::from(device), Some(*m)));
+                                        *m = reading.seq;
+                                    }
+                                    None => {
+                                        self.marks_before.push((DeviceKey::from(device), None));
+                                        self.hwm.insert(DeviceKey::from(device), reading.seq);
+                                    }
+                                }
                                 alerts.clear();
                                 self.plane.events(reading, meta.as_deref(), &mut alerts);
                                 value.clear();
@@ -716,14 +743,6 @@ impl Outbox {
         }
         tx.commit()?;
         self.body = body;
-        for (device, seq) in new_marks {
-            match self.hwm.get_mut(device) {
-                Some(m) => *m = seq,
-                None => {
-                    self.hwm.insert(DeviceKey::from(device), seq);
-                }
-            }
-        }
         for (index, input) in late {
             if let Some(item) = items.get_mut(index) {
                 *item = Item::Rejected(input);

@@ -209,6 +209,47 @@ fn dedupe_marks_hold_for_short_and_long_device_ids() {
 }
 
 #[test]
+fn a_failed_batch_leaves_the_dedupe_marks_as_they_were() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = open(&dir);
+    let out = outbox.write_batch(&mut [reading("a", 1)], NOW).unwrap();
+    assert_eq!(out.valid, 1);
+    // The batch fails when it is stored, after its readings advanced the
+    // marks (a's twice, and b's new one).
+    outbox
+        .connection()
+        .execute_batch(
+            "CREATE TEMP TRIGGER fail BEFORE INSERT ON outbox_batch BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        )
+        .unwrap();
+    let err = outbox
+        .write_batch(
+            &mut [reading("a", 2), reading("a", 3), reading("b", 1)],
+            NOW,
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("injected"), "{err}");
+    assert_eq!(outbox.known_devices(), 1);
+    outbox
+        .connection()
+        .execute_batch("DROP TRIGGER fail;")
+        .unwrap();
+    // The retry takes them all; a's mark is 1 again, not gone.
+    let out = outbox
+        .write_batch(
+            &mut [
+                reading("a", 1),
+                reading("a", 2),
+                reading("a", 3),
+                reading("b", 1),
+            ],
+            NOW,
+        )
+        .unwrap();
+    assert_eq!((out.valid, out.duplicates), (3, 1));
+}
+
+#[test]
 fn quarantine_is_bounded_but_counts_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open(&dir);
