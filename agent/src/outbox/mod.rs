@@ -35,7 +35,10 @@ use crate::transforms::validate::{
 /// 4: bodies compressed in chunks (`CODEC_LZ4_CHUNKS`), and accepted
 /// readings stored in binary (`TAG_READING`): an older build reads neither.
 /// 5: readings stored compact (`TAG_CONTEXT`, `TAG_COMPACT`).
-const SCHEMA_VERSION: i64 = 5;
+/// 6: device states changed by a batch are logged in `device_state_log`
+/// and folded into `device_state` later (an older build would miss the
+/// logged ones and raise spurious `enter` events).
+const SCHEMA_VERSION: i64 = 6;
 
 /// Body tag of an accepted reading stored in binary, fixed-width
 /// ([`encode_reading`]). Read back, it becomes a [`TopicId::Data`] record
@@ -513,6 +516,11 @@ impl Outbox {
     /// The data plane's counters.
     pub fn plane(&self) -> &DataPlane {
         &self.plane
+    }
+
+    #[cfg(test)]
+    pub(crate) fn plane_mut(&mut self) -> &mut DataPlane {
+        &mut self.plane
     }
 
     /// The connection (registry apply at start, tests).

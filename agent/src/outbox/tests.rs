@@ -845,30 +845,147 @@ fn a_device_has_stored_state_only_while_it_holds_some() {
     let dir = tempfile::tempdir().unwrap();
     let mut outbox = open_with(&dir, &plane_config(""));
     apply_registry(&mut outbox, &crate::registry::tests::document());
-    let rows = |outbox: &Outbox| -> i64 {
-        outbox
-            .conn
-            .query_row(
-                "SELECT COUNT(*) FROM device_state WHERE device_id = 'truck-1'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
+    // What a restart would load: `device_state` with the log applied.
+    let stored = |outbox: &Outbox| {
+        let mut plane = crate::transforms::enrich::DataPlane::passthrough();
+        plane.load_states(&outbox.conn).unwrap();
+        plane.state("truck-1").cloned()
     };
     let speed = |seq: u64, speed: f64| At { seq, speed, ..BASE };
     // In range and inside no fence: nothing to remember.
     write(&mut outbox, "truck-1", &[speed(1, 10.0)]);
     assert_eq!(outbox.plane().state("truck-1"), None);
-    assert_eq!(rows(&outbox), 0);
+    assert_eq!(stored(&outbox), None);
     // Over the threshold once: the count is kept, in memory and stored.
     write(&mut outbox, "truck-1", &[speed(2, 90.0)]);
     let state = outbox.plane().state("truck-1").expect("a state");
     assert_eq!(state.outside.get("speed"), Some(&1));
-    assert_eq!(rows(&outbox), 1);
+    assert_eq!(stored(&outbox).as_ref(), Some(state));
     // Back in range: the state is gone again, from both.
     write(&mut outbox, "truck-1", &[speed(3, 50.0)]);
     assert_eq!(outbox.plane().state("truck-1"), None);
-    assert_eq!(rows(&outbox), 0);
+    assert_eq!(stored(&outbox), None);
+}
+
+#[test]
+fn the_state_log_folds_into_device_state_and_restarts_see_the_same_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config("");
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    let count = |outbox: &mut Outbox, sql: &str| -> i64 {
+        outbox
+            .connection()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap()
+    };
+    let speed = |seq: u64, speed: f64| At { seq, speed, ..BASE };
+    let inside = |seq: u64| At {
+        seq,
+        ts: NOW + seq as i64 * 1000,
+        lat: 48.2,
+        lon: 11.2,
+        ..BASE
+    };
+    // Logged, not written to device_state: truck-1 over its threshold,
+    // sensor-9 into the yard, then truck-1 back in range (removed).
+    write(&mut outbox, "truck-1", &[speed(1, 90.0)]);
+    write(&mut outbox, "sensor-9", &[inside(1)]);
+    write(&mut outbox, "truck-1", &[speed(2, 91.0)]);
+    write(&mut outbox, "truck-1", &[speed(3, 10.0)]);
+    assert_eq!(count(&mut outbox, "SELECT COUNT(*) FROM device_state"), 0);
+    assert_eq!(
+        count(&mut outbox, "SELECT COUNT(*) FROM device_state_log"),
+        4
+    );
+    assert_eq!(outbox.plane().log_size().1, 2);
+    let sensor = outbox.plane().state("sensor-9").cloned().expect("a state");
+    assert_eq!(outbox.plane().state("truck-1"), None);
+    // A restart replays the log in order.
+    drop(outbox);
+    let mut outbox = open_with(&dir, &config);
+    assert_eq!(outbox.plane().state("sensor-9"), Some(&sensor));
+    assert_eq!(outbox.plane().state("truck-1"), None);
+    let records = write(&mut outbox, "sensor-9", &[inside(2)]);
+    assert_eq!(alerts(&records), [], "no second enter");
+    // Over the threshold again, and the log is due: this batch folds it.
+    outbox.plane_mut().set_fold_bytes(1);
+    write(&mut outbox, "truck-1", &[speed(4, 95.0)]);
+    assert_eq!(
+        count(&mut outbox, "SELECT COUNT(*) FROM device_state_log"),
+        0
+    );
+    assert_eq!(outbox.plane().log_size(), (0, 0));
+    assert_eq!(count(&mut outbox, "SELECT COUNT(*) FROM device_state"), 2);
+    let truck = outbox.plane().state("truck-1").cloned().expect("a state");
+    assert_eq!(truck.outside.get("speed"), Some(&1));
+    // Logged again after the fold, then a restart: the same states.
+    outbox.plane_mut().set_fold_bytes(u64::MAX);
+    write(&mut outbox, "truck-1", &[speed(5, 10.0)]);
+    assert_eq!(
+        count(&mut outbox, "SELECT COUNT(*) FROM device_state_log"),
+        1
+    );
+    drop(outbox);
+    let mut outbox = open_with(&dir, &config);
+    assert_eq!(outbox.plane().state("truck-1"), None);
+    assert_eq!(outbox.plane().state("sensor-9"), Some(&sensor));
+    // The next fold deletes the row of truck-1, whose state is gone.
+    outbox.plane_mut().set_fold_bytes(1);
+    let out = At {
+        seq: 3,
+        ts: NOW + 3000,
+        ..BASE
+    };
+    let records = write(&mut outbox, "sensor-9", &[out]);
+    assert_eq!(
+        alerts(&records),
+        [("exit".into(), "sensor-9:3:yard:exit".into())]
+    );
+    assert_eq!(
+        count(&mut outbox, "SELECT COUNT(*) FROM device_state_log"),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut outbox,
+            "SELECT COUNT(*) FROM device_state WHERE device_id = 'truck-1'"
+        ),
+        0
+    );
+    let sensor = outbox.plane().state("sensor-9").cloned().expect("a state");
+    drop(outbox);
+    let outbox = open_with(&dir, &config);
+    assert_eq!(outbox.plane().state("sensor-9"), Some(&sensor));
+    assert_eq!(outbox.plane().state("truck-1"), None);
+}
+
+#[test]
+fn a_cut_state_log_entry_keeps_what_came_before_the_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config("");
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    let speed = |seq: u64, speed: f64| At { seq, speed, ..BASE };
+    write(&mut outbox, "truck-1", &[speed(1, 90.0)]);
+    // A second entry, cut in the middle of its state.
+    let body: Vec<u8> = outbox
+        .connection()
+        .query_row("SELECT body FROM device_state_log", [], |r| r.get(0))
+        .unwrap();
+    let mut cut = body.clone();
+    cut.truncate(body.len() - 1);
+    outbox
+        .connection()
+        .execute("INSERT INTO device_state_log (body) VALUES (?1)", [&cut])
+        .unwrap();
+    drop(outbox);
+    let outbox = open_with(&dir, &config);
+    let state = outbox
+        .plane()
+        .state("truck-1")
+        .expect("the first entry applied");
+    assert_eq!(state.outside.get("speed"), Some(&1));
 }
 
 #[test]

@@ -7,10 +7,19 @@
 //! state the batch changed, so a restart never raises a spurious `enter`.
 //! It is changed in place in memory; when a batch fails, the in-memory
 //! state is reloaded from SQLite (which rolled back) before the next one.
+//!
+//! A batch writes the states it changed as one appended row of
+//! `device_state_log`, not as rows of `device_state`: updating a device's
+//! row rewrites a page of the table for nearly every changed device, while
+//! the log row is written in sequence. Once the log holds
+//! [`STATE_LOG_FOLD_BYTES`], a batch folds it: it writes the current state
+//! of every device named in the log to `device_state` (each once, however
+//! often it changed) and empties the log, in the batch's transaction. At start
+//! the states are `device_state` with the log applied in order.
 
 use std::collections::BTreeMap;
 
-use foldhash::{HashMap, HashMapExt as _};
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::sync::Arc;
 
 use rusqlite::{Connection, params};
@@ -28,7 +37,20 @@ CREATE TABLE IF NOT EXISTS device_state (
     device_id TEXT PRIMARY KEY,
     body      BLOB NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS device_state_log (
+    id   INTEGER PRIMARY KEY,
+    body BLOB NOT NULL
+);
 ";
+
+/// Bytes of `device_state_log` after which a batch folds it into
+/// `device_state`. Bounds the log (and the work of replaying it at start)
+/// while letting a device that changes often be written to `device_state`
+/// once per fold rather than once per batch.
+const STATE_LOG_FOLD_BYTES: u64 = 8 << 20;
+
+/// Length in a log entry of a device whose state was removed.
+const LOG_REMOVED: u32 = u32::MAX;
 
 /// Per-device state that survives restarts (stored with postcard: no
 /// `skip_serializing_if` here, the format is not self-describing).
@@ -97,6 +119,15 @@ pub struct DataPlane {
     states: HashMap<DeviceKey, DeviceState>,
     /// Devices whose state the current batch changed.
     dirty: Vec<DeviceKey>,
+    /// Devices named in `device_state_log`: their row in `device_state`
+    /// may be older than their state.
+    logged: HashSet<DeviceKey>,
+    /// Bytes in `device_state_log`.
+    log_bytes: u64,
+    /// Log size at which a batch folds it ([`STATE_LOG_FOLD_BYTES`]).
+    fold_bytes: u64,
+    /// The log entry being written (reused).
+    log_body: Vec<u8>,
     /// A batch failed after changing states: reload them from SQLite.
     reload: bool,
     unknown: u64,
@@ -113,6 +144,10 @@ impl DataPlane {
             threshold_readings: config.alerts.threshold_readings,
             states: HashMap::new(),
             dirty: Vec::new(),
+            logged: HashSet::new(),
+            log_bytes: 0,
+            fold_bytes: STATE_LOG_FOLD_BYTES,
+            log_body: Vec::new(),
             reload: false,
             unknown: 0,
         }
@@ -129,14 +164,20 @@ impl DataPlane {
             threshold_readings: 3,
             states: HashMap::new(),
             dirty: Vec::new(),
+            logged: HashSet::new(),
+            log_bytes: 0,
+            fold_bytes: STATE_LOG_FOLD_BYTES,
+            log_body: Vec::new(),
             reload: false,
             unknown: 0,
         }
     }
 
-    /// Loads the persisted device states.
+    /// Loads the persisted device states: `device_state`, then the log.
     pub fn load_states(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
         self.states.clear();
+        self.logged.clear();
+        self.log_bytes = 0;
         let mut stmt = conn.prepare("SELECT device_id, body FROM device_state")?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?))
@@ -150,6 +191,36 @@ impl DataPlane {
                 // Losing one device's fence state costs at most a repeated
                 // `enter`; refusing to start would cost every reading.
                 Err(e) => error!(device, error = %e, "ignoring unreadable stored device state"),
+            }
+        }
+        let mut stmt = conn.prepare("SELECT id, body FROM device_state_log ORDER BY id")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let id: i64 = row.get(0)?;
+            let body = row.get_ref(1)?.as_blob()?;
+            self.log_bytes += body.len() as u64;
+            let applied = each_logged_state(body, |device, state| {
+                let device = DeviceKey::from(device);
+                match state {
+                    Some(bytes) => match postcard::from_bytes(bytes) {
+                        Ok(state) => {
+                            self.states.insert(device.clone(), state);
+                        }
+                        Err(e) => {
+                            error!(%device, error = %e, "ignoring unreadable logged device state");
+                        }
+                    },
+                    None => {
+                        self.states.remove(&device);
+                    }
+                }
+                self.logged.insert(device);
+            });
+            if let Err(what) = applied {
+                error!(
+                    id,
+                    what, "device state log entry cut short; the states after the cut are lost"
+                );
             }
         }
         Ok(())
@@ -385,22 +456,76 @@ impl DataPlane {
         }
     }
 
-    /// Writes the device states the batch changed, in its transaction.
+    /// Writes the device states the batch changed, in its transaction: as
+    /// one row of the log, or, once the log is full, by folding it.
     pub fn persist(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
         if self.dirty.is_empty() {
             return Ok(());
         }
         self.dirty.sort_unstable();
         self.dirty.dedup();
+        if self.log_bytes >= self.fold_bytes {
+            return self.fold(conn);
+        }
+        let mut body = std::mem::take(&mut self.log_body);
+        body.clear();
+        let result = self.log_entry(&mut body).and_then(|()| {
+            conn.prepare_cached("INSERT INTO device_state_log (body) VALUES (?1)")?
+                .execute([&body])
+        });
+        self.log_bytes += body.len() as u64;
+        self.logged.extend(self.dirty.iter().cloned());
+        self.log_body = body;
+        result.map(|_| ())
+    }
+
+    /// Appends the log entry of the devices the batch changed to `body`
+    /// (the format of [`each_logged_state`]).
+    fn log_entry(&self, body: &mut Vec<u8>) -> Result<(), rusqlite::Error> {
+        let failed = |e: Box<dyn std::error::Error + Send + Sync>| {
+            rusqlite::Error::ToSqlConversionFailure(e)
+        };
+        for device in &self.dirty {
+            let key = device.as_bytes();
+            let key_len = u16::try_from(key.len()).map_err(|e| failed(Box::new(e)))?;
+            body.extend_from_slice(&key_len.to_le_bytes());
+            body.extend_from_slice(key);
+            match self.states.get(device.as_str()) {
+                Some(state) => {
+                    // postcard: compact and cheap to write for every change,
+                    // written in place after room for its length.
+                    let at = body.len();
+                    body.extend_from_slice(&[0; 4]);
+                    *body = postcard::to_extend(state, std::mem::take(body))
+                        .map_err(|e| failed(Box::new(e)))?;
+                    let len = u32::try_from(body.len() - at - 4)
+                        .ok()
+                        .filter(|&n| n != LOG_REMOVED)
+                        .ok_or_else(|| failed("device state over 4 GiB".into()))?;
+                    body[at..at + 4].copy_from_slice(&len.to_le_bytes());
+                }
+                None => body.extend_from_slice(&LOG_REMOVED.to_le_bytes()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the state of every device named in the log, or changed by
+    /// this batch, to `device_state`, and empties the log.
+    fn fold(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        self.logged.extend(self.dirty.iter().cloned());
+        let mut devices: Vec<&DeviceKey> = self.logged.iter().collect();
+        devices.sort_unstable();
         let mut upsert = conn.prepare_cached(
             "INSERT INTO device_state (device_id, body) VALUES (?1, ?2) ON CONFLICT(device_id) DO UPDATE SET body = excluded.body",
         )?;
         let mut delete = conn.prepare_cached("DELETE FROM device_state WHERE device_id = ?1")?;
-        for device in &self.dirty {
+        let mut body = Vec::new();
+        for device in devices {
             match self.states.get(device.as_str()) {
                 Some(state) => {
-                    // postcard: compact and cheap to write for every change.
-                    let body = postcard::to_allocvec(state)
+                    body.clear();
+                    body = postcard::to_extend(state, body)
                         .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
                     upsert.execute(params![device.as_str(), body])?;
                 }
@@ -409,6 +534,11 @@ impl DataPlane {
                 }
             }
         }
+        conn.execute("DELETE FROM device_state_log", [])?;
+        // Should the transaction fail, the states are reloaded from SQLite,
+        // the log and these two with them.
+        self.logged.clear();
+        self.log_bytes = 0;
         Ok(())
     }
 
@@ -426,10 +556,54 @@ impl DataPlane {
         self.generation = -1;
     }
 
+    /// Folds the log once it holds `bytes` (tests).
+    #[cfg(test)]
+    pub(crate) fn set_fold_bytes(&mut self, bytes: u64) {
+        self.fold_bytes = bytes;
+    }
+
+    /// Bytes in `device_state_log`, and the devices it names (tests).
+    #[cfg(test)]
+    pub(crate) fn log_size(&self) -> (u64, usize) {
+        (self.log_bytes, self.logged.len())
+    }
+
     /// Stored state of a device (tests and `status`).
     pub fn state(&self, device_id: &str) -> Option<&DeviceState> {
         self.states.get(device_id)
     }
+}
+
+/// Calls `f` with each device and its state (`None`: removed) of a
+/// `device_state_log` entry: `key length u16 LE | key | state length u32
+/// LE (u32::MAX: removed) | postcard state`. Errs when the entry is cut
+/// short, after the entries before the cut.
+fn each_logged_state(
+    mut body: &[u8],
+    mut f: impl FnMut(&str, Option<&[u8]>),
+) -> Result<(), &'static str> {
+    fn take<'a>(body: &mut &'a [u8], n: usize) -> Result<&'a [u8], &'static str> {
+        if body.len() < n {
+            return Err("entry shorter than its lengths say");
+        }
+        let (head, rest) = body.split_at(n);
+        *body = rest;
+        Ok(head)
+    }
+    while !body.is_empty() {
+        let key_len = take(&mut body, 2)?;
+        let key_len = usize::from(u16::from_le_bytes([key_len[0], key_len[1]]));
+        let key = std::str::from_utf8(take(&mut body, key_len)?)
+            .map_err(|_| "device id that is not UTF-8")?;
+        let len = take(&mut body, 4)?;
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
+        if len == LOG_REMOVED {
+            f(key, None);
+        } else {
+            f(key, Some(take(&mut body, len as usize)?));
+        }
+    }
+    Ok(())
 }
 
 fn values(r: &Reading) -> [(&'static str, f64); 4] {
