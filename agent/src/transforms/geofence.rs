@@ -698,11 +698,26 @@ pub struct Left {
 /// Per-device fence state; persisted with the outbox batch. Small vectors
 /// rather than maps: a device is in a handful of fences at most, and 10,000
 /// devices' states must stay small.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeviceFences {
     pub inside: Vec<Inside>,
     pub left: Vec<Left>,
+    /// No `absent` is due before this event time (at most the earliest
+    /// `due` in `left`), so most readings need not read `left`, which
+    /// lies elsewhere in memory. Not stored: `None` after loading, and
+    /// the next reading looks.
+    #[serde(skip)]
+    absent_from: Option<i64>,
 }
+
+/// The state itself, not the hint of when to look at it.
+impl PartialEq for DeviceFences {
+    fn eq(&self, other: &Self) -> bool {
+        self.inside == other.inside && self.left == other.left
+    }
+}
+
+impl Eq for DeviceFences {}
 
 impl DeviceFences {
     pub fn is_empty(&self) -> bool {
@@ -758,11 +773,13 @@ impl DeviceFences {
                 let gone = self.inside.remove(i);
                 emit(FenceEventKind::Exit, &gone.fence.name());
                 if let Some(absent) = index.get(gone.fence).and_then(|f| f.absent_ms) {
+                    let due = ts.saturating_add(absent);
                     self.left.retain(|l| l.fence != gone.fence);
                     self.left.push(Left {
                         fence: gone.fence,
-                        due: ts.saturating_add(absent),
+                        due,
                     });
+                    self.absent_from = self.absent_from.map(|t| t.min(due));
                 }
             }
             for fence in &now_inside {
@@ -787,19 +804,22 @@ impl DeviceFences {
                 emit(FenceEventKind::Dwell, &inside.fence.name());
             }
         }
-        if self.left.iter().any(|l| ts >= l.due) {
-            let mut absent: Vec<FenceId> = Vec::new();
-            self.left.retain(|l| {
-                let due = ts >= l.due;
-                if due {
-                    absent.push(l.fence);
+        if self.absent_from.is_none_or(|t| ts >= t) {
+            if self.left.iter().any(|l| ts >= l.due) {
+                let mut absent: Vec<FenceId> = Vec::new();
+                self.left.retain(|l| {
+                    let due = ts >= l.due;
+                    if due {
+                        absent.push(l.fence);
+                    }
+                    !due
+                });
+                absent.sort();
+                for id in absent {
+                    emit(FenceEventKind::Absent, &id.name());
                 }
-                !due
-            });
-            absent.sort();
-            for id in absent {
-                emit(FenceEventKind::Absent, &id.name());
             }
+            self.absent_from = Some(self.left.iter().map(|l| l.due).min().unwrap_or(i64::MAX));
         }
         events
     }

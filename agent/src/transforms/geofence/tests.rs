@@ -488,6 +488,7 @@ fn fence_ids_order_by_name_and_survive_a_round_trip_to_disk() {
             dwell_reported: true,
         }],
         left: vec![Left { fence: a, due: 9 }],
+        ..Default::default()
     };
     let bytes = postcard::to_allocvec(&state).unwrap();
     // Stored as names, so another process reads the same fences.
@@ -569,5 +570,66 @@ fn grid_and_tree_timings() {
         eprintln!(
             "{fences} fences of {vertices} vertices: grid built in {built:?}; {lookups} lookups: grid {grid_time:?}, R-tree {tree_time:?}"
         );
+    }
+}
+
+#[test]
+fn absent_timers_fire_in_turn_and_after_a_round_trip_to_disk() {
+    // Three fences left at different times: each `absent` fires at its own
+    // due time, whether the state stayed in memory or was stored and read
+    // back between readings (which forgets when the next one is due).
+    let text = r#"{"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"id": "a", "absent_seconds": 100},
+         "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]]}},
+        {"type": "Feature", "properties": {"id": "b", "absent_seconds": 10},
+         "geometry": {"type": "Polygon", "coordinates": [[[2, 0], [3, 0], [3, 1], [2, 1], [2, 0]]]}},
+        {"type": "Feature", "properties": {"id": "c", "absent_seconds": 50},
+         "geometry": {"type": "Polygon", "coordinates": [[[4, 0], [5, 0], [5, 1], [4, 1], [4, 0]]]}}]}"#;
+    let index = FenceIndex::new(parse_fences(text).unwrap());
+    for stored in [false, true] {
+        let mut state = DeviceFences::default();
+        let mut seq = 0;
+        let mut step = |state: &mut DeviceFences, s: i64, lon: f64| {
+            if stored {
+                let bytes = postcard::to_allocvec(&*state).unwrap();
+                *state = postcard::from_bytes(&bytes).unwrap();
+            }
+            seq += 1;
+            state
+                .step(&index, "d", seq, s * 1000, 0.5, lon)
+                .into_iter()
+                .map(|e| (e.kind, e.fence_id))
+                .collect::<Vec<_>>()
+        };
+        // In and out of a (due 101), b (due 13), c (due 55).
+        step(&mut state, 0, 0.5);
+        step(&mut state, 1, 9.0);
+        step(&mut state, 2, 2.5);
+        step(&mut state, 3, 9.0);
+        step(&mut state, 4, 4.5);
+        step(&mut state, 5, 9.0);
+        assert_eq!(state.left.len(), 3, "stored: {stored}");
+        let absent = |f: &str| vec![(FenceEventKind::Absent, f.to_string())];
+        assert_eq!(step(&mut state, 12, 9.0), vec![]);
+        assert_eq!(step(&mut state, 13, 9.0), absent("b"), "stored: {stored}");
+        assert_eq!(step(&mut state, 54, 9.0), vec![]);
+        // Back into a at c's due time: a's timer ends, c's fires; out of a
+        // again, a new timer for it.
+        assert_eq!(
+            step(&mut state, 60, 0.5),
+            vec![
+                (FenceEventKind::Enter, "a".to_string()),
+                (FenceEventKind::Absent, "c".to_string())
+            ],
+            "stored: {stored}"
+        );
+        assert_eq!(
+            step(&mut state, 61, 9.0),
+            vec![(FenceEventKind::Exit, "a".to_string())]
+        );
+        assert_eq!(step(&mut state, 160, 9.0), vec![]);
+        assert_eq!(step(&mut state, 161, 9.0), absent("a"), "stored: {stored}");
+        assert!(state.left.is_empty());
+        assert_eq!(step(&mut state, 1000, 9.0), vec![]);
     }
 }
