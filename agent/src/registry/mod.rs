@@ -478,6 +478,11 @@ impl DeviceCache {
         None
     }
 
+    /// Whether `device_id` is cached; no hit or miss is counted.
+    pub fn contains(&self, device_id: &str) -> bool {
+        self.hot.contains_key(device_id) || self.cold.contains_key(device_id)
+    }
+
     pub fn insert(&mut self, device_id: &str, entry: Option<Arc<CachedDevice>>) {
         self.insert_hot(device_id.into(), entry);
     }

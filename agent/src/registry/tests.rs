@@ -240,4 +240,9 @@ fn cache_is_bounded_and_counts_hits_and_misses() {
         assert_eq!(cache.get(id), Some(None), "{id}");
     }
     assert_eq!(cache.get(&"k".repeat(23)), None);
+    // `contains` answers without counting.
+    let counted = (cache.hits, cache.misses);
+    assert!(cache.contains(&ids[2]));
+    assert!(!cache.contains("nobody"));
+    assert_eq!((cache.hits, cache.misses), counted);
 }
