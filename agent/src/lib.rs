@@ -66,11 +66,12 @@ pub enum AgentError {
 /// Opens the outbox with the data plane configured, applying the registry
 /// file when it changed. Blocking: call it off the async reactor.
 pub fn open_outbox(config: &Config) -> anyhow::Result<outbox::Outbox> {
-    let mut outbox = outbox::Outbox::open(
+    let mut outbox = outbox::Outbox::open_paged(
         &config.database_path(),
         config.outbox.synchronous,
         &config.gateway_id,
         config.outbox.quarantine_max_rows,
+        config.outbox.page_size,
     )?;
     outbox.configure(config)?;
     if let Some(file) = &config.registry.file {

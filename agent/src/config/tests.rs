@@ -81,6 +81,12 @@ fn minimal_config_gets_documented_defaults() {
     assert_eq!(c.outbox.batch_max_records, 5000);
     assert_eq!(c.outbox.max_size_bytes, 256 * 1024 * 1024);
     assert_eq!(c.outbox.batch_linger_ms, 2);
+    assert_eq!(c.outbox.page_size, 4096);
+    let paged = format!("{MINIMAL}[outbox]\npage_size = 16384\n");
+    assert_eq!(
+        Config::from_toml(&paged, "t").unwrap().outbox.page_size,
+        16384
+    );
     assert!(c.outbox.uplink_ends_linger);
     let kept = format!("{MINIMAL}[outbox]\nuplink_ends_linger = false\n");
     assert!(
@@ -114,6 +120,15 @@ fn bad_values_name_key_value_and_allowed() {
         err,
         "invalid config: `outbox.batch_max_records` = 0: 1 to 100000"
     );
+    for bad in [0, 2048, 5000, 131072] {
+        let err = error_of(&format!("{MINIMAL}\n[outbox]\npage_size = {bad}\n"));
+        assert_eq!(
+            err,
+            format!(
+                "invalid config: `outbox.page_size` = {bad}: 4096, 8192, 16384, 32768 or 65536"
+            )
+        );
+    }
     let err = error_of(&MINIMAL.replace(
         "brokers = \"127.0.0.1:9092\"",
         "brokers = \"x\"\ncompression = \"brotli\"",

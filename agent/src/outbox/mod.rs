@@ -354,6 +354,15 @@ pub struct Outbox {
 
 /// Opens the database with the pragmas every connection needs.
 pub fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, OutboxError> {
+    open_connection_paged(path, sync, None)
+}
+
+/// [`open_connection`]; `page_size` applies if the database is new.
+fn open_connection_paged(
+    path: &Path,
+    sync: SyncMode,
+    page_size: Option<u32>,
+) -> Result<Connection, OutboxError> {
     let open_err = |source| OutboxError::Open {
         path: path.display().to_string(),
         source,
@@ -361,6 +370,11 @@ pub fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, Outbox
     let conn = Connection::open(path).map_err(open_err)?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
         .map_err(open_err)?;
+    // Before anything is written: a database in WAL mode keeps its size.
+    if let Some(size) = page_size {
+        conn.pragma_update(None, "page_size", size)
+            .map_err(open_err)?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL")
         .map_err(open_err)?;
     let sync = match sync {
@@ -369,11 +383,18 @@ pub fn open_connection(path: &Path, sync: SyncMode) -> Result<Connection, Outbox
     };
     conn.pragma_update(None, "synchronous", sync)
         .map_err(open_err)?;
-    // Checkpoint every 1000 pages (4 MiB with 4 KiB pages): sequential
-    // enough for SD cards, and small next to outbox.disk_reserve_bytes, so
-    // a checkpoint always has room to grow the database.
-    conn.pragma_update(None, "wal_autocheckpoint", 1000)
+    // Checkpoint every 4 MiB of pages: sequential enough for SD cards, and
+    // small next to outbox.disk_reserve_bytes, so a checkpoint always has
+    // room to grow the database.
+    let page: i64 = conn
+        .pragma_query_value(None, "page_size", |r| r.get(0))
         .map_err(open_err)?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        ((4 << 20) / page.max(512)).max(1),
+    )
+    .map_err(open_err)?;
     Ok(conn)
 }
 
@@ -384,7 +405,18 @@ impl Outbox {
         gateway_id: &str,
         quarantine_max_rows: u64,
     ) -> Result<Self, OutboxError> {
-        let conn = open_connection(path, sync)?;
+        Self::open_paged(path, sync, gateway_id, quarantine_max_rows, 4096)
+    }
+
+    /// [`Outbox::open`]; a new database gets pages of `page_size` bytes.
+    pub fn open_paged(
+        path: &Path,
+        sync: SyncMode,
+        gateway_id: &str,
+        quarantine_max_rows: u64,
+        page_size: u32,
+    ) -> Result<Self, OutboxError> {
+        let conn = open_connection_paged(path, sync, Some(page_size))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::registry::SCHEMA)?;
         conn.execute_batch(crate::transforms::enrich::SCHEMA)?;

@@ -147,6 +147,39 @@ fn batch_is_written_and_read_back() {
 }
 
 #[test]
+fn a_new_database_gets_the_page_size_and_an_existing_one_keeps_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let pragma = |outbox: &mut Outbox, name: &str| -> i64 {
+        outbox
+            .connection()
+            .pragma_query_value(None, name, |r| r.get(0))
+            .unwrap()
+    };
+    {
+        let mut outbox = Outbox::open_paged(&path, SyncMode::Full, "gw-1", 3, 16384).unwrap();
+        assert_eq!(pragma(&mut outbox, "page_size"), 16384);
+        // Checkpoints every 4 MiB, whatever the page size.
+        assert_eq!(pragma(&mut outbox, "wal_autocheckpoint"), 256);
+        // Bodies larger than a page still go and come back whole.
+        let mut items: Vec<_> = (0..10_000).map(|i| reading(&format!("d{i}"), 1)).collect();
+        let out = outbox.write_batch(&mut items, NOW).unwrap();
+        assert_eq!(out.valid, 10_000);
+        assert!(out.bytes > 3 * 16384, "{} bytes", out.bytes);
+    }
+    let mut outbox = Outbox::open(&path, SyncMode::Full, "gw-1", 3).unwrap();
+    assert_eq!(pragma(&mut outbox, "page_size"), 16384);
+    assert_eq!(pragma(&mut outbox, "wal_autocheckpoint"), 256);
+    let batches = load_batches(&outbox.conn, 0, 10).unwrap();
+    assert_eq!(batches[0].records.len(), 10_000);
+    assert_eq!(batches[0].records[9999].key, b"d9999");
+    // The default for a new one: 4096.
+    let mut other = Outbox::open(&dir.path().join("p.db"), SyncMode::Full, "gw-1", 3).unwrap();
+    assert_eq!(pragma(&mut other, "page_size"), 4096);
+    assert_eq!(pragma(&mut other, "wal_autocheckpoint"), 1024);
+}
+
+#[test]
 fn duplicates_are_dropped_within_and_across_batches_and_restarts() {
     let dir = tempfile::tempdir().unwrap();
     {
