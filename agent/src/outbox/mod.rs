@@ -654,9 +654,10 @@ impl Outbox {
                     for item in items.iter().skip(index).take(WARM_AHEAD) {
                         if let Item::Reading(reading, _) = item {
                             let device = reading.device_id.as_str();
-                            std::hint::black_box(
-                                self.hwm.contains_key(device) | self.plane.warm(device),
-                            );
+                            std::hint::black_box((
+                                self.hwm.contains_key(device),
+                                self.plane.warm(device),
+                            ));
                         }
                     }
                 }

@@ -478,9 +478,13 @@ impl DeviceCache {
         None
     }
 
-    /// Whether `device_id` is cached; no hit or miss is counted.
-    pub fn contains(&self, device_id: &str) -> bool {
-        self.hot.contains_key(device_id) || self.cold.contains_key(device_id)
+    /// The cached entry of a known device, if any; no hit or miss is
+    /// counted and nothing moves between generations.
+    pub fn peek(&self, device_id: &str) -> Option<&CachedDevice> {
+        match self.hot.get(device_id) {
+            Some(e) => e.as_deref(),
+            None => self.cold.get(device_id).and_then(|e| e.as_deref()),
+        }
     }
 
     pub fn insert(&mut self, device_id: &str, entry: Option<Arc<CachedDevice>>) {

@@ -240,9 +240,13 @@ fn cache_is_bounded_and_counts_hits_and_misses() {
         assert_eq!(cache.get(id), Some(None), "{id}");
     }
     assert_eq!(cache.get(&"k".repeat(23)), None);
-    // `contains` answers without counting.
+    // `peek` answers without counting.
     let counted = (cache.hits, cache.misses);
-    assert!(cache.contains(&ids[2]));
-    assert!(!cache.contains("nobody"));
+    let meta: DeviceMeta = serde_json::from_str(r#"{"device_id": "known"}"#).unwrap();
+    let known = Arc::new(CachedDevice::new(&meta));
+    cache.insert("known", Some(known.clone()));
+    assert!(cache.peek("known").is_some());
+    assert!(cache.peek(&ids[2]).is_none(), "known to be unknown");
+    assert!(cache.peek("nobody").is_none());
     assert_eq!((cache.hits, cache.misses), counted);
 }
