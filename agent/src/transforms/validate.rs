@@ -615,11 +615,10 @@ mod scan {
         }
 
         /// Reads a number in JSON's grammar (`-? int frac? exp?`) and
-        /// consumes it. `Some(Some(value))` when it has no exponent and its
-        /// digits fit in 53 bits with at most 22 after the point: the
-        /// digits and the power of ten are then both exact in an f64, so
-        /// one division rounds correctly (Clinger's fast path).
-        /// `Some(None)` for any other number, `None` for no number.
+        /// consumes it. `Some(Some(value))`, correctly rounded, when it has
+        /// no exponent and at most 19 digits, at most 22 of them after the
+        /// point ([`scaled_down`]). `Some(None)` for any other number,
+        /// `None` for no number.
         fn scan_float(&mut self) -> Option<Option<f64>> {
             let bytes = self.bytes;
             let mut i = self.at;
@@ -681,16 +680,14 @@ mod scan {
             }
             self.at = i;
             // At most 19 digits cannot have wrapped around.
-            if exponent || int_digits + decimals > 19 || decimals >= EXACT_POWERS.len() {
+            if exponent || int_digits + decimals > 19 || decimals >= RECIPROCALS_OF_FIVE.len() {
                 return Some(None);
             }
-            let value = if mantissa <= 1 << 53 {
-                mantissa as f64 / EXACT_POWERS[decimals]
+            let value = if decimals == 0 || mantissa == 0 {
+                // Integer to float conversion rounds to nearest, ties to even.
+                mantissa as f64
             } else {
-                match wide_quotient(mantissa, decimals) {
-                    Some(value) => value,
-                    None => return Some(None),
-                }
+                scaled_down(mantissa, decimals)
             };
             Some(Some(if negative { -value } else { value }))
         }
@@ -787,58 +784,82 @@ mod scan {
     }
 
     /// `mantissa / 10^decimals` correctly rounded (to nearest, ties to
-    /// even), for a mantissa above 2^53 (16 to 19 digits), where one float
-    /// division would round twice. The quotient of `mantissa * 2^64` by
-    /// the power of ten, in integers, keeps at least 55 bits: the top 53
-    /// are the result, the rest and the remainder decide the rounding.
-    /// `None` when fewer bits remain (more than 18 decimals).
-    fn wide_quotient(mantissa: u64, decimals: usize) -> Option<f64> {
-        if decimals == 0 {
-            // Integer to float conversion rounds to nearest, ties to even.
-            return Some(mantissa as f64);
+    /// even), for a mantissa other than 0 and 1 to 22 decimals, without a
+    /// division: the mantissa, shifted to fill 64 bits, is multiplied by a
+    /// 128-bit reciprocal of 5^decimals ([`RECIPROCALS_OF_FIVE`]), and the
+    /// top bits of the product are the result's significand with its
+    /// rounding bit (the method of Eisel and Lemire). The reciprocal is one
+    /// unit above the truncated value, so the product errs upwards by less
+    /// than one unit in the 64 bits under the significand; where those bits
+    /// leave the rounding open, the low half of the reciprocal is added in.
+    /// With at most 22 decimals the product is always close enough to
+    /// decide (the method is exact for powers of ten from 10^-27 to 10^55),
+    /// and every result is a normal number.
+    pub(super) fn scaled_down(mantissa: u64, decimals: usize) -> f64 {
+        debug_assert!(mantissa != 0 && (1..RECIPROCALS_OF_FIVE.len()).contains(&decimals));
+        let shift = mantissa.leading_zeros();
+        let w = u128::from(mantissa << shift);
+        let reciprocal = RECIPROCALS_OF_FIVE[decimals];
+        let first = w * (reciprocal >> 64);
+        let (mut hi, mut lo) = ((first >> 64) as u64, first as u64);
+        // Below the 53 significand bits, the rounding bit and the bit the
+        // product's top may lack: all ones means a carry from the low half
+        // of the reciprocal could still change the result.
+        const OPEN: u64 = u64::MAX >> 55;
+        if hi & OPEN == OPEN {
+            let second = ((w * (reciprocal as u64 as u128)) >> 64) as u64;
+            let (sum, carry) = lo.overflowing_add(second);
+            lo = sum;
+            hi += u64::from(carry);
         }
-        let power = POWERS_OF_TEN[decimals];
-        let numerator = u128::from(mantissa) << 64;
-        let quotient = numerator / power;
-        let remainder = numerator - quotient * power;
-        if quotient < 1 << 54 {
-            return None;
+        let top = (hi >> 63) as u32;
+        let mut significand = hi >> (top + 9);
+        // The binary exponent: floor(-decimals * log2(10)) from a fixed-point
+        // log2(10) (217706 / 2^16), the product's scale and the bias.
+        let q = -(decimals as i64);
+        let mut exponent = ((q * 217_706) >> 16) + 63 + i64::from(top) - i64::from(shift) + 1023;
+        // Exactly halfway between two floats (only possible for up to four
+        // decimals): round to even instead of up.
+        if lo <= 1 && decimals <= 4 && significand & 3 == 1 && (significand << (top + 9)) == hi {
+            significand &= !1;
         }
-        let bits = 128 - quotient.leading_zeros();
-        let mut shift = bits - 53;
-        let mut significand = (quotient >> shift) as u64;
-        let rest = quotient & ((1 << shift) - 1);
-        let half = 1u128 << (shift - 1);
-        let up = rest > half || (rest == half && (remainder != 0 || significand & 1 == 1));
-        if up {
-            significand += 1;
-            if significand == 1 << 53 {
-                significand = 1 << 52;
-                shift += 1;
-            }
+        significand += significand & 1;
+        significand >>= 1;
+        if significand >= 2 << 52 {
+            significand = 1 << 52;
+            exponent += 1;
         }
-        // significand * 2^(shift - 64): shift is 2 to 75, so the scale is
-        // a normal power of two and the product exact.
-        let scale = f64::from_bits(((1023 + i64::from(shift) - 64) as u64) << 52);
-        Some(significand as f64 * scale)
+        f64::from_bits((significand & !(1 << 52)) | ((exponent as u64) << 52))
     }
 
-    /// 10^0 to 10^22 as integers.
-    const POWERS_OF_TEN: [u128; 23] = {
-        let mut powers = [1u128; 23];
-        let mut i = 1;
-        while i < powers.len() {
-            powers[i] = powers[i - 1] * 10;
-            i += 1;
+    /// For each d from 1 to 22: floor(2^(z + 127) / 5^d) + 1, where 2^z is
+    /// the least power of two above 5^d, so that the top bit is set. Entry
+    /// 0 is unused.
+    const RECIPROCALS_OF_FIVE: [u128; 23] = {
+        let mut table = [0u128; 23];
+        let mut d = 1;
+        while d < table.len() {
+            let five = 5u64.pow(d as u32) as u128;
+            let z = 128 - (five - 1).leading_zeros();
+            // Long division of 2^(z + 127) by 5^d, one bit at a time.
+            let bits = z + 127;
+            let mut remainder = 0u128;
+            let mut quotient = 0u128;
+            let mut i = 0;
+            while i <= bits {
+                remainder = (remainder << 1) | (i == 0) as u128;
+                quotient <<= 1;
+                if remainder >= five {
+                    remainder -= five;
+                    quotient |= 1;
+                }
+                i += 1;
+            }
+            table[d] = quotient + 1;
+            d += 1;
         }
-        powers
+        table
     };
-
-    /// Powers of ten that an f64 holds exactly.
-    const EXACT_POWERS: [f64; 23] = [
-        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
-        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
-    ];
 
     /// The exact path alone on a whole number text (for tests).
     #[cfg(test)]

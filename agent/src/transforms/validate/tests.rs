@@ -510,6 +510,59 @@ fn exact_floats_equal_the_full_parser() {
     assert_eq!(scan::exact_float(b"0.00000000000000000000001"), None);
 }
 
+/// The multiplication by a reciprocal gives the bits of the full parser
+/// for every mantissa length and 1 to 22 decimals, and on the cases where
+/// it must decide a tie (exactly halfway between two floats) or look at
+/// the reciprocal's low half.
+#[test]
+fn scaled_down_equals_the_full_parser() {
+    let check = |mantissa: u64, decimals: usize| {
+        let digits = mantissa.to_string();
+        let text = if digits.len() > decimals {
+            let (int, frac) = digits.split_at(digits.len() - decimals);
+            format!("{int}.{frac}")
+        } else {
+            format!("0.{}{digits}", "0".repeat(decimals - digits.len()))
+        };
+        let full: f64 = text.parse().unwrap();
+        let scaled = scan::scaled_down(mantissa, decimals);
+        assert_eq!(
+            scaled.to_bits(),
+            full.to_bits(),
+            "{text}: {scaled} against {full}"
+        );
+    };
+    let mut next = xorshift(0x9e37_79b9_7f4a_7c15);
+    for _ in 0..500_000 {
+        let mantissa = match next() % 4 {
+            // Any 64-bit value, and values of every length.
+            0 => next().max(1),
+            _ => (next() % 10u64.pow(1 + (next() % 19) as u32)).max(1),
+        };
+        check(mantissa, 1 + (next() % 22) as usize);
+    }
+    // Ties: (2j + 1) / 2^(s + 1) next to floats of spacing 2^-s is
+    // (2j + 1) * 5^(s + 1) / 10^(s + 1); and their neighbours.
+    for s in 0..4u32 {
+        let five = 5u64.pow(s + 1);
+        for _ in 0..20_000 {
+            let odd = ((1u64 << (52 - s)) + next() % (1u64 << (52 - s))) * 2 + 1;
+            let Some(mantissa) = odd.checked_mul(five) else {
+                continue;
+            };
+            for m in [mantissa - 1, mantissa, mantissa + 1] {
+                check(m, s as usize + 1);
+            }
+        }
+    }
+    // The extremes of the range.
+    for decimals in 1..=22 {
+        for mantissa in [1, 2, 9, 10, u64::MAX, u64::MAX - 1, 1 << 63, (1 << 53) + 1] {
+            check(mantissa, decimals);
+        }
+    }
+}
+
 #[test]
 fn hand_written_json_equals_serde_json() {
     let mut with_extras = good();
