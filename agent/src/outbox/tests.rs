@@ -1019,6 +1019,25 @@ fn a_cut_state_log_entry_keeps_what_came_before_the_cut() {
         .state("truck-1")
         .expect("the first entry applied");
     assert_eq!(state.outside.get("speed"), Some(&1));
+    // An entry whose framing holds but whose state does not read: the
+    // device starts over without state, as for an unreadable row of
+    // `device_state`, not with the older one.
+    let mut unreadable = Vec::new();
+    unreadable.extend_from_slice(&7u16.to_le_bytes());
+    unreadable.extend_from_slice(b"truck-1");
+    unreadable.extend_from_slice(&3u32.to_le_bytes());
+    unreadable.extend_from_slice(&[0xff, 0xff, 0xff]);
+    let mut outbox = outbox;
+    outbox
+        .connection()
+        .execute(
+            "INSERT INTO device_state_log (body) VALUES (?1)",
+            [&unreadable],
+        )
+        .unwrap();
+    drop(outbox);
+    let outbox = open_with(&dir, &config);
+    assert_eq!(outbox.plane().state("truck-1"), None);
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! `device_state_log`, not as rows of `device_state`: updating a device's
 //! row rewrites a page of the table for nearly every changed device, while
 //! the log row is written in sequence. Once the log holds
-//! [`STATE_LOG_FOLD_BYTES`], a batch folds it: it writes the current state
+//! [`STATE_LOG_FOLD_BYTES`], the next batch that changes a state folds it
+//! instead: it writes the current state
 //! of every device named in the log to `device_state` (each once, however
 //! often it changed) and empties the log, in the batch's transaction. At start
 //! the states are `device_state` with the log applied in order.
@@ -206,8 +207,12 @@ impl DataPlane {
                         Ok(state) => {
                             self.states.insert(device.clone(), state);
                         }
+                        // As an unreadable row of `device_state`: the device
+                        // starts over without state (at most a repeated
+                        // `enter`), rather than with an older one.
                         Err(e) => {
-                            error!(%device, error = %e, "ignoring unreadable logged device state");
+                            error!(%device, error = %e, "unreadable logged device state; the device starts without state");
+                            self.states.remove(&device);
                         }
                     },
                     None => {
@@ -219,7 +224,8 @@ impl DataPlane {
             if let Err(what) = applied {
                 error!(
                     id,
-                    what, "device state log entry cut short; the states after the cut are lost"
+                    what,
+                    "device state log entry cut short; the devices after the cut keep their state from before it"
                 );
             }
         }
@@ -277,25 +283,29 @@ impl DataPlane {
         Ok(())
     }
 
-    /// Looks the device up and applies the unknown-device policy and the
-    /// device's value ranges. `Ok(Err(_))` rejects the reading.
     /// Looks `device_id` up in the registry cache and the device states
     /// without using the answer: run over the next readings of a batch
     /// before they are processed, the lookups' cache misses overlap
-    /// instead of each stalling its reading in turn.
-    /// The entries' parts a reading reads are touched too: the cached
-    /// device's enrichment, the state's fence lists.
+    /// instead of each stalling its reading in turn. The entries' parts a
+    /// reading reads are touched too: the cached device's enrichment, the
+    /// state's fence lists.
     pub fn warm(&self, device_id: &str) -> usize {
         let cached = self.cache.peek(device_id).map_or(0, |m| {
-            m.enrichment_json.len()
-                + usize::from(m.enrichment_json.as_bytes().first().copied().unwrap_or(0))
+            m.enrichment_json.len().wrapping_add(usize::from(
+                m.enrichment_json.as_bytes().first().copied().unwrap_or(0),
+            ))
         });
         let state = self.states.get(device_id).map_or(0, |s| {
-            s.fences.left.len() + s.fences.inside.first().map_or(0, |i| i.since as usize)
+            s.fences
+                .left
+                .len()
+                .wrapping_add(s.fences.inside.first().map_or(0, |i| i.since as usize))
         });
         cached.wrapping_add(state)
     }
 
+    /// Looks the device up and applies the unknown-device policy and the
+    /// device's value ranges. `Ok(Err(_))` rejects the reading.
     pub fn check(
         &mut self,
         conn: &Connection,

@@ -616,8 +616,8 @@ mod scan {
 
         /// Reads a number in JSON's grammar (`-? int frac? exp?`) and
         /// consumes it. `Some(Some(value))`, correctly rounded, when it has
-        /// no exponent and at most 19 digits, at most 22 of them after the
-        /// point ([`scaled_down`]). `Some(None)` for any other number,
+        /// no exponent and at most 19 digits (so at most 18 after the
+        /// point; [`scaled_down`]). `Some(None)` for any other number,
         /// `None` for no number.
         fn scan_float(&mut self) -> Option<Option<f64>> {
             let bytes = self.bytes;
@@ -680,6 +680,8 @@ mod scan {
             }
             self.at = i;
             // At most 19 digits cannot have wrapped around.
+            // (19 digits leave at most 18 decimals; the table's bound is
+            // checked all the same.)
             if exponent || int_digits + decimals > 19 || decimals >= RECIPROCALS_OF_FIVE.len() {
                 return Some(None);
             }
