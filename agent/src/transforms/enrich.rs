@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
-use tracing::{error, info};
+use tracing::{debug, error, info};
 
 use crate::DeviceKey;
 use crate::config::{Bounds, Config, DeviceTypeConfig, UnknownDevice};
@@ -540,7 +540,9 @@ impl DataPlane {
     /// Writes the state of every device named in the log, or changed by
     /// this batch, to `device_state`, and empties the log.
     fn fold(&mut self, conn: &Connection) -> Result<(), rusqlite::Error> {
+        let started = std::time::Instant::now();
         self.logged.extend(self.dirty.iter().cloned());
+        let count = self.logged.len();
         let mut devices: Vec<&DeviceKey> = self.logged.iter().collect();
         devices.sort_unstable();
         let mut upsert = conn.prepare_cached(
@@ -562,6 +564,12 @@ impl DataPlane {
             }
         }
         conn.execute("DELETE FROM device_state_log", [])?;
+        debug!(
+            devices = count,
+            log_bytes = self.log_bytes,
+            ms = started.elapsed().as_millis() as u64,
+            "device state log folded into device_state (committed with the batch)"
+        );
         // Should the transaction fail, the states are reloaded from SQLite,
         // the log and these two with them.
         self.logged.clear();
