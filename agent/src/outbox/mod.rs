@@ -38,7 +38,8 @@ use crate::transforms::validate::{
 /// 6: device states changed by a batch are logged in `device_state_log`
 /// and folded into `device_state` later (an older build would miss the
 /// logged ones and raise spurious `enter` events).
-const SCHEMA_VERSION: i64 = 6;
+/// 7: `device_state_log` rows may be lz4-compressed (`codec`).
+const SCHEMA_VERSION: i64 = 7;
 
 /// Body tag of an accepted reading stored in binary, fixed-width
 /// ([`encode_reading`]). Read back, it becomes a [`TopicId::Data`] record
@@ -440,6 +441,17 @@ impl Outbox {
         if !has_codec {
             conn.execute_batch(
                 "ALTER TABLE outbox_batch ADD COLUMN codec INTEGER NOT NULL DEFAULT 0",
+            )?;
+        }
+        // Version 6 logged device states uncompressed, without a codec.
+        let log_has_codec: bool = conn.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('device_state_log') WHERE name = 'codec'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !log_has_codec {
+            conn.execute_batch(
+                "ALTER TABLE device_state_log ADD COLUMN codec INTEGER NOT NULL DEFAULT 0",
             )?;
         }
         conn.execute(
@@ -1399,7 +1411,7 @@ pub fn load_marks(conn: &Connection) -> Result<HashMap<DeviceKey, u64>, OutboxEr
 }
 
 /// An lz4 block with its decompressed size in front (u32, little endian).
-fn decompress(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
+pub(crate) fn decompress(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
     let (size, block) = stored
         .split_first_chunk::<4>()
         .ok_or("lz4 body shorter than its size header")?;

@@ -1002,10 +1002,14 @@ fn a_cut_state_log_entry_keeps_what_came_before_the_cut() {
     let speed = |seq: u64, speed: f64| At { seq, speed, ..BASE };
     write(&mut outbox, "truck-1", &[speed(1, 90.0)]);
     // A second entry, cut in the middle of its state.
-    let body: Vec<u8> = outbox
+    let (stored, codec): (Vec<u8>, i64) = outbox
         .connection()
-        .query_row("SELECT body FROM device_state_log", [], |r| r.get(0))
+        .query_row("SELECT body, codec FROM device_state_log", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
         .unwrap();
+    assert_eq!(codec, 1, "entries are stored compressed");
+    let body = decompress(&stored).unwrap();
     let mut cut = body.clone();
     cut.truncate(body.len() - 1);
     outbox
@@ -1038,6 +1042,81 @@ fn a_cut_state_log_entry_keeps_what_came_before_the_cut() {
     drop(outbox);
     let outbox = open_with(&dir, &config);
     assert_eq!(outbox.plane().state("truck-1"), None);
+}
+
+#[test]
+fn state_log_entries_that_do_not_unpack_are_skipped_and_version_6_entries_still_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = plane_config("");
+    let mut outbox = open_with(&dir, &config);
+    apply_registry(&mut outbox, &crate::registry::tests::document());
+    let speed = |seq: u64, speed: f64| At { seq, speed, ..BASE };
+    write(&mut outbox, "truck-1", &[speed(1, 90.0)]);
+    let stored: Vec<u8> = outbox
+        .connection()
+        .query_row("SELECT body FROM device_state_log", [], |r| r.get(0))
+        .unwrap();
+    let raw = decompress(&stored).unwrap();
+    // Later entries that cannot be read: a damaged lz4 block, an unknown
+    // codec. truck-1 keeps the state of the first.
+    let mut damaged = stored.clone();
+    damaged.truncate(stored.len() / 2);
+    outbox
+        .connection()
+        .execute(
+            "INSERT INTO device_state_log (body, codec) VALUES (?1, 1), (?2, 9)",
+            params![damaged, raw],
+        )
+        .unwrap();
+    drop(outbox);
+    let mut outbox = open_with(&dir, &config);
+    let state = outbox.plane().state("truck-1").cloned().expect("a state");
+    assert_eq!(state.outside.get("speed"), Some(&1));
+    // A database of schema 6: the log table without a codec, entries as
+    // they are.
+    outbox
+        .connection()
+        .execute_batch(
+            "DROP TABLE device_state_log;
+             CREATE TABLE device_state_log (id INTEGER PRIMARY KEY, body BLOB NOT NULL);
+             UPDATE meta SET value = 6 WHERE key = 'schema_version';",
+        )
+        .unwrap();
+    outbox
+        .connection()
+        .execute("INSERT INTO device_state_log (body) VALUES (?1)", [&raw])
+        .unwrap();
+    outbox
+        .connection()
+        .execute("DELETE FROM device_state", [])
+        .unwrap();
+    drop(outbox);
+    let mut outbox = open_with(&dir, &config);
+    assert_eq!(outbox.plane().state("truck-1"), Some(&state));
+    let version: i64 = outbox
+        .connection()
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    // New entries go compressed into the upgraded table.
+    write(&mut outbox, "truck-1", &[speed(2, 95.0)]);
+    let codecs: Vec<i64> = outbox
+        .connection()
+        .prepare("SELECT codec FROM device_state_log ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(codecs, [0, 1]);
+    drop(outbox);
+    let outbox = open_with(&dir, &config);
+    let state = outbox.plane().state("truck-1").expect("a state");
+    assert_eq!(state.outside.get("speed"), Some(&2));
 }
 
 #[test]

@@ -39,10 +39,16 @@ CREATE TABLE IF NOT EXISTS device_state (
     body      BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS device_state_log (
-    id   INTEGER PRIMARY KEY,
-    body BLOB NOT NULL
+    id    INTEGER PRIMARY KEY,
+    body  BLOB NOT NULL,
+    codec INTEGER NOT NULL DEFAULT 0
 );
 ";
+
+/// `device_state_log.codec`: the entry as it is, or one lz4 block with its
+/// size in front (states compress to about a sixth).
+const LOG_RAW: i64 = 0;
+const LOG_LZ4: i64 = 1;
 
 /// Bytes of `device_state_log` after which a batch folds it into
 /// `device_state`. Bounds the log (and the work of replaying it at start)
@@ -127,8 +133,9 @@ pub struct DataPlane {
     log_bytes: u64,
     /// Log size at which a batch folds it ([`STATE_LOG_FOLD_BYTES`]).
     fold_bytes: u64,
-    /// The log entry being written (reused).
+    /// The log entry being written, and compressed (reused).
     log_body: Vec<u8>,
+    log_packed: Vec<u8>,
     /// A batch failed after changing states: reload them from SQLite.
     reload: bool,
     unknown: u64,
@@ -149,6 +156,7 @@ impl DataPlane {
             log_bytes: 0,
             fold_bytes: STATE_LOG_FOLD_BYTES,
             log_body: Vec::new(),
+            log_packed: Vec::new(),
             reload: false,
             unknown: 0,
         }
@@ -169,6 +177,7 @@ impl DataPlane {
             log_bytes: 0,
             fold_bytes: STATE_LOG_FOLD_BYTES,
             log_body: Vec::new(),
+            log_packed: Vec::new(),
             reload: false,
             unknown: 0,
         }
@@ -194,11 +203,38 @@ impl DataPlane {
                 Err(e) => error!(device, error = %e, "ignoring unreadable stored device state"),
             }
         }
-        let mut stmt = conn.prepare("SELECT id, body FROM device_state_log ORDER BY id")?;
+        let mut stmt = conn.prepare("SELECT id, body, codec FROM device_state_log ORDER BY id")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
             let id: i64 = row.get(0)?;
-            let body = row.get_ref(1)?.as_blob()?;
+            let stored = row.get_ref(1)?.as_blob()?;
+            let codec: i64 = row.get(2)?;
+            let unpacked;
+            let body = match codec {
+                LOG_RAW => stored,
+                LOG_LZ4 => match crate::outbox::decompress(stored) {
+                    Ok(b) => {
+                        unpacked = b;
+                        &unpacked[..]
+                    }
+                    Err(what) => {
+                        error!(
+                            id,
+                            what,
+                            "device state log entry unreadable; the devices it names keep their state from before it"
+                        );
+                        continue;
+                    }
+                },
+                _ => {
+                    error!(
+                        id,
+                        codec,
+                        "device state log entry in an unknown format; the devices it names keep their state from before it"
+                    );
+                    continue;
+                }
+            };
             self.log_bytes += body.len() as u64;
             let applied = each_logged_state(body, |device, state| {
                 let device = DeviceKey::from(device);
@@ -497,9 +533,20 @@ impl DataPlane {
         let mut body = std::mem::take(&mut self.log_body);
         body.clear();
         let result = self.log_entry(&mut body).and_then(|()| {
-            conn.prepare_cached("INSERT INTO device_state_log (body) VALUES (?1)")?
-                .execute([&body])
+            // One lz4 block with the entry's size in front (u32 LE).
+            let packed = &mut self.log_packed;
+            let bound = lz4_flex::block::get_maximum_output_size(body.len());
+            packed.resize(4 + bound, 0);
+            let size = u32::try_from(body.len())
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            packed[..4].copy_from_slice(&size.to_le_bytes());
+            let n = lz4_flex::block::compress_into(&body, &mut packed[4..])
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            conn.prepare_cached("INSERT INTO device_state_log (body, codec) VALUES (?1, ?2)")?
+                .execute(params![&packed[..4 + n], LOG_LZ4])
         });
+        // The fold is due by the states' own size: it bounds the work of
+        // replaying the log at start.
         self.log_bytes += body.len() as u64;
         self.logged.extend(self.dirty.iter().cloned());
         self.log_body = body;
