@@ -433,27 +433,9 @@ impl Outbox {
             _ => {}
         }
         // Version 1 had no codec column: every body it wrote is raw.
-        let has_codec: bool = conn.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('outbox_batch') WHERE name = 'codec'",
-            [],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !has_codec {
-            conn.execute_batch(
-                "ALTER TABLE outbox_batch ADD COLUMN codec INTEGER NOT NULL DEFAULT 0",
-            )?;
-        }
+        add_codec_column(&conn, "outbox_batch")?;
         // Version 6 logged device states uncompressed, without a codec.
-        let log_has_codec: bool = conn.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('device_state_log') WHERE name = 'codec'",
-            [],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !log_has_codec {
-            conn.execute_batch(
-                "ALTER TABLE device_state_log ADD COLUMN codec INTEGER NOT NULL DEFAULT 0",
-            )?;
-        }
+        add_codec_column(&conn, "device_state_log")?;
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('schema_version', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![SCHEMA_VERSION],
@@ -1411,6 +1393,36 @@ pub fn load_marks(conn: &Connection) -> Result<HashMap<DeviceKey, u64>, OutboxEr
 }
 
 /// An lz4 block with its decompressed size in front (u32, little endian).
+/// Adds `codec INTEGER NOT NULL DEFAULT 0` (0: stored as is) to `table`
+/// of a database written before the table had it.
+fn add_codec_column(conn: &Connection, table: &str) -> Result<(), rusqlite::Error> {
+    let has_codec: bool = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = 'codec'",
+        [table],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_codec {
+        // `table` is one of this module's own table names, not input.
+        conn.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN codec INTEGER NOT NULL DEFAULT 0"
+        ))?;
+    }
+    Ok(())
+}
+
+/// Writes `raw` to `out` (cleared first) as [`decompress`] reads it: one
+/// lz4 block with the raw size in front (u32, little endian).
+pub(crate) fn compress_sized(raw: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+    let size = u32::try_from(raw.len()).map_err(|_| "body over 4 GiB")?;
+    out.clear();
+    out.resize(4 + lz4_flex::block::get_maximum_output_size(raw.len()), 0);
+    out[..4].copy_from_slice(&size.to_le_bytes());
+    let n = lz4_flex::block::compress_into(raw, &mut out[4..])
+        .map_err(|_| "lz4 output larger than its bound")?;
+    out.truncate(4 + n);
+    Ok(())
+}
+
 pub(crate) fn decompress(stored: &[u8]) -> Result<Vec<u8>, &'static str> {
     let (size, block) = stored
         .split_first_chunk::<4>()

@@ -143,34 +143,32 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub fn new(config: &Config) -> Self {
-        Self {
-            generation: -1,
-            cache: DeviceCache::new(config.registry.cache_capacity),
-            fences: FenceIndex::new(Vec::new()),
-            policy: config.registry.unknown_device,
-            types: config.device_types.clone(),
-            threshold_readings: config.alerts.threshold_readings,
-            states: HashMap::new(),
-            dirty: Vec::new(),
-            logged: HashSet::new(),
-            log_bytes: 0,
-            fold_bytes: STATE_LOG_FOLD_BYTES,
-            log_body: Vec::new(),
-            log_packed: Vec::new(),
-            reload: false,
-            unknown: 0,
-        }
+        Self::with(
+            config.registry.cache_capacity,
+            config.registry.unknown_device,
+            config.device_types.clone(),
+            config.alerts.threshold_readings,
+        )
     }
 
     /// No registry, unknown devices pass: what the outbox does on its own.
     pub fn passthrough() -> Self {
+        Self::with(1024, UnknownDevice::Pass, BTreeMap::new(), 3)
+    }
+
+    fn with(
+        cache_capacity: usize,
+        policy: UnknownDevice,
+        types: BTreeMap<String, DeviceTypeConfig>,
+        threshold_readings: u32,
+    ) -> Self {
         Self {
             generation: -1,
-            cache: DeviceCache::new(1024),
+            cache: DeviceCache::new(cache_capacity),
             fences: FenceIndex::new(Vec::new()),
-            policy: UnknownDevice::Pass,
-            types: BTreeMap::new(),
-            threshold_readings: 3,
+            policy,
+            types,
+            threshold_readings,
             states: HashMap::new(),
             dirty: Vec::new(),
             logged: HashSet::new(),
@@ -533,17 +531,10 @@ impl DataPlane {
         let mut body = std::mem::take(&mut self.log_body);
         body.clear();
         let result = self.log_entry(&mut body).and_then(|()| {
-            // One lz4 block with the entry's size in front (u32 LE).
-            let packed = &mut self.log_packed;
-            let bound = lz4_flex::block::get_maximum_output_size(body.len());
-            packed.resize(4 + bound, 0);
-            let size = u32::try_from(body.len())
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            packed[..4].copy_from_slice(&size.to_le_bytes());
-            let n = lz4_flex::block::compress_into(&body, &mut packed[4..])
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            crate::outbox::compress_sized(&body, &mut self.log_packed)
+                .map_err(|what| rusqlite::Error::ToSqlConversionFailure(what.into()))?;
             conn.prepare_cached("INSERT INTO device_state_log (body, codec) VALUES (?1, ?2)")?
-                .execute(params![&packed[..4 + n], LOG_LZ4])
+                .execute(params![&self.log_packed, LOG_LZ4])
         });
         // The fold is due by the states' own size: it bounds the work of
         // replaying the log at start.
