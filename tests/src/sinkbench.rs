@@ -325,6 +325,7 @@ fn reading(k: u64, devices: usize, base_ts: i64) -> Reading {
         lon: 13.40 + 0.03 * angle.cos(),
         speed: (k % 50) as f64 * 0.3,
         attributes,
+        decimals: Default::default(),
     }
 }
 

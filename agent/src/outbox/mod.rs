@@ -26,7 +26,7 @@ use crate::registry::RegistryError;
 use crate::signal::WriteTurn;
 use crate::transforms::enrich::{Alert, DataPlane};
 use crate::transforms::validate::{
-    DeadLetterRecord, Enrichment, Reading, RecordFields, Rejection, write_record_json,
+    DeadLetterRecord, Decimals, Enrichment, Reading, RecordFields, Rejection, write_record_json,
 };
 
 /// 2: batch bodies may be lz4-compressed (`outbox_batch.codec`).
@@ -39,7 +39,8 @@ use crate::transforms::validate::{
 /// and folded into `device_state` later (an older build would miss the
 /// logged ones and raise spurious `enter` events).
 /// 7: `device_state_log` rows may be lz4-compressed (`codec`).
-const SCHEMA_VERSION: i64 = 7;
+/// 8: compact readings may hold values as decimals (`COMPACT_DECIMAL`).
+const SCHEMA_VERSION: i64 = 8;
 
 /// Body tag of an accepted reading stored in binary, fixed-width
 /// ([`encode_reading`]). Read back, it becomes a [`TopicId::Data`] record
@@ -1711,17 +1712,19 @@ const COMPACT_EPOCH: u8 = 1;
 const COMPACT_REGISTERED: u8 = 2;
 const COMPACT_ATTRIBUTES: u8 = 4;
 const COMPACT_FRAGMENT: u8 = 8;
+const COMPACT_DECIMAL: u8 = 16;
 
 /// Appends an accepted reading in the compact form, or returns `false`
 /// (and appends nothing) when it cannot hold it: `seq` not derived from
 /// `device_seq` and `epoch`, or a device id longer than 255 bytes.
 ///
-/// `flags u8 (1: epoch, 2: registered, 4: attributes, 8: fragment) |
-/// device_seq varint | [epoch varint] | ts - received_at (zigzag varint) |
-/// six values (temperature, humidity, battery, lat, lon, speed),
-/// [`put_values`] | [attributes: varint length, JSON object] | [enrichment
-/// fragment: varint length, bytes]`. The key is the device id; the gateway
-/// id and `received_at` are in the batch's [`TAG_CONTEXT`] record.
+/// `flags u8 (1: epoch, 2: registered, 4: attributes, 8: fragment,
+/// 16: decimals) | device_seq varint | [epoch varint] | ts - received_at
+/// (zigzag varint) | six values (temperature, humidity, battery, lat, lon,
+/// speed): [`put_values`], or with flag 16 [`put_decimal_values`] |
+/// [attributes: varint length, JSON object] | [enrichment fragment: varint
+/// length, bytes]`. The key is the device id; the gateway id and
+/// `received_at` are in the batch's [`TAG_CONTEXT`] record.
 fn encode_compact(out: &mut Vec<u8>, r: &Reading, e: &Enrichment<'_>) -> bool {
     let folded = match r.epoch {
         Some(epoch) => epoch
@@ -1746,16 +1749,22 @@ fn encode_compact(out: &mut Vec<u8>, r: &Reading, e: &Enrichment<'_>) -> bool {
     if !e.fragment.is_empty() {
         flags |= COMPACT_FRAGMENT;
     }
+    let values = [r.temperature, r.humidity, r.battery, r.lat, r.lon, r.speed];
+    let decimals = DecimalValues::of(values, &r.decimals);
+    if decimals.mask != 0 {
+        flags |= COMPACT_DECIMAL;
+    }
     out.push(flags);
     put_varint(out, r.device_seq);
     if let Some(epoch) = r.epoch {
         put_varint(out, epoch);
     }
     put_varint(out, zigzag(r.ts.wrapping_sub(e.received_at)));
-    put_values(
-        out,
-        [r.temperature, r.humidity, r.battery, r.lat, r.lon, r.speed],
-    );
+    if decimals.mask != 0 {
+        put_decimal_values(out, values, &decimals);
+    } else {
+        put_values(out, values);
+    }
     if !r.attributes.is_empty() {
         let mut json = Vec::with_capacity(64);
         // A map of JSON values always serializes.
@@ -1780,6 +1789,120 @@ fn put_values(out: &mut Vec<u8>, values: [f64; 6]) {
     out.extend_from_slice(&bytes);
 }
 
+/// Exact powers of ten as f64, for the decimals a value can have
+/// ([`crate::transforms::validate::Decimals`]: at most 18).
+const POWERS_OF_TEN: [f64; 19] = {
+    let mut powers = [1.0; 19];
+    let mut i = 1;
+    while i < powers.len() {
+        powers[i] = powers[i - 1] * 10.0;
+        i += 1;
+    }
+    powers
+};
+
+/// Mantissas below this are stored as decimals: the code then takes at
+/// most seven bytes as a varint, fewer than an f64's eight.
+const DECIMAL_MANTISSA_LIMIT: u64 = 1 << 43;
+
+/// Which of a reading's six values can be stored as decimals, and their
+/// codes.
+struct DecimalValues {
+    /// Bit `i` set: value `i` is `codes[i]`.
+    mask: u8,
+    codes: [u64; 6],
+}
+
+impl DecimalValues {
+    fn of(values: [f64; 6], decimals: &Decimals) -> Self {
+        let mut out = Self {
+            mask: 0,
+            codes: [0; 6],
+        };
+        for (i, (v, d)) in values.into_iter().zip(decimals.0).enumerate() {
+            if let Some(code) = decimal_code(v, d) {
+                out.mask |= 1 << i;
+                out.codes[i] = code;
+            }
+        }
+        out
+    }
+}
+
+/// `v` as the code `m << 6 | decimals << 1 | sign`, when `v` is exactly the
+/// f64 nearest to `±m / 10^decimals` with `m` below
+/// [`DECIMAL_MANTISSA_LIMIT`]; `None` otherwise, and for a hint of
+/// [`Decimals::UNKNOWN`].
+///
+/// For a value parsed from text with that many decimals, `m` is the text's
+/// digits: below 2^43 the product `|v| * 10^decimals` is within 0.01 of
+/// them. Both `m` and `10^decimals` are exact f64s, so their IEEE quotient
+/// is the nearest f64 to `m / 10^decimals`, as the parser's value was; the
+/// comparison checks it, so a wrong hint only means eight bytes stored.
+fn decimal_code(v: f64, decimals: u8) -> Option<u64> {
+    let scale = *POWERS_OF_TEN.get(usize::from(decimals))?;
+    let scaled = v.abs() * scale;
+    if scaled.is_nan() || scaled >= DECIMAL_MANTISSA_LIMIT as f64 {
+        return None;
+    }
+    // Below 2^43 adding a half is exact: rounds to the nearest integer.
+    let m = (scaled + 0.5) as u64;
+    if m as f64 / scale != v.abs() {
+        return None;
+    }
+    Some(m << 6 | u64::from(decimals) << 1 | u64::from(v.is_sign_negative()))
+}
+
+/// The value of a code from [`decimal_code`].
+fn decimal_value(code: u64) -> Result<f64, &'static str> {
+    let m = code >> 6;
+    let scale = POWERS_OF_TEN
+        .get((code >> 1 & 0x1f) as usize)
+        .ok_or("a stored decimal with too many decimals")?;
+    if m >= DECIMAL_MANTISSA_LIMIT {
+        return Err("a stored decimal out of range");
+    }
+    let v = m as f64 / scale;
+    Ok(if code & 1 != 0 { -v } else { v })
+}
+
+/// Appends the six values of a compact reading with [`COMPACT_DECIMAL`]:
+/// `mask u8 | per value, the varint of its decimal code if its bit is set
+/// in the mask, else its f64 bits (LE)`.
+fn put_decimal_values(out: &mut Vec<u8>, values: [f64; 6], decimals: &DecimalValues) {
+    out.push(decimals.mask);
+    for (i, v) in values.into_iter().enumerate() {
+        if decimals.mask & 1 << i != 0 {
+            put_varint(out, decimals.codes[i]);
+        } else {
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+    }
+}
+
+/// Reads the values of a compact reading with the given flags.
+fn read_compact_values(c: &mut Cursor<'_>, flags: u8) -> Result<[f64; 6], &'static str> {
+    if flags & COMPACT_DECIMAL == 0 {
+        return read_values(c);
+    }
+    let mask = c.u8()?;
+    if mask == 0 || mask >= 1 << 6 {
+        return Err("a stored reading with a wrong decimal mask");
+    }
+    let mut values = [0f64; 6];
+    for (i, v) in values.iter_mut().enumerate() {
+        *v = if mask & 1 << i != 0 {
+            decimal_value(c.varint()?)?
+        } else {
+            f64::from_bits(c.u64()?)
+        };
+        if !v.is_finite() {
+            return Err("a stored value is not a finite number");
+        }
+    }
+    Ok(values)
+}
+
 /// Reads the values written by [`put_values`]: always finite.
 fn read_values(c: &mut Cursor<'_>) -> Result<[f64; 6], &'static str> {
     let mut values = [0f64; 6];
@@ -1802,7 +1925,12 @@ struct CompactHead {
 impl CompactHead {
     fn read(c: &mut Cursor<'_>) -> Result<Self, &'static str> {
         let flags = c.u8()?;
-        if flags & !(COMPACT_EPOCH | COMPACT_REGISTERED | COMPACT_ATTRIBUTES | COMPACT_FRAGMENT)
+        if flags
+            & !(COMPACT_EPOCH
+                | COMPACT_REGISTERED
+                | COMPACT_ATTRIBUTES
+                | COMPACT_FRAGMENT
+                | COMPACT_DECIMAL)
             != 0
         {
             return Err("a stored reading with unknown flags");
@@ -1852,7 +1980,7 @@ fn render_compact(
     let head = CompactHead::read(&mut c)?;
     let seq = head.seq()?;
     let ts = context.received_at.wrapping_add(unzigzag(c.varint()?));
-    let values = read_values(&mut c)?;
+    let values = read_compact_values(&mut c, head.flags)?;
     let attributes = c.optional(head.flags & COMPACT_ATTRIBUTES != 0)?;
     let fragment = c.optional(head.flags & COMPACT_FRAGMENT != 0)?;
     c.end()?;

@@ -1559,8 +1559,14 @@ fn a_compact_reading_with_a_value_that_is_not_finite_is_refused() {
         br#"{"device_id":"d","seq":3,"ts":1789999999000,"temperature":1,"humidity":2,"battery":3,"lat":4,"lon":5,"speed":6}"#,
         "gw",
     );
+    // Without decimals, all six values are stored as f64 bits.
+    let r = Reading {
+        decimals: Decimals::default(),
+        ..r
+    };
     let mut compact = Vec::new();
     assert!(encode_compact(&mut compact, &r, &e));
+    assert_eq!(compact[0] & COMPACT_DECIMAL, 0);
     let context = Context {
         gateway_id: "gw",
         received_at: NOW,
@@ -1573,6 +1579,188 @@ fn a_compact_reading_with_a_value_that_is_not_finite_is_refused() {
             damaged[head + 8 * i..head + 8 * i + 8].copy_from_slice(&bad.to_bits().to_le_bytes());
             assert!(render_compact(b"d", &damaged, &context, &mut Vec::new()).is_err());
         }
+    }
+}
+
+/// A small deterministic generator for the property tests below.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+/// `m` written with `decimals` digits after the point, and a sign.
+fn decimal_text(m: u64, decimals: usize, negative: bool) -> String {
+    let digits = format!("{m:0>width$}", width = decimals + 1);
+    let (int, frac) = digits.split_at(digits.len() - decimals);
+    let sign = if negative { "-" } else { "" };
+    if decimals == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
+}
+
+/// Every plain decimal text of up to 19 digits whose digits are below
+/// 2^43 is stored as a decimal, and reads back as the very f64 the
+/// standard library parses from the text; above that, never.
+#[test]
+fn decimal_codes_give_back_the_parsed_value() {
+    let mut rng = SplitMix(7);
+    let limit = DECIMAL_MANTISSA_LIMIT;
+    let mut edges = vec![0, 1, 9, 10, limit - 1, limit, limit + 1, u64::MAX / 1000];
+    for _ in 0..400_000 {
+        // Mantissas of every length, most of them below the limit.
+        let bits = rng.next() % 50;
+        edges.push(rng.next() >> (64 - bits.max(1)));
+    }
+    for (n, &m) in edges.iter().enumerate() {
+        for decimals in [n % 19, 0, 2, 6, 18] {
+            let text = decimal_text(m, decimals, n % 3 == 0);
+            if text.trim_start_matches('-').replace('.', "").len() > 19 {
+                continue;
+            }
+            let v: f64 = text.parse().unwrap();
+            let code = decimal_code(v, decimals as u8);
+            if m < limit {
+                let code = code.unwrap_or_else(|| panic!("{text} not stored as a decimal"));
+                assert!(code < 1 << 49, "{text}: a code of more than seven bytes");
+                let back = decimal_value(code).unwrap();
+                assert_eq!(back.to_bits(), v.to_bits(), "{text}");
+            } else {
+                assert_eq!(code, None, "{text}");
+            }
+        }
+    }
+}
+
+/// A hint that does not fit the value (a wrong count of decimals, or a
+/// value changed after it was parsed) stores the value as f64 bits: it
+/// reads back unchanged.
+#[test]
+fn a_wrong_decimal_hint_costs_bytes_not_the_value() {
+    for (v, decimals) in [
+        (21.53, 1),
+        (21.53, 0),
+        (21.537, 2),
+        (0.1 + 0.2, 1),
+        (1e-300, 18),
+        (f64::NAN, 2),
+        (48.13908938715199, 14),
+    ] {
+        match decimal_code(v, decimals) {
+            None => {}
+            Some(code) => panic!("{v} with {decimals} decimals gave {code}"),
+        }
+    }
+    assert_eq!(decimal_code(21.53, Decimals::UNKNOWN), None);
+    // Through a whole reading: the hint says two decimals for values that
+    // have none, or more.
+    let (mut r, e) = reading_and_enrichment(
+        br#"{"device_id":"d","seq":3,"ts":1789999999000,"temperature":21.53,"humidity":40.25,"battery":3,"lat":48.1,"lon":11.5,"speed":6}"#,
+        "gw",
+    );
+    assert_eq!(r.decimals.0, [2, 2, 0, 1, 1, 0]);
+    r.temperature = 21.537;
+    r.lat = 48.13908938715199;
+    let mut compact = Vec::new();
+    assert!(encode_compact(&mut compact, &r, &e));
+    assert_ne!(compact[0] & COMPACT_DECIMAL, 0);
+    let context = Context {
+        gateway_id: "gw",
+        received_at: NOW,
+    };
+    let mut rendered = Vec::new();
+    render_compact(b"d", &compact, &context, &mut rendered).unwrap();
+    let mut expected = Vec::new();
+    crate::transforms::validate::write_reading_json(&mut expected, &r, "gw", NOW, false, b"");
+    assert_eq!(
+        String::from_utf8(rendered).unwrap(),
+        String::from_utf8(expected).unwrap()
+    );
+}
+
+/// Sensor values are stored as decimals: fewer bytes than f64 bits, the
+/// same JSON when sent; and a damaged decimal is refused.
+#[test]
+fn sensor_values_are_stored_as_decimals() {
+    let (r, e) = reading_and_enrichment(
+        br#"{"device_id":"d","seq":3,"ts":1789999999000,"temperature":-21.53,"humidity":-0.0,"battery":100,"lat":48.139089,"lon":11.589654,"speed":1.2919902700222363}"#,
+        "gw",
+    );
+    let mut compact = Vec::new();
+    assert!(encode_compact(&mut compact, &r, &e));
+    let plain = Reading {
+        decimals: Decimals::default(),
+        ..r.clone()
+    };
+    let mut as_bits = Vec::new();
+    assert!(encode_compact(&mut as_bits, &plain, &e));
+    // Five values of 2 to 5 bytes and the speed's 8, with a mask byte,
+    // against six times 8 bytes.
+    assert!(
+        compact.len() + 20 <= as_bits.len(),
+        "{} {}",
+        compact.len(),
+        as_bits.len()
+    );
+    let context = Context {
+        gateway_id: "gw",
+        received_at: NOW,
+    };
+    let mut rendered = Vec::new();
+    render_compact(b"d", &compact, &context, &mut rendered).unwrap();
+    let mut from_bits = Vec::new();
+    render_compact(b"d", &as_bits, &context, &mut from_bits).unwrap();
+    assert_eq!(rendered, from_bits);
+    let json: serde_json::Value = serde_json::from_slice(&rendered).unwrap();
+    assert_eq!(json["temperature"], -21.53);
+    assert_eq!(
+        json["humidity"].as_f64().map(f64::is_sign_negative),
+        Some(true)
+    );
+    assert_eq!(json["lat"], 48.139089);
+
+    // flags, seq and ts delta, then the mask.
+    let mask_at = {
+        let mut c = Cursor(&compact);
+        c.u8().unwrap();
+        c.varint().unwrap();
+        c.varint().unwrap();
+        compact.len() - c.0.len()
+    };
+    assert_eq!(compact[mask_at], 0b01_1111);
+    for bad_mask in [0u8, 0b100_0000, 0xff] {
+        let mut damaged = compact.clone();
+        damaged[mask_at] = bad_mask;
+        assert!(render_compact(b"d", &damaged, &context, &mut Vec::new()).is_err());
+    }
+    // The temperature's code, replaced by one of 19 or 31 decimals, or by
+    // a mantissa of 2^43 (a code that still takes its three bytes would
+    // shift the rest: write whole varints instead).
+    for bad_code in [
+        2153 << 6 | 19 << 1,
+        2153 << 6 | 31 << 1,
+        DECIMAL_MANTISSA_LIMIT << 6 | 2 << 1,
+    ] {
+        let mut damaged = compact[..=mask_at].to_vec();
+        put_varint(&mut damaged, bad_code);
+        let first = {
+            let mut c = Cursor(&compact[mask_at + 1..]);
+            c.varint().unwrap();
+            compact.len() - c.0.len()
+        };
+        damaged.extend_from_slice(&compact[first..]);
+        assert!(
+            render_compact(b"d", &damaged, &context, &mut Vec::new()).is_err(),
+            "{bad_code:#x}"
+        );
     }
 }
 

@@ -116,6 +116,39 @@ pub struct Reading {
     /// Extra fields the device sent, kept as they were.
     #[serde(skip_serializing_if = "Map::is_empty")]
     pub attributes: Map<String, Value>,
+    /// How the six values were written in the text they were read from.
+    #[serde(skip)]
+    pub decimals: Decimals,
+}
+
+/// The number of decimals each of a reading's six values (temperature,
+/// humidity, battery, lat, lon, speed) had in its JSON text, when that text
+/// was plain (no exponent, at most 19 digits), else [`Decimals::UNKNOWN`].
+///
+/// A hint for storage: a sensor's `21.53` can be stored as the integer 2153
+/// with its two decimals, in three bytes rather than eight. The outbox
+/// relies on it only after checking that the integer gives back the value
+/// exactly, so a wrong hint costs bytes, never a changed value. Not part of
+/// what a reading is: readings with the same fields compare equal whatever
+/// their hints.
+#[derive(Debug, Clone, Copy)]
+pub struct Decimals(pub [u8; 6]);
+
+impl Decimals {
+    /// Not known for that value.
+    pub const UNKNOWN: u8 = u8::MAX;
+}
+
+impl Default for Decimals {
+    fn default() -> Self {
+        Self([Self::UNKNOWN; 6])
+    }
+}
+
+impl PartialEq for Decimals {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 /// What an MQTT topic says about its payload.
@@ -232,6 +265,7 @@ struct Parts<'a> {
     lon: f64,
     speed: f64,
     attributes: Map<String, Value>,
+    decimals: Decimals,
 }
 
 impl Parts<'_> {
@@ -279,6 +313,7 @@ impl Parts<'_> {
             lon: self.lon,
             speed: self.speed,
             attributes: self.attributes,
+            decimals: self.decimals,
         })
     }
 }
@@ -407,6 +442,7 @@ mod fast {
                 lon: self.lon?,
                 speed: self.speed?,
                 attributes,
+                decimals: super::Decimals::default(),
             })
         }
     }
@@ -600,7 +636,10 @@ mod scan {
         /// Any number as a finite f64, correctly rounded, in one pass over
         /// its text: the fast path of [`Cursor::scan_float`], else the
         /// standard library's parser on the text just checked.
-        fn float(&mut self) -> Option<f64> {
+        ///
+        /// With the value, its number of decimals when it came from the fast
+        /// path (see [`super::Decimals`]), else [`super::Decimals::UNKNOWN`].
+        fn float(&mut self) -> Option<(f64, u8)> {
             self.skip_ws();
             let start = self.at;
             if let Some(value) = self.scan_float()? {
@@ -611,15 +650,17 @@ mod scan {
             // 'e' and 'E'.
             let text = unsafe { std::str::from_utf8_unchecked(&self.bytes[start..self.at]) };
             let value: f64 = text.parse().ok()?;
-            value.is_finite().then_some(value)
+            value
+                .is_finite()
+                .then_some((value, super::Decimals::UNKNOWN))
         }
 
         /// Reads a number in JSON's grammar (`-? int frac? exp?`) and
-        /// consumes it. `Some(Some(value))`, correctly rounded, when it has
-        /// no exponent and at most 19 digits (so at most 18 after the
-        /// point; [`scaled_down`]). `Some(None)` for any other number,
-        /// `None` for no number.
-        fn scan_float(&mut self) -> Option<Option<f64>> {
+        /// consumes it. `Some(Some((value, decimals)))`, correctly rounded,
+        /// when it has no exponent and at most 19 digits (so at most 18
+        /// after the point; [`scaled_down`]). `Some(None)` for any other
+        /// number, `None` for no number.
+        fn scan_float(&mut self) -> Option<Option<(f64, u8)>> {
             let bytes = self.bytes;
             let mut i = self.at;
             let negative = bytes.get(i) == Some(&b'-');
@@ -691,7 +732,11 @@ mod scan {
             } else {
                 scaled_down(mantissa, decimals)
             };
-            Some(Some(if negative { -value } else { value }))
+            // At most 18 decimals: fits a u8.
+            Some(Some((
+                if negative { -value } else { value },
+                decimals as u8,
+            )))
         }
     }
 
@@ -867,7 +912,7 @@ mod scan {
     #[cfg(test)]
     pub(super) fn exact_float(text: &[u8]) -> Option<f64> {
         let mut c = Cursor { bytes: text, at: 0 };
-        let value = c.scan_float()??;
+        let (value, _) = c.scan_float()??;
         (c.at == text.len()).then_some(value)
     }
 
@@ -897,6 +942,7 @@ mod scan {
         let mut device_id: &[u8] = &[];
         let (mut seq, mut epoch, mut ts) = (0, None, 0);
         let mut values = [0.0; 6];
+        let mut decimals = [super::Decimals::UNKNOWN; 6];
         // Which fields were seen: a repeated key goes to the serde paths.
         let mut seen = 0u16;
         loop {
@@ -927,7 +973,7 @@ mod scan {
                     }
                 }
                 3 => ts = c.signed()?,
-                slot => values[slot - 4] = c.float()?,
+                slot => (values[slot - 4], decimals[slot - 4]) = c.float()?,
             }
             if c.eat(b',') {
                 continue;
@@ -958,6 +1004,7 @@ mod scan {
             lon,
             speed,
             attributes: Map::new(),
+            decimals: super::Decimals(decimals),
         })
     }
 }
@@ -1047,6 +1094,7 @@ pub(crate) fn decode_reading_general(
         lon,
         speed,
         attributes,
+        decimals: Decimals::default(),
     })
 }
 
@@ -1177,6 +1225,7 @@ pub fn reading_from_frame(
         lon: frame.lon,
         speed,
         attributes,
+        decimals: Decimals::default(),
     })
 }
 

@@ -85,6 +85,11 @@ enum Command {
         /// Fraction of lines made invalid on purpose.
         #[arg(long, default_value_t = 0.0)]
         invalid_fraction: f64,
+        /// Write values as sensors send them: temperature, humidity,
+        /// battery and speed with two decimals, lat and lon with six (about
+        /// 0.1 m), instead of every digit of a random f64.
+        #[arg(long)]
+        sensor_precision: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -260,10 +265,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Jsonl {
             out,
             invalid_fraction,
+            sensor_precision,
             common,
         } => {
             check_rate("--invalid-fraction", invalid_fraction)?;
-            jsonl(&out, invalid_fraction, &common)
+            jsonl(&out, invalid_fraction, sensor_precision, &common)
         }
         Command::Mqtt {
             broker,
@@ -337,7 +343,22 @@ fn registry(out: &std::path::Path, fences: u32, common: &Common) -> anyhow::Resu
     Ok(())
 }
 
-fn jsonl(out: &std::path::Path, invalid_fraction: f64, common: &Common) -> anyhow::Result<()> {
+/// Decimals of each value with `--sensor-precision`.
+const SENSOR_DECIMALS: [(&str, i32); 6] = [
+    ("temperature", 2),
+    ("humidity", 2),
+    ("battery", 2),
+    ("speed", 2),
+    ("lat", 6),
+    ("lon", 6),
+];
+
+fn jsonl(
+    out: &std::path::Path,
+    invalid_fraction: f64,
+    sensor_precision: bool,
+    common: &Common,
+) -> anyhow::Result<()> {
     use std::io::Write as _;
     let file = std::fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -359,6 +380,14 @@ fn jsonl(out: &std::path::Path, invalid_fraction: f64, common: &Common) -> anyho
                 &mut tracks[d as usize],
                 &mut rng,
             );
+            if sensor_precision {
+                for (field, decimals) in SENSOR_DECIMALS {
+                    if let Some(x) = v[field].as_f64() {
+                        let scale = 10f64.powi(decimals);
+                        v[field] = ((x * scale).round() / scale).into();
+                    }
+                }
+            }
             if invalid_fraction > 0.0 && rng.random_bool(invalid_fraction) {
                 v["humidity"] = "wet".into();
             }

@@ -435,6 +435,52 @@ fn scanner_agrees_with_the_serde_paths() {
     }
 }
 
+/// The scanner notes how many decimals each value's text had; numbers it
+/// leaves to the standard library, and the serde paths, note none.
+#[test]
+fn the_scanner_notes_each_values_decimals() {
+    let unknown = Decimals::UNKNOWN;
+    let text = good().to_string();
+    for (number, decimals) in [
+        ("21.5", 1),
+        ("21.50", 2),
+        ("-0.0", 1),
+        ("0", 0),
+        ("100", 0),
+        ("0.000000000000000001", 18),
+        ("1e2", unknown),
+        ("2.5e-1", unknown),
+        ("21.00000000000000000001", unknown),
+        (
+            "52.520000000000003126388037344440817832946777343750001",
+            unknown,
+        ),
+    ] {
+        let p = text.replace("21.5", number);
+        let parts = scan::parts(p.as_bytes()).expect(number);
+        assert_eq!(parts.decimals.0[0], decimals, "{number}");
+        let r = decode_reading(p.as_bytes(), None, NOW, &limits()).expect(number);
+        assert_eq!(r.decimals.0[0], decimals, "{number}");
+    }
+    let r = decode_reading(text.as_bytes(), None, NOW, &limits()).unwrap();
+    let all: Vec<u8> = r.decimals.0.to_vec();
+    let expected: Vec<u8> = ["temperature", "humidity", "battery", "lat", "lon", "speed"]
+        .iter()
+        .map(|field| {
+            let v = &good()[field];
+            let t = v.to_string();
+            t.split_once('.').map_or(0, |(_, frac)| frac.len() as u8)
+        })
+        .collect();
+    assert_eq!(all, expected, "{text}");
+    // The general path knows no decimals (a key out of the common shape
+    // sends the payload there).
+    let mut general = good();
+    general["attributes"] = serde_json::json!({"a": 1});
+    let r = decode_reading(general.to_string().as_bytes(), None, NOW, &limits()).unwrap();
+    assert_eq!(r.decimals.0, [unknown; 6]);
+}
+
 /// The scanner's exact division gives the bits of a full parser on
 /// numbers of every length and scale it takes.
 #[test]
