@@ -140,6 +140,8 @@ pub enum OutboxError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot start the outbox's checkpoint thread: {0}")]
+    Checkpointer(#[source] std::io::Error),
 }
 
 impl OutboxError {
@@ -352,6 +354,8 @@ pub struct Outbox {
     disk_full: bool,
     /// The database file; the reserve lives next to it.
     db_path: std::path::PathBuf,
+    /// Checkpoints the write-ahead log while batches go on.
+    checkpointer: checkpoint::Checkpointer,
 }
 
 /// Opens the database with the pragmas every connection needs.
@@ -385,20 +389,25 @@ fn open_connection_paged(
     };
     conn.pragma_update(None, "synchronous", sync)
         .map_err(open_err)?;
-    // Checkpoint every 4 MiB of pages: sequential enough for SD cards, and
-    // small next to outbox.disk_reserve_bytes, so a checkpoint always has
-    // room to grow the database.
+    // The batch writer's checkpoints run on a thread of their own
+    // (`checkpoint`) and keep the log within 8 MiB of pages: sequential
+    // enough for SD cards, and small next to outbox.disk_reserve_bytes, so
+    // a checkpoint always has room to grow the database. Other connections
+    // checkpoint past 16 MiB, only if the writer does not.
     let page: i64 = conn
         .pragma_query_value(None, "page_size", |r| r.get(0))
         .map_err(open_err)?;
     conn.pragma_update(
         None,
         "wal_autocheckpoint",
-        ((4 << 20) / page.max(512)).max(1),
+        (2 * WAL_BOUND_BYTES / page.max(512)).max(1),
     )
     .map_err(open_err)?;
     Ok(conn)
 }
+
+/// The write-ahead log's bound: the batch writer checkpoints past it.
+const WAL_BOUND_BYTES: i64 = checkpoint::STEP_BYTES * checkpoint::BOUND_STEPS as i64;
 
 impl Outbox {
     pub fn open(
@@ -418,7 +427,7 @@ impl Outbox {
         quarantine_max_rows: u64,
         page_size: u32,
     ) -> Result<Self, OutboxError> {
-        let conn = open_connection_paged(path, sync, Some(page_size))?;
+        let mut conn = open_connection_paged(path, sync, Some(page_size))?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(crate::registry::SCHEMA)?;
         conn.execute_batch(crate::transforms::enrich::SCHEMA)?;
@@ -444,6 +453,10 @@ impl Outbox {
         let hwm = load_marks(&conn)?;
         let mut plane = DataPlane::passthrough();
         plane.load_states(&conn)?;
+        let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
+        let checkpointer =
+            checkpoint::Checkpointer::start(&mut conn, open_connection(path, sync)?, page)
+                .map_err(OutboxError::Checkpointer)?;
         Ok(Self {
             conn,
             gateway_id: gateway_id.to_string(),
@@ -457,6 +470,7 @@ impl Outbox {
             reserve: None,
             disk_full: false,
             db_path: path.to_path_buf(),
+            checkpointer,
         })
     }
 
@@ -587,7 +601,10 @@ impl Outbox {
         self.marks_before.clear();
         let result = self.write_batch_inner(items, now_ms);
         match &result {
-            Ok(_) => self.plane.committed(),
+            Ok(_) => {
+                self.plane.committed();
+                self.checkpointer.committed(&self.conn);
+            }
             Err(_) => {
                 self.plane.rolled_back();
                 // Newest first: a device's first change holds its mark
@@ -2064,6 +2081,7 @@ fn hex(bytes: &[u8]) -> String {
     s
 }
 
+mod checkpoint;
 mod reserve;
 #[cfg(test)]
 mod tests;

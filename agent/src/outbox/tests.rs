@@ -159,8 +159,15 @@ fn a_new_database_gets_the_page_size_and_an_existing_one_keeps_its_own() {
     {
         let mut outbox = Outbox::open_paged(&path, SyncMode::Full, "gw-1", 3, 16384).unwrap();
         assert_eq!(pragma(&mut outbox, "page_size"), 16384);
-        // Checkpoints every 4 MiB, whatever the page size.
-        assert_eq!(pragma(&mut outbox, "wal_autocheckpoint"), 256);
+        // The writer's checkpoints are the thread's, every 2 MiB whatever
+        // the page size; other connections checkpoint past 16 MiB.
+        assert_eq!(pragma(&mut outbox, "wal_autocheckpoint"), 0);
+        assert_eq!(outbox.checkpointer.step(), 128);
+        let other = open_connection(&path, SyncMode::Full).unwrap();
+        let pages: i64 = other
+            .pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))
+            .unwrap();
+        assert_eq!(pages, 1024);
         // Bodies larger than a page still go and come back whole.
         let mut items: Vec<_> = (0..10_000).map(|i| reading(&format!("d{i}"), 1)).collect();
         let out = outbox.write_batch(&mut items, NOW).unwrap();
@@ -169,14 +176,79 @@ fn a_new_database_gets_the_page_size_and_an_existing_one_keeps_its_own() {
     }
     let mut outbox = Outbox::open(&path, SyncMode::Full, "gw-1", 3).unwrap();
     assert_eq!(pragma(&mut outbox, "page_size"), 16384);
-    assert_eq!(pragma(&mut outbox, "wal_autocheckpoint"), 256);
+    assert_eq!(outbox.checkpointer.step(), 128);
     let batches = load_batches(&outbox.conn, 0, 10).unwrap();
     assert_eq!(batches[0].records.len(), 10_000);
     assert_eq!(batches[0].records[9999].key, b"d9999");
     // The default for a new one: 4096.
     let mut other = Outbox::open(&dir.path().join("p.db"), SyncMode::Full, "gw-1", 3).unwrap();
     assert_eq!(pragma(&mut other, "page_size"), 4096);
-    assert_eq!(pragma(&mut other, "wal_autocheckpoint"), 1024);
+    assert_eq!(other.checkpointer.step(), 512);
+}
+
+/// The write-ahead log is checkpointed by the thread while batches go on,
+/// and never grows past its bound (plus the batch that crossed it), though
+/// the writer commits all the time; nothing written is lost.
+#[test]
+fn the_log_is_checkpointed_aside_and_stays_within_its_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    let mut outbox = Outbox::open(&path, SyncMode::Normal, "gw-1", 3).unwrap();
+    // Uncompressed, so that the log fills fast.
+    outbox.compression = crate::config::OutboxCompression::None;
+    let wal = dir.path().join("o.db-wal");
+    let bound_pages = u64::from(outbox.checkpointer.step() * checkpoint::BOUND_STEPS);
+    let (mut written, mut largest_batch, mut most_pages) = (0u64, 0u64, 0u64);
+    let mut seq = 0;
+    let mut write = |outbox: &mut Outbox| {
+        seq += 1;
+        let mut items: Vec<_> = (0..5000).map(|i| reading(&format!("d{i}"), seq)).collect();
+        let out = outbox.write_batch(&mut items, NOW).unwrap();
+        assert_eq!(out.valid, 5000);
+        written += out.valid;
+        largest_batch = largest_batch.max(out.bytes);
+        most_pages = most_pages.max(u64::from(outbox.checkpointer.pages()));
+    };
+    // About 25 MB through a log bounded by 8 MiB, with the thread held
+    // back: the writer keeps the bound itself.
+    outbox.checkpointer.hold(true);
+    for _ in 0..100 {
+        write(&mut outbox);
+    }
+    assert_eq!(outbox.checkpointer.completed(), 0);
+    // Then the thread's turns: write on until it had two (it may be slow to
+    // run on a loaded machine), with a deadline.
+    outbox.checkpointer.hold(false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while outbox.checkpointer.completed() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no checkpoint on the thread"
+        );
+        write(&mut outbox);
+    }
+    // A batch is its body plus a few pages of tables and indexes.
+    let batch_pages = largest_batch / 4096 + 16;
+    assert!(
+        most_pages <= bound_pages + batch_pages,
+        "{most_pages} pages in the log, bound {bound_pages}, a batch about {batch_pages}"
+    );
+    let wal_bytes = std::fs::metadata(&wal).unwrap().len();
+    assert!(
+        wal_bytes <= (bound_pages + batch_pages) * (4096 + 24) + 32,
+        "log file of {wal_bytes} bytes"
+    );
+    // Everything is there, in order.
+    let mut after = 0;
+    let mut records = 0;
+    loop {
+        let batches = load_batches(&outbox.conn, after, 16).unwrap();
+        let Some(last) = batches.last() else { break };
+        after = last.batch_seq;
+        records += batches.iter().map(|b| b.records.len() as u64).sum::<u64>();
+    }
+    assert_eq!(records, written);
+    assert_eq!(after as u64, seq);
 }
 
 #[test]

@@ -1,0 +1,240 @@
+//! Checkpoints of the write-ahead log on a thread of their own.
+//!
+//! A commit appends pages to SQLite's write-ahead log; a checkpoint copies
+//! them into the database file and syncs the log before and the database
+//! after, and only once every page in the log is copied can the log start
+//! over. SQLite's automatic checkpoint runs on the committing thread: the
+//! batch writer would wait for both syncs every few MiB, which is most of
+//! the time an import spends neither computing nor in the kernel.
+//!
+//! Here the writer's commits tell a thread with its own connection to
+//! checkpoint each time the log has grown by [`Checkpointer::step`] pages
+//! since the last checkpoint, and the writer goes on meanwhile. A passive
+//! checkpoint copies what was committed when it started, and a writer that
+//! commits while every checkpoint runs would never let the log start over.
+//! So once the log holds [`BOUND_STEPS`] steps, the writer waits for the
+//! thread and copies the rest itself, as SQLite would: the log stays within
+//! that bound, which `outbox.disk_reserve_bytes` covers.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use rusqlite::Connection;
+
+/// The log's bound, in steps: past it the writer checkpoints itself.
+pub(super) const BOUND_STEPS: u32 = 4;
+
+/// Bytes of log pages per step.
+pub(super) const STEP_BYTES: i64 = 2 << 20;
+
+pub(super) struct Checkpointer {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    /// Pages the log grows by between two checkpoints.
+    step: u32,
+}
+
+struct Shared {
+    /// Pages in the log after the writer's last commit (its WAL hook).
+    pages: AtomicU32,
+    state: Mutex<State>,
+    /// The thread waits here for work, the writer for the thread.
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The writer asked for a checkpoint the thread has not started.
+    requested: bool,
+    /// A checkpoint is running on the thread.
+    running: bool,
+    /// Log pages copied by the last checkpoint (0 after the log started
+    /// over): the next one is due a step later.
+    copied: u32,
+    /// Checkpoints the thread completed, for tests and the debug log.
+    completed: u64,
+    /// Tests hold the thread back, as a slow disk or a busy core would.
+    held: bool,
+    stop: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain counters behind.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Checkpointer {
+    /// Starts the thread on `conn`, a second connection to the database
+    /// `writer` writes, and hooks the writer's commits. The writer's own
+    /// automatic checkpoint is off from now on (the hook replaces it).
+    pub(super) fn start(
+        writer: &mut Connection,
+        conn: Connection,
+        page_size: i64,
+    ) -> Result<Self, std::io::Error> {
+        let step = u32::try_from((STEP_BYTES / page_size.max(512)).max(1)).unwrap_or(u32::MAX);
+        let shared = Arc::new(Shared {
+            pages: AtomicU32::new(0),
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+        });
+        let for_thread = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("wal-checkpoint".into())
+            .spawn(move || run(&for_thread, &conn))?;
+        let hooked = shared.clone();
+        let hook = move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
+            hooked
+                .pages
+                .store(u32::try_from(pages).unwrap_or(0), Ordering::Relaxed);
+            // An error here would fail a statement whose commit is done.
+            Ok(())
+        };
+        if let Err(e) = writer.wal_hook(Some(hook)) {
+            shared.lock().stop = true;
+            shared.changed.notify_all();
+            let _ = thread.join();
+            return Err(std::io::Error::other(e));
+        }
+        Ok(Self {
+            shared,
+            thread: Some(thread),
+            step,
+        })
+    }
+
+    /// After one of the writer's commits on `writer`: asks the thread for
+    /// a checkpoint when one is due, or copies the log itself when it
+    /// reached its bound.
+    pub(super) fn committed(&self, writer: &Connection) {
+        let pages = self.shared.pages.load(Ordering::Relaxed);
+        if pages < self.step {
+            return;
+        }
+        let mut state = self.shared.lock();
+        if pages < state.copied {
+            // The log started over since that checkpoint.
+            state.copied = 0;
+        }
+        if pages >= self.step.saturating_mul(BOUND_STEPS) {
+            state.requested = false;
+            while state.running {
+                state = self
+                    .shared
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|e| e.into_inner());
+            }
+            drop(state);
+            let started = std::time::Instant::now();
+            match passive_checkpoint(writer) {
+                Ok((log, copied)) => {
+                    self.shared.lock().copied = copied;
+                    tracing::debug!(
+                        log_pages = log,
+                        copied,
+                        ms = started.elapsed().as_millis() as u64,
+                        "write-ahead log at its bound: checkpointed by the batch writer"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "checkpointing the write-ahead log failed; the next commit tries again")
+                }
+            }
+            return;
+        }
+        if pages >= state.copied.saturating_add(self.step) && !state.running && !state.requested {
+            state.requested = true;
+            self.shared.changed.notify_all();
+        }
+    }
+
+    /// Holds the thread back from checkpointing, or lets it go.
+    #[cfg(test)]
+    pub(super) fn hold(&self, held: bool) {
+        self.shared.lock().held = held;
+        self.shared.changed.notify_all();
+    }
+
+    /// Checkpoints the thread completed.
+    #[cfg(test)]
+    pub(super) fn completed(&self) -> u64 {
+        self.shared.lock().completed
+    }
+
+    /// Pages in the log after the writer's last commit.
+    #[cfg(test)]
+    pub(super) fn pages(&self) -> u32 {
+        self.shared.pages.load(Ordering::Relaxed)
+    }
+
+    /// Pages per step.
+    #[cfg(test)]
+    pub(super) fn step(&self) -> u32 {
+        self.step
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        self.shared.lock().stop = true;
+        self.shared.changed.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `PRAGMA wal_checkpoint(PASSIVE)`: the pages in the log, and how many of
+/// them are in the database now.
+fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<(u32, u32)> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        let log: i64 = r.get(1)?;
+        let copied: i64 = r.get(2)?;
+        Ok((
+            u32::try_from(log).unwrap_or(0),
+            u32::try_from(copied).unwrap_or(0),
+        ))
+    })
+}
+
+fn run(shared: &Shared, conn: &Connection) {
+    let mut state = shared.lock();
+    loop {
+        while (!state.requested || state.held) && !state.stop {
+            state = shared
+                .changed
+                .wait(state)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if state.stop {
+            return;
+        }
+        state.requested = false;
+        state.running = true;
+        drop(state);
+        let started = std::time::Instant::now();
+        let result = passive_checkpoint(conn);
+        state = shared.lock();
+        state.running = false;
+        match result {
+            Ok((log, copied)) => {
+                state.copied = copied;
+                state.completed += 1;
+                tracing::debug!(
+                    log_pages = log,
+                    copied,
+                    ms = started.elapsed().as_millis() as u64,
+                    "write-ahead log checkpointed"
+                );
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpointing the write-ahead log failed; the next commit asks again")
+            }
+        }
+        shared.changed.notify_all();
+    }
+}
