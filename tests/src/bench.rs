@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use serde_json::{Value, json};
 
-use crate::fleet::{FleetConfig, FleetProgress, run_fleet};
+use crate::fleet::{FleetConfig, FleetProgress, FleetTracks, run_fleet};
 use crate::{TestDatabase, create_topics, delete_topics, kafka_brokers, mqtt_addr, now_ms, unique};
 
 /// The first seconds of a run (connections, consumer group join, first
@@ -56,6 +56,9 @@ pub struct RunSpec {
     /// Round trip added between the agent and Kafka (0: none), through a
     /// [`crate::delay_proxy`] on the broker's `WAN` listener.
     pub kafka_rtt: Duration,
+    /// Registered devices driving through this many geofences (MQTT feed);
+    /// `None`: unregistered devices that stay put.
+    pub fences: Option<usize>,
 }
 
 /// Latency percentiles in milliseconds.
@@ -111,6 +114,8 @@ pub struct RunResult {
     pub devices: usize,
     /// Round trip added between the agent and Kafka.
     pub kafka_rtt_ms: u64,
+    /// Geofences the registered devices drove through (0: no registry).
+    pub fences: usize,
     pub seconds: f64,
     pub sent: u64,
     pub accepted: u64,
@@ -242,7 +247,8 @@ impl RunResult {
     pub fn json(&self) -> Value {
         json!({
             "name": self.name, "feed": self.feed, "target_rate": self.target_rate,
-            "devices": self.devices, "kafka_rtt_ms": self.kafka_rtt_ms, "seconds": self.seconds,
+            "devices": self.devices, "kafka_rtt_ms": self.kafka_rtt_ms, "fences": self.fences,
+            "seconds": self.seconds,
             "sent": self.sent, "accepted": self.accepted, "committed": self.committed, "stored": self.stored,
             "accepted_per_s": self.accepted_per_s.round(), "committed_per_s": self.committed_per_s.round(),
             "stored_per_s": self.stored_per_s.round(),
@@ -541,10 +547,41 @@ async fn run_inner(
         Ok(lines) if !lines.trim().is_empty() => format!("{}\n", lines.trim()),
         _ => String::new(),
     };
+    // The simulated devices (MQTT feed), one fleet per connection; with
+    // fences they drive around and the agent gets a registry.
+    let connections = spec.connections.max(1);
+    let fleet_configs: Vec<FleetConfig> = (0..connections)
+        .map(|c| FleetConfig {
+            topic_prefix: format!("{sfx}/"),
+            id_prefix: format!("dev-{c}-"),
+            devices: (spec.devices / connections).max(1),
+            readings_per_device: 1_000_000_000,
+            readings_per_second: spec.rate / connections as f64,
+            invalid_every: 0,
+            hot_every: 0,
+            base_ts_ms: 0,
+            live_timestamps: true,
+            tracks: spec.fences.map(|_| FleetTracks::BENCH),
+        })
+        .collect();
+    let registry = match spec.fences {
+        Some(fences) => {
+            ensure!(
+                spec.feed == Feed::Mqtt,
+                "--fences needs the MQTT feed: the direct feed's demo devices have no registry"
+            );
+            let path = dir.path().join("registry.json");
+            let doc =
+                FleetConfig::registry_with_fences(&fleet_configs, &FleetTracks::BENCH, fences);
+            std::fs::write(&path, doc.to_string())?;
+            format!("[registry]\nfile = \"{}\"\n", path.display())
+        }
+        None => String::new(),
+    };
     let toml = format!(
         "gateway_id = \"gw-{sfx}\"\ndata_dir = \"{}\"\n{source}[http]\nlisten = \"{listen}\"\n\
          [kafka]\nbrokers = \"{}\"\ntopic_data = \"{}\"\ntopic_dlq = \"{}\"\ntopic_alerts = \"{}\"\n\
-         topic_offsets = \"{}\"\n{kafka_extra}[progress]\ninterval_seconds = 0\n",
+         topic_offsets = \"{}\"\n{kafka_extra}{registry}[progress]\ninterval_seconds = 0\n",
         dir.path().join("data").display(),
         agent_brokers,
         topics[0],
@@ -616,20 +653,9 @@ async fn run_inner(
     let fleet_stop = Arc::new(AtomicBool::new(false));
     let mut fleets = Vec::new();
     if spec.feed == Feed::Mqtt {
-        let connections = spec.connections.max(1);
-        for c in 0..connections {
+        for config in fleet_configs {
             let progress = Arc::new(FleetProgress::default());
-            let config = FleetConfig {
-                topic_prefix: format!("{sfx}/"),
-                id_prefix: format!("dev-{c}-"),
-                devices: (spec.devices / connections).max(1),
-                readings_per_device: 1_000_000_000,
-                readings_per_second: spec.rate / connections as f64,
-                invalid_every: 0,
-                hot_every: 0,
-                base_ts_ms: 0,
-                live_timestamps: true,
-            };
+            let c = fleets.len();
             tokio::spawn(run_fleet(
                 config,
                 mqtt_addr(),
@@ -842,6 +868,7 @@ async fn run_inner(
         target_rate: spec.rate,
         devices: spec.devices,
         kafka_rtt_ms: spec.kafka_rtt.as_millis() as u64,
+        fences: spec.fences.unwrap_or(0),
         seconds,
         sent: if spec.feed == Feed::Mqtt {
             sent_total
@@ -992,6 +1019,7 @@ pub async fn mosquitto_alone(
             hot_every: 0,
             base_ts_ms: 0,
             live_timestamps: true,
+            tracks: None,
         };
         tokio::spawn(run_fleet(
             config,

@@ -38,6 +38,48 @@ pub struct FleetConfig {
     pub base_ts_ms: i64,
     /// Timestamps are the send time instead (latency measurements).
     pub live_timestamps: bool,
+    /// Devices drive around a circle (so they cross the fences of
+    /// [`FleetConfig::registry_with_fences`]); `None`: each stays put.
+    pub tracks: Option<FleetTracks>,
+}
+
+/// The circle the devices of a fleet drive around, each starting at its
+/// own point of it.
+#[derive(Debug, Clone, Copy)]
+pub struct FleetTracks {
+    pub center_lat: f64,
+    pub center_lon: f64,
+    /// Radius in degrees of latitude (0.01 is about 1.1 km).
+    pub radius_deg: f64,
+    /// Readings a device takes to drive once around.
+    pub readings_per_lap: u64,
+}
+
+impl FleetTracks {
+    /// Around Berlin, 1.1 km across, a lap in 600 readings.
+    pub const BENCH: Self = Self {
+        center_lat: 52.5,
+        center_lon: 13.4,
+        radius_deg: 0.01,
+        readings_per_lap: 600,
+    };
+
+    fn lon_scale(&self) -> f64 {
+        self.center_lat.to_radians().cos().max(0.1)
+    }
+
+    /// Where device `device` is at reading `seq`, to six decimals (about
+    /// 0.1 m), as a GPS receiver reports it.
+    pub fn position(&self, device: usize, seq: u64) -> (f64, f64) {
+        // Starting points spread by the golden ratio.
+        let start = (device as f64 * 0.618_033_988_75).fract();
+        let lap = (seq % self.readings_per_lap) as f64 / self.readings_per_lap as f64;
+        let angle = std::f64::consts::TAU * (start + lap);
+        let lat = self.center_lat + self.radius_deg * angle.sin();
+        let lon = self.center_lon + self.radius_deg * angle.cos() / self.lon_scale();
+        let round = |v: f64| (v * 1e6).round() / 1e6;
+        (round(lat), round(lon))
+    }
 }
 
 /// Upper temperature limit the fault tests register for every device.
@@ -111,11 +153,70 @@ impl FleetConfig {
         })
     }
 
+    /// A registry for `fleets` driving `tracks`: every device with its
+    /// type, name, site and tags (what enrichment adds to its readings),
+    /// and `fences` squares scattered within three radii of the circle's
+    /// centre, each 0.4 radius wide: some lie across the circle, so the
+    /// devices enter and leave them every few dozen readings, while every
+    /// position is looked up against all fences.
+    pub fn registry_with_fences(
+        fleets: &[FleetConfig],
+        tracks: &FleetTracks,
+        fences: usize,
+    ) -> serde_json::Value {
+        let devices: Vec<serde_json::Value> = fleets
+            .iter()
+            .flat_map(|f| (0..f.devices).map(move |d| (f, d)))
+            .map(|(f, d)| {
+                serde_json::json!({
+                    "device_id": f.device_id(d), "device_type": "tracker",
+                    "name": format!("Bench tracker {}", f.device_id(d)), "site": "bench",
+                    "tags": {"fleet": format!("f{}", d % 10)},
+                })
+            })
+            .collect();
+        // A fixed sequence in [-1, 1) per fence (SplitMix64): the same
+        // fences every run.
+        let unit = |k: u64| {
+            let mut z = k.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            (z >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        let (r, scale) = (tracks.radius_deg, tracks.lon_scale());
+        let half = r * 0.2;
+        let features: Vec<serde_json::Value> = (0..fences as u64)
+            .map(|i| {
+                let lat = tracks.center_lat + 3.0 * r * unit(2 * i);
+                let lon = tracks.center_lon + 3.0 * r * unit(2 * i + 1) / scale;
+                let (dlat, dlon) = (half, half / scale);
+                serde_json::json!({
+                    "type": "Feature",
+                    "properties": {"id": format!("fence-{i:04}"), "dwell_seconds": 30, "absent_seconds": 300},
+                    "geometry": {"type": "Polygon", "coordinates": [[
+                        [lon - dlon, lat - dlat], [lon + dlon, lat - dlat], [lon + dlon, lat + dlat],
+                        [lon - dlon, lat + dlat], [lon - dlon, lat - dlat]
+                    ]]}
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": format!("fleet-{}-{fences}", devices.len()),
+            "devices": devices,
+            "fences": {"type": "FeatureCollection", "features": features}
+        })
+    }
+
     /// The reading `seq` of device `device`: topic and JSON payload.
     pub fn reading(&self, device: usize, seq: u64) -> (String, Vec<u8>) {
         let id = self.device_id(device);
         let index = (seq - 1) * self.devices as u64 + device as u64;
-        let lat = if self.is_invalid(seq) { 123.0 } else { 52.5 };
+        let (lat, lon) = match &self.tracks {
+            Some(t) => t.position(device, seq),
+            None => (52.5, 13.4 + device as f64 * 1e-4),
+        };
+        let lat = if self.is_invalid(seq) { 123.0 } else { lat };
         let temperature = if self.is_hot(seq) {
             ALERT_TEMPERATURE_LIMIT + 10.0
         } else {
@@ -125,7 +226,7 @@ impl FleetConfig {
             "device_id": id, "seq": seq,
             "ts": if self.live_timestamps { crate::now_ms() } else { self.base_ts_ms + index as i64 },
             "temperature": temperature, "humidity": 40.0 + (seq % 20) as f64,
-            "battery": 90.0, "lat": lat, "lon": 13.4 + device as f64 * 1e-4, "speed": 3.0
+            "battery": 90.0, "lat": lat, "lon": lon, "speed": 3.0
         });
         (
             format!("{}devices/{id}/telemetry", self.topic_prefix),
@@ -250,4 +351,81 @@ pub async fn run_fleet(
         }
     }
     let _ = client.try_disconnect();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fleet(c: usize, devices: usize) -> FleetConfig {
+        FleetConfig {
+            topic_prefix: "t/".into(),
+            id_prefix: format!("dev-{c}-"),
+            devices,
+            readings_per_device: 1_000,
+            readings_per_second: 0.0,
+            invalid_every: 0,
+            hot_every: 0,
+            base_ts_ms: 0,
+            live_timestamps: false,
+            tracks: Some(FleetTracks::BENCH),
+        }
+    }
+
+    /// The registry the agent is given: every device of every fleet, the
+    /// fences asked for, all of it valid for the agent; and the devices,
+    /// driving around, go in and out of fences many times a lap.
+    #[test]
+    fn moving_devices_cross_the_fences_of_their_registry() {
+        let fleets = [fleet(0, 60), fleet(1, 60)];
+        let tracks = FleetTracks::BENCH;
+        let doc = FleetConfig::registry_with_fences(&fleets, &tracks, 200);
+        let registry = edge_agent::registry::parse_registry(&doc.to_string()).unwrap();
+        assert_eq!(registry.devices.len(), 120);
+        assert_eq!(registry.devices[61].device_id, "dev-1-0001");
+        assert_eq!(registry.fences.len(), 200);
+        // The squares, as (lat, lon) bounds.
+        let squares: Vec<[f64; 4]> = doc["fences"]["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                let ring = f["geometry"]["coordinates"][0].as_array().unwrap();
+                let at = |i: usize, k: usize| ring[i][k].as_f64().unwrap();
+                [at(0, 1), at(2, 1), at(0, 0), at(2, 0)]
+            })
+            .collect();
+        let inside = |(lat, lon): (f64, f64)| -> Vec<usize> {
+            (0..squares.len())
+                .filter(|&i| {
+                    let [lat0, lat1, lon0, lon1] = squares[i];
+                    (lat0..=lat1).contains(&lat) && (lon0..=lon1).contains(&lon)
+                })
+                .collect()
+        };
+        let mut enters = 0;
+        for device in 0..60 {
+            let mut was = inside(tracks.position(device, 0));
+            for seq in 1..=tracks.readings_per_lap {
+                let (lat, lon) = tracks.position(device, seq);
+                // On the circle, to the rounding of six decimals.
+                let dlat = lat - tracks.center_lat;
+                let dlon = (lon - tracks.center_lon) * tracks.lon_scale();
+                let r = (dlat * dlat + dlon * dlon).sqrt();
+                assert!((r - tracks.radius_deg).abs() < 2e-6, "{r}");
+                let now = inside((lat, lon));
+                enters += now.iter().filter(|f| !was.contains(f)).count();
+                was = now;
+            }
+            // A lap ends where it began.
+            assert_eq!(
+                tracks.position(device, tracks.readings_per_lap),
+                tracks.position(device, 0)
+            );
+        }
+        assert!(
+            enters >= 60 * 5,
+            "{enters} fence entries in a lap of 60 devices"
+        );
+    }
 }

@@ -175,6 +175,7 @@ impl World {
             hot_every: 10,
             base_ts_ms: now_ms() - 60_000,
             live_timestamps: false,
+            tracks: None,
         };
         let registry = dir.path().join("registry.json");
         std::fs::write(&registry, fleet.registry_json().to_string())?;

@@ -68,6 +68,11 @@ enum Cmd {
         /// consumer connect directly.
         #[arg(long, default_value_t = 0)]
         kafka_rtt_ms: u64,
+        /// Register the devices and have them drive through this many
+        /// geofences (MQTT feed): enrichment, fence state and alerts on
+        /// the path. Without it the devices are unregistered and stay put.
+        #[arg(long)]
+        fences: Option<usize>,
     },
     /// Reference point: a transactional Kafka producer alone.
     KafkaAlone {
@@ -226,6 +231,7 @@ fn main() -> ExitCode {
             bridge_bin: bridge_bin.clone(),
             out_dir: cli.out.clone(),
             kafka_rtt: Duration::ZERO,
+            fences: None,
         };
     let result = runtime.block_on(async {
         match &cli.command {
@@ -238,6 +244,7 @@ fn main() -> ExitCode {
                 connections,
                 name,
                 kafka_rtt_ms,
+                fences,
             } => {
                 let feed = match feed {
                     FeedArg::Mqtt => Feed::Mqtt,
@@ -245,6 +252,7 @@ fn main() -> ExitCode {
                 };
                 let r = bench::run(&RunSpec {
                     kafka_rtt: Duration::from_millis(*kafka_rtt_ms),
+                    fences: *fences,
                     ..spec(
                         name,
                         feed,
