@@ -114,8 +114,9 @@ pub struct RunResult {
     pub devices: usize,
     /// Round trip added between the agent and Kafka.
     pub kafka_rtt_ms: u64,
-    /// Geofences the registered devices drove through (0: no registry).
-    pub fences: usize,
+    /// Geofences the registered devices drove through (`None`: no
+    /// registry, the devices stayed put).
+    pub fences: Option<usize>,
     pub seconds: f64,
     pub sent: u64,
     pub accepted: u64,
@@ -868,7 +869,7 @@ async fn run_inner(
         target_rate: spec.rate,
         devices: spec.devices,
         kafka_rtt_ms: spec.kafka_rtt.as_millis() as u64,
-        fences: spec.fences.unwrap_or(0),
+        fences: spec.fences,
         seconds,
         sent: if spec.feed == Feed::Mqtt {
             sent_total

@@ -56,7 +56,7 @@ pub struct FleetTracks {
 }
 
 impl FleetTracks {
-    /// Around Berlin, 1.1 km across, a lap in 600 readings.
+    /// Around Berlin, 1.1 km in radius, a lap in 600 readings.
     pub const BENCH: Self = Self {
         center_lat: 52.5,
         center_lon: 13.4,
@@ -68,11 +68,16 @@ impl FleetTracks {
         self.center_lat.to_radians().cos().max(0.1)
     }
 
-    /// Where device `device` is at reading `seq`, to six decimals (about
-    /// 0.1 m), as a GPS receiver reports it.
-    pub fn position(&self, device: usize, seq: u64) -> (f64, f64) {
-        // Starting points spread by the golden ratio.
-        let start = (device as f64 * 0.618_033_988_75).fract();
+    /// Where device `device_id` is at reading `seq`, to six decimals
+    /// (about 0.1 m), as a GPS receiver reports it. Each device starts at
+    /// its own point of the circle (from a hash of its id, so that the
+    /// devices of several fleets do not drive in pairs).
+    pub fn position(&self, device_id: &str, seq: u64) -> (f64, f64) {
+        // FNV-1a.
+        let hash = device_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        let start = (hash >> 11) as f64 / (1u64 << 53) as f64;
         let lap = (seq % self.readings_per_lap) as f64 / self.readings_per_lap as f64;
         let angle = std::f64::consts::TAU * (start + lap);
         let lat = self.center_lat + self.radius_deg * angle.sin();
@@ -213,7 +218,7 @@ impl FleetConfig {
         let id = self.device_id(device);
         let index = (seq - 1) * self.devices as u64 + device as u64;
         let (lat, lon) = match &self.tracks {
-            Some(t) => t.position(device, seq),
+            Some(t) => t.position(&id, seq),
             None => (52.5, 13.4 + device as f64 * 1e-4),
         };
         let lat = if self.is_invalid(seq) { 123.0 } else { lat };
@@ -404,10 +409,16 @@ mod tests {
                 .collect()
         };
         let mut enters = 0;
+        // Devices of two fleets with the same number start apart.
+        assert_ne!(
+            tracks.position("dev-0-0001", 1),
+            tracks.position("dev-1-0001", 1)
+        );
         for device in 0..60 {
-            let mut was = inside(tracks.position(device, 0));
+            let id = fleets[0].device_id(device);
+            let mut was = inside(tracks.position(&id, 0));
             for seq in 1..=tracks.readings_per_lap {
-                let (lat, lon) = tracks.position(device, seq);
+                let (lat, lon) = tracks.position(&id, seq);
                 // On the circle, to the rounding of six decimals.
                 let dlat = lat - tracks.center_lat;
                 let dlon = (lon - tracks.center_lon) * tracks.lon_scale();
@@ -419,8 +430,8 @@ mod tests {
             }
             // A lap ends where it began.
             assert_eq!(
-                tracks.position(device, tracks.readings_per_lap),
-                tracks.position(device, 0)
+                tracks.position(&id, tracks.readings_per_lap),
+                tracks.position(&id, 0)
             );
         }
         assert!(

@@ -8,15 +8,17 @@
 //! the time an import spends neither computing nor in the kernel.
 //!
 //! Here the writer's commits tell a thread with its own connection to
-//! checkpoint each time the log has grown by [`Checkpointer::step`] pages
-//! since the last checkpoint, and the writer goes on meanwhile. A passive
-//! checkpoint copies what was committed when it started, and a writer that
-//! commits while every checkpoint runs would never let the log start over.
-//! So once the log holds [`BOUND_STEPS`] steps, the writer waits for the
-//! thread and copies the rest itself, as SQLite would: the log stays within
-//! that bound, which `outbox.disk_reserve_bytes` covers.
+//! checkpoint each time the log has grown by a step ([`STEP_BYTES`] of
+//! pages) since the last checkpoint, and the writer goes on meanwhile. A
+//! passive checkpoint copies what was committed when it started, and a
+//! writer that commits while every checkpoint runs would never let the log
+//! start over. So once the log holds [`BOUND_STEPS`] steps, the writer
+//! waits for the thread and copies the rest itself, as SQLite would: the
+//! log stays within that bound plus the batch that crossed it (which
+//! `outbox.disk_reserve_bytes` covers), unless a reader holds on to older
+//! pages, as with SQLite's own checkpoints.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
@@ -38,6 +40,8 @@ pub(super) struct Checkpointer {
 struct Shared {
     /// Pages in the log after the writer's last commit (its WAL hook).
     pages: AtomicU32,
+    /// The log started over since the writer last looked (it shrank).
+    restarted: AtomicBool,
     state: Mutex<State>,
     /// The thread waits here for work, the writer for the thread.
     changed: Condvar,
@@ -78,6 +82,7 @@ impl Checkpointer {
         let step = u32::try_from((STEP_BYTES / page_size.max(512)).max(1)).unwrap_or(u32::MAX);
         let shared = Arc::new(Shared {
             pages: AtomicU32::new(0),
+            restarted: AtomicBool::new(false),
             state: Mutex::new(State::default()),
             changed: Condvar::new(),
         });
@@ -87,9 +92,10 @@ impl Checkpointer {
             .spawn(move || run(&for_thread, &conn))?;
         let hooked = shared.clone();
         let hook = move |_: &mut rusqlite::hooks::Wal, pages: std::ffi::c_int| {
-            hooked
-                .pages
-                .store(u32::try_from(pages).unwrap_or(0), Ordering::Relaxed);
+            let pages = u32::try_from(pages).unwrap_or(0);
+            if hooked.pages.swap(pages, Ordering::Relaxed) > pages {
+                hooked.restarted.store(true, Ordering::Relaxed);
+            }
             // An error here would fail a statement whose commit is done.
             Ok(())
         };
@@ -115,20 +121,13 @@ impl Checkpointer {
             return;
         }
         let mut state = self.shared.lock();
-        if pages < state.copied {
+        if self.shared.restarted.swap(false, Ordering::Relaxed) || pages < state.copied {
             // The log started over since that checkpoint.
             state.copied = 0;
         }
         if pages >= self.step.saturating_mul(BOUND_STEPS) {
             state.requested = false;
-            while state.running {
-                state = self
-                    .shared
-                    .changed
-                    .wait(state)
-                    .unwrap_or_else(|e| e.into_inner());
-            }
-            drop(state);
+            drop(self.idle(state));
             let started = std::time::Instant::now();
             match passive_checkpoint(writer) {
                 Ok((log, copied)) => {
@@ -150,6 +149,34 @@ impl Checkpointer {
             state.requested = true;
             self.shared.changed.notify_all();
         }
+    }
+
+    /// Waits until no checkpoint runs on the thread. A thread that died (it
+    /// cannot, short of a bug) would leave `running` set: this looks every
+    /// 100 ms rather than wait forever.
+    fn idle<'a>(&self, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+        while state.running && !self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, std::time::Duration::from_millis(100))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        state
+    }
+
+    /// Runs `f` (a checkpoint of the writer's own) with the thread held
+    /// back and no checkpoint of its in progress.
+    pub(super) fn exclusive<T>(&self, f: impl FnOnce() -> T) -> T {
+        let mut state = self.shared.lock();
+        state.held = true;
+        state.requested = false;
+        drop(self.idle(state));
+        let out = f();
+        self.shared.lock().held = false;
+        self.shared.changed.notify_all();
+        out
     }
 
     /// Holds the thread back from checkpointing, or lets it go.

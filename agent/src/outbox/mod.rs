@@ -532,15 +532,18 @@ impl Outbox {
         {
             tracing::error!(error = %e, path = %r.path().display(), "cannot delete the disk reserve");
         }
-        match self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+        // With the checkpoint thread held back: SQLite does not wait for a
+        // checkpoint in progress, it would refuse this one at once.
+        let conn = &self.conn;
+        match self.checkpointer.exclusive(|| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                 ))
-            }) {
+            })
+        }) {
             Ok((busy, log, done)) => tracing::error!(
                 busy = busy != 0,
                 wal_frames = log,
@@ -949,6 +952,7 @@ impl Outbox {
             )?;
         }
         tx.commit()?;
+        self.checkpointer.committed(&self.conn);
         Ok(dropped)
     }
 }
@@ -1862,9 +1866,10 @@ fn decimal_code(v: f64, decimals: u8) -> Option<u64> {
     if scaled.is_nan() || scaled >= DECIMAL_MANTISSA_LIMIT as f64 {
         return None;
     }
-    // Below 2^43 adding a half is exact: rounds to the nearest integer.
+    // Below 2^43 adding a half is exact: rounds to the nearest integer,
+    // which may be 2^43 itself (`87.96093022208`: 11 decimals).
     let m = (scaled + 0.5) as u64;
-    if m as f64 / scale != v.abs() {
+    if m >= DECIMAL_MANTISSA_LIMIT || m as f64 / scale != v.abs() {
         return None;
     }
     Some(m << 6 | u64::from(decimals) << 1 | u64::from(v.is_sign_negative()))

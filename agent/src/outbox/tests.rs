@@ -186,6 +186,48 @@ fn a_new_database_gets_the_page_size_and_an_existing_one_keeps_its_own() {
     assert_eq!(other.checkpointer.step(), 512);
 }
 
+/// The disk-full path's truncating checkpoint runs with the thread held
+/// back: never refused because the thread is checkpointing (SQLite does
+/// not wait for it), whenever it comes.
+#[test]
+fn a_truncating_checkpoint_waits_for_the_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut outbox = Outbox::open(&dir.path().join("o.db"), SyncMode::Normal, "gw-1", 3).unwrap();
+    outbox.compression = crate::config::OutboxCompression::None;
+    let mut seq = 0;
+    for _ in 0..10 {
+        // A step of log, so that the thread is asked to checkpoint, and
+        // at once the writer's own.
+        let before = outbox.checkpointer.completed();
+        loop {
+            seq += 1;
+            let mut items: Vec<_> = (0..5000).map(|i| reading(&format!("d{i}"), seq)).collect();
+            outbox.write_batch(&mut items, NOW).unwrap();
+            if outbox.checkpointer.pages() >= outbox.checkpointer.step() {
+                break;
+            }
+        }
+        let conn = &outbox.conn;
+        let (busy, log, copied) = outbox.checkpointer.exclusive(|| {
+            conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .unwrap()
+        });
+        assert_eq!((busy, log, copied), (0, 0, 0), "after {before} checkpoints");
+        assert_eq!(
+            std::fs::metadata(dir.path().join("o.db-wal"))
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+}
+
 /// The write-ahead log is checkpointed by the thread while batches go on,
 /// and never grows past its bound (plus the batch that crossed it), though
 /// the writer commits all the time; nothing written is lost.
@@ -1707,6 +1749,23 @@ fn decimal_codes_give_back_the_parsed_value() {
                 assert_eq!(back.to_bits(), v.to_bits(), "{text}");
             } else {
                 assert_eq!(code, None, "{text}");
+            }
+        }
+    }
+    // Around the limit with every count of decimals: `87.96093022208` is
+    // just below 2^43 once scaled, and rounds to it.
+    for m in limit - 3..=limit + 3 {
+        for decimals in 0..=18usize {
+            for negative in [false, true] {
+                let text = decimal_text(m, decimals, negative);
+                let v: f64 = text.parse().unwrap();
+                match decimal_code(v, decimals as u8) {
+                    Some(code) => {
+                        assert!(m < limit, "{text} stored as a decimal");
+                        assert_eq!(decimal_value(code).unwrap().to_bits(), v.to_bits());
+                    }
+                    None => assert!(m >= limit, "{text} not stored as a decimal"),
+                }
             }
         }
     }
