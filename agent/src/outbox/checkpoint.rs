@@ -58,7 +58,9 @@ struct State {
     copied: u32,
     /// Checkpoints the thread completed, for tests and the debug log.
     completed: u64,
-    /// Tests hold the thread back, as a slow disk or a busy core would.
+    /// The thread is held back: while the writer runs a checkpoint of its
+    /// own ([`Checkpointer::exclusive`]), and in tests (as a slow disk or
+    /// a busy core would).
     held: bool,
     stop: bool,
 }
