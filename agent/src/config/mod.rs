@@ -706,7 +706,7 @@ pub struct KafkaConfig {
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
     /// Most outbox batches carried by one Kafka transaction (it also takes
-    /// no further batch once its records reach 4 MiB, which bounds what the
+    /// no further batch once its records reach 2 MiB, which bounds what the
     /// producer holds). A transaction takes every batch waiting, so transactions
     /// stay small when idle and grow under load; a small bound caps the
     /// uplink at this many batches per transaction round trip.

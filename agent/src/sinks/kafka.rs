@@ -51,8 +51,11 @@ use crate::stats::{Stats, UplinkState};
 /// A transaction takes no further outbox batch once its records (keys and
 /// values as sent) reach this many bytes; batches go whole, so one batch
 /// may carry it past. The uplink holds one rendered record at a time, so
-/// this bounds what librdkafka holds for an open transaction.
-const MAX_TRANSACTION_BYTES: u64 = 4 * 1024 * 1024;
+/// this bounds what librdkafka holds for an open transaction. 2 MiB rather
+/// than 4: at saturation through MQTT with registry and fences the agent's
+/// RSS was 31.6 to 33.5 MB instead of 36.3 to 37.7, and the readings/s
+/// did not go down (1 MiB took 7 % of them).
+const MAX_TRANSACTION_BYTES: u64 = 2 * 1024 * 1024;
 
 /// Under load, committed batches are trimmed from the outbox at most this
 /// often (see the uplink loop).
