@@ -195,15 +195,7 @@ impl FleetConfig {
             .map(|i| {
                 let lat = tracks.center_lat + 3.0 * r * unit(2 * i);
                 let lon = tracks.center_lon + 3.0 * r * unit(2 * i + 1) / scale;
-                let (dlat, dlon) = (half, half / scale);
-                serde_json::json!({
-                    "type": "Feature",
-                    "properties": {"id": format!("fence-{i:04}"), "dwell_seconds": 30, "absent_seconds": 300},
-                    "geometry": {"type": "Polygon", "coordinates": [[
-                        [lon - dlon, lat - dlat], [lon + dlon, lat - dlat], [lon + dlon, lat + dlat],
-                        [lon - dlon, lat + dlat], [lon - dlon, lat - dlat]
-                    ]]}
-                })
+                crate::sim::square_fence(i, lat, lon, half, scale)
             })
             .collect();
         serde_json::json!({

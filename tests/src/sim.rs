@@ -368,3 +368,20 @@ pub fn bin_reading(seq: u32, epoch: u32, ts: u64, track: &mut Track, rng: &mut S
     let n = encode_frame(0, &message, &mut buf).expect("a reading fits a frame");
     buf[..n].to_vec()
 }
+
+/// A square geofence as a registry file's GeoJSON feature: id
+/// `fence-{i:04}`, centred on `(lat, lon)`, `half` degrees of latitude from
+/// its centre to each side (longitudes divided by `lon_scale`, the cosine
+/// of the latitude, so that it is square on the ground); `dwell` after
+/// 30 s inside, `absent` 300 s after leaving.
+pub fn square_fence(i: u64, lat: f64, lon: f64, half: f64, lon_scale: f64) -> serde_json::Value {
+    let (dlat, dlon) = (half, half / lon_scale);
+    serde_json::json!({
+        "type": "Feature",
+        "properties": {"id": format!("fence-{i:04}"), "dwell_seconds": 30, "absent_seconds": 300},
+        "geometry": {"type": "Polygon", "coordinates": [[
+            [lon - dlon, lat - dlat], [lon + dlon, lat - dlat], [lon + dlon, lat + dlat],
+            [lon - dlon, lat + dlat], [lon - dlon, lat - dlat]
+        ]]}
+    })
+}

@@ -130,20 +130,9 @@ impl Checkpointer {
         if pages >= self.step.saturating_mul(BOUND_STEPS) {
             state.requested = false;
             drop(self.idle(state));
-            let started = std::time::Instant::now();
-            match passive_checkpoint(writer) {
-                Ok((log, copied)) => {
-                    self.shared.lock().copied = copied;
-                    tracing::debug!(
-                        log_pages = log,
-                        copied,
-                        ms = started.elapsed().as_millis() as u64,
-                        "write-ahead log at its bound: checkpointed by the batch writer"
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "checkpointing the write-ahead log failed; the next commit tries again")
-                }
+            if let Some(copied) = passive_checkpoint(writer, "the batch writer, at the log's bound")
+            {
+                self.shared.lock().copied = copied;
             }
             return;
         }
@@ -217,17 +206,30 @@ impl Drop for Checkpointer {
     }
 }
 
-/// `PRAGMA wal_checkpoint(PASSIVE)`: the pages in the log, and how many of
-/// them are in the database now.
-fn passive_checkpoint(conn: &Connection) -> rusqlite::Result<(u32, u32)> {
-    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-        let log: i64 = r.get(1)?;
-        let copied: i64 = r.get(2)?;
-        Ok((
-            u32::try_from(log).unwrap_or(0),
-            u32::try_from(copied).unwrap_or(0),
-        ))
-    })
+/// `PRAGMA wal_checkpoint(PASSIVE)` on `conn`, run by `by` (for the log):
+/// how many of the log's pages are in the database now, or `None` when it
+/// failed (logged; the next commit asks again).
+fn passive_checkpoint(conn: &Connection, by: &str) -> Option<u32> {
+    let started = std::time::Instant::now();
+    let result = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+        Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+    });
+    match result {
+        Ok((log, copied)) => {
+            tracing::debug!(
+                log_pages = log,
+                copied,
+                by,
+                ms = started.elapsed().as_millis() as u64,
+                "write-ahead log checkpointed"
+            );
+            Some(u32::try_from(copied).unwrap_or(0))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, by, "checkpointing the write-ahead log failed; the next commit asks again");
+            None
+        }
+    }
 }
 
 fn run(shared: &Shared, conn: &Connection) {
@@ -245,24 +247,12 @@ fn run(shared: &Shared, conn: &Connection) {
         state.requested = false;
         state.running = true;
         drop(state);
-        let started = std::time::Instant::now();
-        let result = passive_checkpoint(conn);
+        let result = passive_checkpoint(conn, "the checkpoint thread");
         state = shared.lock();
         state.running = false;
-        match result {
-            Ok((log, copied)) => {
-                state.copied = copied;
-                state.completed += 1;
-                tracing::debug!(
-                    log_pages = log,
-                    copied,
-                    ms = started.elapsed().as_millis() as u64,
-                    "write-ahead log checkpointed"
-                );
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "checkpointing the write-ahead log failed; the next commit asks again")
-            }
+        if let Some(copied) = result {
+            state.copied = copied;
+            state.completed += 1;
         }
         shared.changed.notify_all();
     }

@@ -317,15 +317,7 @@ fn registry(out: &std::path::Path, fences: u32, common: &Common) -> anyhow::Resu
         .map(|i| {
             let lat = base.center_lat + base.radius_deg * rng.random_range(-3.0..3.0);
             let lon = base.center_lon + base.radius_deg * rng.random_range(-3.0..3.0) / lon_scale;
-            let (dlat, dlon) = (half, half / lon_scale);
-            serde_json::json!({
-                "type": "Feature",
-                "properties": {"id": format!("fence-{i:04}"), "dwell_seconds": 30, "absent_seconds": 300},
-                "geometry": {"type": "Polygon", "coordinates": [[
-                    [lon - dlon, lat - dlat], [lon + dlon, lat - dlat], [lon + dlon, lat + dlat],
-                    [lon - dlon, lat + dlat], [lon - dlon, lat - dlat]
-                ]]}
-            })
+            edge_tests::sim::square_fence(u64::from(i), lat, lon, half, lon_scale)
         })
         .collect();
     let doc = serde_json::json!({
